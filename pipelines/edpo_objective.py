@@ -1,0 +1,184 @@
+"""The ε-DPO objective of ../shared/spec/objective.md in PyTorch.
+
+Two users: `export.py` traces `EpsDpoLoss` into the joint training graph, and the tests /
+baselines use `exact_eps_dpo` (full-vocabulary reference logits, the paper's computation) as
+the oracle the graph is compared with. Sequences are laid out as in the graphs: rows 0..B are
+the chosen sequences, rows B..2B the rejected ones of the same pairs; position t of every
+per-token tensor belongs to label token t (predicted from tokens < t); position 0 is unused.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Floor on the tail masses R_θ and R_ref of the tail-merged estimate (objective.md §7).
+# At K = V the tails are zero up to float rounding; the floor keeps log() finite and adds
+# at most ~1e-10 to a sum of order 1, far below float32 resolution.
+TAIL_FLOOR = 1e-10
+
+
+def label_logps(logp_next: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Gather log p(label) from [N, T-1, V] log-probs predicting labels [N, T-1]."""
+    return logp_next.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def perturbed_token_logps_sparse(
+    a: torch.Tensor,
+    p_label: torch.Tensor,
+    q_label: torch.Tensor,
+    p_topk: torch.Tensor,
+    q_topk: torch.Tensor,
+    label_in_topk: torch.Tensor,
+) -> torch.Tensor:
+    """log π̂_a(y) per token from the cached sparse reference (objective.md §7).
+
+    p_* are policy log-probs, q_* reference log-probs; *_label are [N, T'], *_topk [N, T', K];
+    label_in_topk [N, T'] marks tokens whose label is already one of the K cached ids (then
+    S = T_K and the label must not be counted twice).
+    """
+    neg_inf = torch.full_like(p_label, float("-inf"))
+    # log Σ_{v∈S} exp p(v) and the same for q, with the label entry dropped when duplicated.
+    p_label_extra = torch.where(label_in_topk, neg_inf, p_label)
+    q_label_extra = torch.where(label_in_topk, neg_inf, q_label)
+    p_in_set = torch.logsumexp(torch.cat([p_topk, p_label_extra.unsqueeze(-1)], -1), -1)
+    q_in_set = torch.logsumexp(torch.cat([q_topk, q_label_extra.unsqueeze(-1)], -1), -1)
+    tail_policy = torch.clamp(1.0 - torch.exp(p_in_set), min=TAIL_FLOOR)
+    tail_ref = torch.clamp(1.0 - torch.exp(q_in_set), min=TAIL_FLOOR)
+    mix_topk = a * p_topk + (1.0 - a) * q_topk
+    mix_label = a * p_label + (1.0 - a) * q_label
+    mix_label_extra = torch.where(label_in_topk, neg_inf, mix_label)
+    mix_tail = a * torch.log(tail_policy) + (1.0 - a) * torch.log(tail_ref)
+    normaliser = torch.logsumexp(
+        torch.cat([mix_topk, mix_label_extra.unsqueeze(-1), mix_tail.unsqueeze(-1)], -1), -1
+    )
+    return mix_label - normaliser
+
+
+def steps_and_loss(
+    logps: torch.Tensor,
+    logps_plus: torch.Tensor,
+    logps_minus: torch.Tensor,
+    ref_logps: torch.Tensor,
+    beta: torch.Tensor,
+    epsilon: torch.Tensor,
+    label_smoothing: torch.Tensor,
+    step_tolerance: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair step k, per-pair loss and z (objective.md §3–§4). Gradients flow via logps."""
+    n = logps.shape[0]
+    b = n // 2
+    s_w, s_l = logps[:b], logps[b:]
+    g = (s_w - s_l).detach()
+    g_plus = logps_plus[:b] - logps_plus[b:]
+    g_minus = logps_minus[:b] - logps_minus[b:]
+    delta = step_tolerance * (1.0 + s_w.detach().abs() + s_l.detach().abs())
+    up = (g_plus - g > delta) & (g - g_minus > delta)
+    down = (g_minus - g > delta) & (g - g_plus > delta)
+    steps = up.to(torch.int64) - down.to(torch.int64)
+    beta_i = beta / (1.0 + epsilon * steps.to(logps.dtype))
+    z = (s_w - s_l) - (ref_logps[:b] - ref_logps[b:])
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(beta_i * z) - label_smoothing * F.logsigmoid(
+        -beta_i * z
+    )
+    return steps, losses, z
+
+
+class EpsDpoLoss(torch.nn.Module):
+    """Wraps a causal LM: batch + cached sparse reference → ε-DPO loss and per-pair outputs.
+
+    This is the module traced into `policy.train.onnx`. Outputs, in order: loss (mean over
+    pairs; the joint graph differentiates it), logps, logps_plus, logps_minus [N], steps [B].
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        loss_mask,
+        ref_logps,
+        ref_token_logps,
+        ref_topk_ids,
+        ref_topk_logps,
+        beta,
+        epsilon,
+        label_smoothing,
+        step_tolerance,
+    ):
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logp_next = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+        labels = input_ids[:, 1:]
+        mask = loss_mask[:, 1:] > 0
+        token_logps = label_logps(logp_next, labels)
+        zeros = torch.zeros_like(token_logps)
+        logps = torch.where(mask, token_logps, zeros).sum(-1)
+
+        # ε-step decision signals: no gradient (objective.md §2).
+        p_all = logp_next.detach()
+        p_label = token_logps.detach()
+        topk_ids = ref_topk_ids[:, 1:, :]
+        p_topk = p_all.gather(-1, topk_ids)
+        q_topk = ref_topk_logps[:, 1:, :]
+        q_label = ref_token_logps[:, 1:]
+        label_in_topk = (topk_ids == labels.unsqueeze(-1)).any(-1)
+        one = torch.ones_like(epsilon)
+        per_a = []
+        for a in (one + epsilon, one - epsilon):
+            tok = perturbed_token_logps_sparse(a, p_label, q_label, p_topk, q_topk, label_in_topk)
+            per_a.append(torch.where(mask, tok, zeros).sum(-1))
+        logps_plus, logps_minus = per_a
+
+        steps, losses, _ = steps_and_loss(
+            logps, logps_plus, logps_minus, ref_logps, beta, epsilon, label_smoothing, step_tolerance
+        )
+        return losses.mean(), logps.detach(), logps_plus, logps_minus, steps
+
+
+def full_logps_next(model, input_ids, attention_mask) -> torch.Tensor:
+    """[N, T-1, V] log-probs predicting tokens 1..T-1 (fp32)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+
+
+def exact_eps_dpo(
+    policy_logp_next: torch.Tensor,
+    ref_logp_next: torch.Tensor,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    beta: float,
+    epsilon: float,
+    label_smoothing: float = 0.0,
+    step_tolerance: float = 1e-6,
+):
+    """The paper's computation with full-vocabulary reference log-probs (objective.md §2–§4).
+
+    Returns a dict of loss (mean, differentiable through policy_logp_next), logps,
+    logps_plus, logps_minus, ref_logps [N], steps, z [B].
+    """
+    labels = input_ids[:, 1:]
+    mask = (loss_mask[:, 1:] > 0).to(policy_logp_next.dtype)
+    logps = (label_logps(policy_logp_next, labels) * mask).sum(-1)
+    ref_logps = (label_logps(ref_logp_next, labels) * mask).sum(-1)
+    out = {}
+    with torch.no_grad():
+        p = policy_logp_next.detach()
+        for name, a in (("logps_plus", 1.0 + epsilon), ("logps_minus", 1.0 - epsilon)):
+            mixed = torch.log_softmax(a * p + (1.0 - a) * ref_logp_next, dim=-1)
+            out[name] = (label_logps(mixed, labels) * mask).sum(-1)
+    t = lambda v: torch.tensor(v, dtype=policy_logp_next.dtype)  # noqa: E731
+    steps, losses, z = steps_and_loss(
+        logps,
+        out["logps_plus"],
+        out["logps_minus"],
+        ref_logps,
+        t(beta),
+        t(epsilon),
+        t(label_smoothing),
+        t(step_tolerance),
+    )
+    out.update(loss=losses.mean(), logps=logps, ref_logps=ref_logps, steps=steps, z=z)
+    return out

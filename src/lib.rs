@@ -1,0 +1,1 @@
+//! edpo: epsilon-DPO preference optimisation over ONNX Runtime.

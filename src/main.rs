@@ -1,0 +1,2 @@
+//! The `edpo` command-line entry point.
+fn main() {}

@@ -315,7 +315,15 @@ def make_k_an_input(proto) -> None:
     shape = numpy_helper.from_array(__import__("numpy").array([1], dtype="int64"), "edpo_k_shape")
     proto.graph.initializer.append(shape)
     proto.graph.node.insert(0, helper.make_node("Reshape", ["k", "edpo_k_shape"], ["edpo_k_1d"]))
+    old_k = topk[0].input[1]
     topk[0].input[1] = "edpo_k_1d"
+    if not any(old_k in n.input for n in proto.graph.node):
+        keep = [t for t in proto.graph.initializer if t.name != old_k]
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(keep)
+        kept_nodes = [n for n in proto.graph.node if not (n.op_type == "Constant" and old_k in n.output)]
+        del proto.graph.node[:]
+        proto.graph.node.extend(kept_nodes)
     for out in proto.graph.output:
         dims = out.type.tensor_type.shape.dim
         if len(dims) == 3:

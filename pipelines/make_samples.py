@@ -71,7 +71,7 @@ def make_pairs(seed: int, count: int, heldout: bool, seen: set) -> list[dict]:
         frame_t = rng.randrange(len(FRAMES))
         good = rng.sample(GOOD, 2)
         bad = rng.sample(BAD, 2)
-        key = (item, prompt_t, frame_t, tuple(good), tuple(bad))
+        key = (item, prompt_t, frame_t, tuple(good))
         if key in seen:
             continue
         seen.add(key)

@@ -1,1 +1,12 @@
-//! edpo: epsilon-DPO preference optimisation over ONNX Runtime.
+//! edpo: offline preference optimisation of language models with ε-DPO over ONNX Runtime.
+//!
+//! Stages and modules follow `architecture.md`: a model *bundle* (exported by
+//! `pipelines/export.py`) holds a reference scoring graph and a joint training graph;
+//! `runtime` loads ONNX Runtime, `bundle` checks the bundle, `graphs` runs both graphs.
+
+pub mod bundle;
+pub mod goldens;
+pub mod graphs;
+pub mod params;
+pub mod runtime;
+mod runtime_cuda;

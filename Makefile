@@ -1,0 +1,46 @@
+# edpo — set-up, build, test and demo. The two commands a fresh machine needs:
+#   make demo   installs what is missing, builds, runs the sample pipeline, prints results
+#   make test   installs what is missing, runs every test (Rust, Python export, lint)
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+VENV ?= $(HOME)/.cache/edpo/venv
+PY := $(VENV)/bin/python
+export EDPO_VENV := $(VENV)
+# A persistent target dir shared by sessions and CI: a clean build with polars is slow.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/edpo/target
+EDPO := $(CARGO_TARGET_DIR)/debug/edpo
+
+.PHONY: setup build test test-rust test-python lint demo samples clean-samples
+
+setup:
+	@command -v cargo >/dev/null || { echo "error: cargo not found; install Rust with rustup" >&2; exit 2; }
+	@pipelines/setup_venv.sh
+
+build: setup
+	cargo build --all-targets
+
+test: build lint test-rust test-python
+
+test-rust:
+	cargo test --all-targets
+
+test-python: setup
+	$(PY) -m pytest tests/python -q -p no:warnings
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+demo: build
+	@echo "== edpo demo: the sample bundle's goldens, reproduced from Rust through ONNX Runtime"
+	$(EDPO) verify --model data-samples/bundle
+	@echo "== (prep → train → eval arrive with their issues; see README.md)"
+
+# Regenerate data-samples/ (pairs, tokenizer, configs, the tiny bundle); see data-samples/README.md.
+samples: setup
+	$(PY) pipelines/make_samples.py --out data-samples
+	rm -rf data-samples/bundle
+	$(PY) pipelines/export.py --model data-samples/configs/llama-tiny --random-init 0 \
+	    --topk-default 16 --out data-samples/bundle
+	$(PY) pipelines/export.py --verify data-samples/bundle

@@ -1,0 +1,287 @@
+//! The exported model bundle: manifest, file integrity, parameter layout, graph I/O contract.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::params::{ParamStore, ParamsError};
+
+pub const MANIFEST_FILE: &str = "edpo-model.json";
+pub const FORMAT_VERSION: u32 = 1;
+const REEXPORT: &str = "re-export it with `pipelines/export.py --model HF_DIR --out BUNDLE`";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("`{0}` is not an edpo model bundle (no `edpo-model.json`); make one with `pipelines/export.py --model HF_DIR --out BUNDLE`")]
+    NoManifest(PathBuf),
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{path}` is not a valid bundle manifest: {message}; {REEXPORT}")]
+    BadManifest { path: PathBuf, message: String },
+    #[error("bundle format {got} in `{path}` is not supported (edpo reads format {FORMAT_VERSION}); {REEXPORT}")]
+    Version { path: PathBuf, got: u32 },
+    #[error("bundle file `{path}` is missing; {REEXPORT}")]
+    MissingFile { path: PathBuf },
+    #[error("bundle file `{path}` is corrupted or was changed: sha256 {got}, the manifest says {want}; {REEXPORT}")]
+    HashMismatch {
+        path: PathBuf,
+        got: String,
+        want: String,
+    },
+    #[error("graph `{file}` does not match the bundle manifest: {problems}; {REEXPORT}")]
+    Contract { file: PathBuf, problems: String },
+    #[error(transparent)]
+    Params(#[from] ParamsError),
+}
+
+impl BundleError {
+    pub fn exit_code(&self) -> i32 {
+        2
+    }
+}
+
+/// One graph input or output as the manifest declares it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReferenceGraphSpec {
+    pub file: String,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    /// graph initializer name → stored parameter name (tied weights map to one tensor).
+    pub weights: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainGraphSpec {
+    pub file: String,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    /// graph parameter input name → stored parameter name.
+    pub param_inputs: BTreeMap<String, String>,
+    /// `grad.<graph input>` output name → graph parameter input name.
+    pub grad_outputs: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Graphs {
+    pub reference: ReferenceGraphSpec,
+    pub train: TrainGraphSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpecialToken {
+    pub token: Option<String>,
+    pub id: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpecialTokens {
+    pub eos: SpecialToken,
+    pub bos: SpecialToken,
+    pub pad: SpecialToken,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GoldensSpec {
+    pub file: String,
+    pub tolerances: BTreeMap<String, f64>,
+}
+
+/// `edpo-model.json`, written by `pipelines/export.py`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub architecture: String,
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub num_parameters: u64,
+    pub dtype: String,
+    pub topk_default: usize,
+    pub special_tokens: SpecialTokens,
+    pub has_chat_template: bool,
+    pub params_file: String,
+    pub params: Vec<ParamSpec>,
+    pub tied: BTreeMap<String, String>,
+    pub graphs: Graphs,
+    pub goldens: Option<GoldensSpec>,
+    pub files: BTreeMap<String, FileEntry>,
+    #[serde(default)]
+    pub tools: BTreeMap<String, String>,
+}
+
+/// An opened, integrity-checked bundle.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    /// sha256 of `edpo-model.json`: identifies the bundle (it lists every file's hash).
+    pub bundle_sha256: String,
+}
+
+impl Bundle {
+    /// Reads the manifest and checks that every listed file exists and has its sha256.
+    pub fn open(dir: &Path) -> Result<Bundle, BundleError> {
+        let manifest_path = dir.join(MANIFEST_FILE);
+        if !manifest_path.is_file() {
+            return Err(BundleError::NoManifest(dir.to_path_buf()));
+        }
+        let bytes = std::fs::read(&manifest_path).map_err(|source| BundleError::Io {
+            path: manifest_path.clone(),
+            source,
+        })?;
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| BundleError::BadManifest {
+                path: manifest_path.clone(),
+                message: e.to_string(),
+            })?;
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(BundleError::Version {
+                path: manifest_path,
+                got: manifest.format_version,
+            });
+        }
+        let mut required: Vec<&str> = vec![
+            manifest.graphs.reference.file.as_str(),
+            manifest.graphs.train.file.as_str(),
+            manifest.params_file.as_str(),
+            "tokenizer.json",
+        ];
+        if let Some(g) = &manifest.goldens {
+            required.push(g.file.as_str());
+        }
+        for name in required {
+            if !manifest.files.contains_key(name) {
+                return Err(BundleError::BadManifest {
+                    path: manifest_path.clone(),
+                    message: format!("`files` has no entry for `{name}`"),
+                });
+            }
+        }
+        for (name, entry) in &manifest.files {
+            let path = dir.join(name);
+            if !path.is_file() {
+                return Err(BundleError::MissingFile { path });
+            }
+            let got = sha256_file(&path)?;
+            if got != entry.sha256 {
+                return Err(BundleError::HashMismatch {
+                    path,
+                    got,
+                    want: entry.sha256.clone(),
+                });
+            }
+        }
+        Ok(Bundle {
+            dir: dir.to_path_buf(),
+            manifest,
+            bundle_sha256: sha256_hex(&bytes),
+        })
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// (name, shape) of every stored parameter, in manifest order.
+    pub fn param_layout(&self) -> Vec<(String, Vec<usize>)> {
+        self.manifest
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.shape.clone()))
+            .collect()
+    }
+
+    /// The initial parameters θ₀ (`params.safetensors`).
+    pub fn load_params(&self) -> Result<ParamStore, BundleError> {
+        self.load_params_from(&self.path(&self.manifest.params_file))
+    }
+
+    /// Parameters from any safetensors file with this bundle's names and shapes.
+    pub fn load_params_from(&self, path: &Path) -> Result<ParamStore, BundleError> {
+        Ok(ParamStore::load(path, &self.param_layout())?)
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+pub fn sha256_file(path: &Path) -> Result<String, BundleError> {
+    let io = |source| BundleError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An input or output a session actually has: (name, element type as manifest spells it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Port {
+    pub name: String,
+    pub dtype: String,
+}
+
+/// Compares a graph's real inputs/outputs with what the manifest declares.
+/// Returns a message naming every missing, unexpected or mistyped tensor.
+pub fn contract_problems(kind: &str, expected: &[Port], actual: &[Port]) -> Option<String> {
+    let mut problems = Vec::new();
+    for want in expected {
+        match actual.iter().find(|p| p.name == want.name) {
+            None => problems.push(format!("missing {kind} `{}`", want.name)),
+            Some(got) if got.dtype != want.dtype => problems.push(format!(
+                "{kind} `{}` is {} in the graph but {} in the manifest",
+                want.name, got.dtype, want.dtype
+            )),
+            Some(_) => {}
+        }
+    }
+    for got in actual {
+        if !expected.iter().any(|w| w.name == got.name) {
+            problems.push(format!("unexpected {kind} `{}`", got.name));
+        }
+    }
+    if problems.is_empty() {
+        None
+    } else {
+        Some(problems.join("; "))
+    }
+}

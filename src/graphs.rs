@@ -1,0 +1,489 @@
+//! Running the bundle's two ONNX graphs: the reference scoring graph and the joint training graph.
+//!
+//! Sessions are built once, their inputs/outputs are checked against the manifest, and outputs
+//! are read by name.
+
+use std::sync::Arc;
+
+use ndarray::{Array1, Array2, Array3, ArrayView2};
+use ort::session::Session;
+use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
+
+use crate::bundle::{contract_problems, Bundle, BundleError, Port};
+use crate::params::ParamStore;
+use crate::runtime::{session_builder, RuntimeError, SessionConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GraphError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("ONNX Runtime could not load `{file}`: {message}")]
+    Load { file: String, message: String },
+    #[error("running `{file}` failed: {message}")]
+    Run { file: String, message: String },
+    #[error("`{file}` returned no output `{name}` of type {dtype}")]
+    Output {
+        file: String,
+        name: String,
+        dtype: &'static str,
+    },
+    #[error("batch for `{file}` is malformed: {message}")]
+    Batch { file: String, message: String },
+}
+
+impl GraphError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            GraphError::Bundle(e) => e.exit_code(),
+            GraphError::Runtime(e) => e.exit_code(),
+            GraphError::Batch { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn element_name(ty: TensorElementType) -> String {
+    match ty {
+        TensorElementType::Float32 => "float32".into(),
+        TensorElementType::Int64 => "int64".into(),
+        TensorElementType::Float16 => "float16".into(),
+        TensorElementType::Bfloat16 => "bfloat16".into(),
+        TensorElementType::Int32 => "int32".into(),
+        TensorElementType::Bool => "bool".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+fn ports(outlets: &[ort::value::Outlet]) -> Vec<Port> {
+    outlets
+        .iter()
+        .map(|o| Port {
+            name: o.name().to_string(),
+            dtype: match o.dtype() {
+                ValueType::Tensor { ty, .. } => element_name(*ty),
+                other => format!("{other:?}"),
+            },
+        })
+        .collect()
+}
+
+fn check_contract(
+    bundle: &Bundle,
+    file: &str,
+    session: &Session,
+    inputs: Vec<Port>,
+    outputs: Vec<Port>,
+) -> Result<(), BundleError> {
+    let mut problems = Vec::new();
+    problems.extend(contract_problems(
+        "input",
+        &inputs,
+        &ports(session.inputs()),
+    ));
+    problems.extend(contract_problems(
+        "output",
+        &outputs,
+        &ports(session.outputs()),
+    ));
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(BundleError::Contract {
+            file: bundle.path(file),
+            problems: problems.join("; "),
+        })
+    }
+}
+
+fn spec_ports(specs: &[crate::bundle::TensorSpec]) -> Vec<Port> {
+    specs
+        .iter()
+        .map(|s| Port {
+            name: s.name.clone(),
+            dtype: s.dtype.clone(),
+        })
+        .collect()
+}
+
+/// What the scoring graph returns for a batch of sequences (see export.py).
+#[derive(Debug, Clone)]
+pub struct ScoreOutputs {
+    /// [N, T]: log-prob of token t given tokens < t (position 0 is 0).
+    pub token_logps: Array2<f32>,
+    /// [N, T, K]: the K largest log-probs of the distribution predicting token t, descending.
+    pub topk_logps: Array3<f32>,
+    /// [N, T, K]: their token ids.
+    pub topk_ids: Array3<i64>,
+}
+
+/// The reference scoring graph, with the reference weights or any checkpoint's.
+pub struct ReferenceGraph {
+    session: Session,
+    file: String,
+}
+
+impl ReferenceGraph {
+    /// Builds the session; `params` replaces the bundle's weights (None: `params.safetensors`).
+    pub fn new(
+        bundle: &Bundle,
+        params: Option<&ParamStore>,
+        config: &SessionConfig,
+    ) -> Result<Self, GraphError> {
+        let spec = &bundle.manifest.graphs.reference;
+        let mut builder = session_builder(config)?;
+        if let Some(params) = params {
+            for (graph_name, stored) in &spec.weights {
+                let p = params.get(stored).ok_or_else(|| {
+                    GraphError::Bundle(BundleError::Params(crate::params::ParamsError::Missing {
+                        path: bundle.path(&bundle.manifest.params_file),
+                        name: stored.clone(),
+                    }))
+                })?;
+                let value: DynValue = Tensor::from_array((p.shape.clone(), p.data.clone()))
+                    .map_err(|e| GraphError::Load {
+                        file: spec.file.clone(),
+                        message: e.to_string(),
+                    })?
+                    .into_dyn();
+                builder = builder
+                    .with_external_initializer(graph_name, Arc::new(value))
+                    .map_err(|e| GraphError::Load {
+                        file: spec.file.clone(),
+                        message: e.to_string(),
+                    })?;
+            }
+        }
+        let session = builder
+            .commit_from_file(bundle.path(&spec.file))
+            .map_err(|e| GraphError::Load {
+                file: spec.file.clone(),
+                message: e.to_string(),
+            })?;
+        check_contract(
+            bundle,
+            &spec.file,
+            &session,
+            spec_ports(&spec.inputs),
+            spec_ports(&spec.outputs),
+        )?;
+        Ok(ReferenceGraph {
+            session,
+            file: spec.file.clone(),
+        })
+    }
+
+    /// Scores right-padded sequences; `k` is the top-K size (1 ≤ k ≤ vocabulary).
+    pub fn score(
+        &mut self,
+        input_ids: ArrayView2<i64>,
+        attention_mask: ArrayView2<i64>,
+        k: i64,
+    ) -> Result<ScoreOutputs, GraphError> {
+        let file = self.file.clone();
+        let run_err = |e: ort::Error| GraphError::Run {
+            file: file.clone(),
+            message: e.to_string(),
+        };
+        if input_ids.dim() != attention_mask.dim() {
+            return Err(GraphError::Batch {
+                file: self.file.clone(),
+                message: format!(
+                    "input_ids {:?} and attention_mask {:?} differ in shape",
+                    input_ids.dim(),
+                    attention_mask.dim()
+                ),
+            });
+        }
+        let ids = TensorRef::from_array_view(input_ids).map_err(run_err)?;
+        let mask = TensorRef::from_array_view(attention_mask).map_err(run_err)?;
+        let k_value = Tensor::from_array(ndarray::arr0(k)).map_err(run_err)?;
+        let outputs = self
+            .session
+            .run(ort::inputs![
+                "input_ids" => ids,
+                "attention_mask" => mask,
+                "k" => k_value,
+            ])
+            .map_err(run_err)?;
+        let f32_out = |name: &str| -> Result<ndarray::ArrayD<f32>, GraphError> {
+            outputs
+                .get(name)
+                .and_then(|v| v.try_extract_array::<f32>().ok())
+                .map(|a| a.to_owned())
+                .ok_or_else(|| GraphError::Output {
+                    file: file.clone(),
+                    name: name.to_string(),
+                    dtype: "float32",
+                })
+        };
+        let token_logps = f32_out("token_logps")?;
+        let topk_logps = f32_out("topk_logps")?;
+        let topk_ids = outputs
+            .get("topk_ids")
+            .and_then(|v| v.try_extract_array::<i64>().ok())
+            .map(|a| a.to_owned())
+            .ok_or_else(|| GraphError::Output {
+                file: file.clone(),
+                name: "topk_ids".into(),
+                dtype: "int64",
+            })?;
+        let shape_err = |e: ndarray::ShapeError| GraphError::Run {
+            file: file.clone(),
+            message: format!("unexpected output rank: {e}"),
+        };
+        Ok(ScoreOutputs {
+            token_logps: token_logps.into_dimensionality().map_err(shape_err)?,
+            topk_logps: topk_logps.into_dimensionality().map_err(shape_err)?,
+            topk_ids: topk_ids.into_dimensionality().map_err(shape_err)?,
+        })
+    }
+}
+
+/// One micro-batch for the joint graph: rows 0..B chosen, B..2B rejected (see objective.md).
+#[derive(Debug, Clone)]
+pub struct TrainBatch {
+    pub input_ids: Array2<i64>,
+    pub attention_mask: Array2<i64>,
+    pub loss_mask: Array2<i64>,
+    pub ref_logps: Array1<f32>,
+    pub ref_token_logps: Array2<f32>,
+    pub ref_topk_ids: Array3<i64>,
+    pub ref_topk_logps: Array3<f32>,
+}
+
+/// The scalar settings of the ε-DPO loss.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossSettings {
+    pub beta: f32,
+    pub epsilon: f32,
+    pub label_smoothing: f32,
+    pub step_tolerance: f32,
+}
+
+/// What one run of the joint graph returns.
+#[derive(Debug, Clone)]
+pub struct TrainOutputs {
+    pub loss: f32,
+    pub logps: Array1<f32>,
+    pub logps_plus: Array1<f32>,
+    pub logps_minus: Array1<f32>,
+    pub steps: Array1<i64>,
+    /// d loss / d θ for every stored parameter, in `ParamStore` order (tied weights summed).
+    pub grads: Vec<Vec<f32>>,
+}
+
+/// The joint forward+backward ε-DPO graph.
+pub struct TrainGraph {
+    session: Session,
+    file: String,
+    /// (graph input name, stored parameter name) for every parameter input.
+    param_inputs: Vec<(String, String)>,
+    /// (output name, stored parameter name) for every gradient output.
+    grad_outputs: Vec<(String, String)>,
+}
+
+impl TrainGraph {
+    pub fn new(bundle: &Bundle, config: &SessionConfig) -> Result<Self, GraphError> {
+        let spec = &bundle.manifest.graphs.train;
+        let session = session_builder(config)?
+            .commit_from_file(bundle.path(&spec.file))
+            .map_err(|e| GraphError::Load {
+                file: spec.file.clone(),
+                message: e.to_string(),
+            })?;
+        let mut inputs = spec_ports(&spec.inputs);
+        inputs.extend(spec.param_inputs.keys().map(|n| Port {
+            name: n.clone(),
+            dtype: "float32".into(),
+        }));
+        let mut outputs = spec_ports(&spec.outputs);
+        outputs.extend(spec.grad_outputs.keys().map(|n| Port {
+            name: n.clone(),
+            dtype: "float32".into(),
+        }));
+        check_contract(bundle, &spec.file, &session, inputs, outputs)?;
+        let param_inputs = spec
+            .param_inputs
+            .iter()
+            .map(|(g, s)| (g.clone(), s.clone()))
+            .collect();
+        let grad_outputs = spec
+            .grad_outputs
+            .iter()
+            .map(|(out, graph_input)| {
+                let stored = spec
+                    .param_inputs
+                    .get(graph_input)
+                    .cloned()
+                    .unwrap_or_else(|| graph_input.clone());
+                (out.clone(), stored)
+            })
+            .collect();
+        Ok(TrainGraph {
+            session,
+            file: spec.file.clone(),
+            param_inputs,
+            grad_outputs,
+        })
+    }
+
+    /// Runs forward + backward for one micro-batch at parameters `params`.
+    pub fn run(
+        &mut self,
+        params: &ParamStore,
+        batch: &TrainBatch,
+        settings: &LossSettings,
+    ) -> Result<TrainOutputs, GraphError> {
+        let file = self.file.clone();
+        let run_err = |e: ort::Error| GraphError::Run {
+            file: file.clone(),
+            message: e.to_string(),
+        };
+        let (n, t) = batch.input_ids.dim();
+        if n == 0 || n % 2 != 0 {
+            return Err(GraphError::Batch {
+                file: file.clone(),
+                message: format!(
+                    "{n} rows; the joint graph needs 2·B rows (chosen, then rejected)"
+                ),
+            });
+        }
+        let k = batch.ref_topk_ids.dim().2;
+        let checks: [(&str, Vec<usize>, Vec<usize>); 6] = [
+            (
+                "attention_mask",
+                batch.attention_mask.shape().to_vec(),
+                vec![n, t],
+            ),
+            ("loss_mask", batch.loss_mask.shape().to_vec(), vec![n, t]),
+            ("ref_logps", batch.ref_logps.shape().to_vec(), vec![n]),
+            (
+                "ref_token_logps",
+                batch.ref_token_logps.shape().to_vec(),
+                vec![n, t],
+            ),
+            (
+                "ref_topk_ids",
+                batch.ref_topk_ids.shape().to_vec(),
+                vec![n, t, k],
+            ),
+            (
+                "ref_topk_logps",
+                batch.ref_topk_logps.shape().to_vec(),
+                vec![n, t, k],
+            ),
+        ];
+        for (name, got, want) in checks {
+            if got != want {
+                return Err(GraphError::Batch {
+                    file: file.clone(),
+                    message: format!("`{name}` has shape {got:?}, expected {want:?}"),
+                });
+            }
+        }
+        let mut inputs: Vec<(
+            std::borrow::Cow<'_, str>,
+            ort::session::SessionInputValue<'_>,
+        )> = Vec::with_capacity(11 + self.param_inputs.len());
+        macro_rules! push_view {
+            ($name:expr, $arr:expr) => {
+                inputs.push((
+                    $name.into(),
+                    TensorRef::from_array_view($arr.view())
+                        .map_err(run_err)?
+                        .into(),
+                ))
+            };
+        }
+        push_view!("input_ids", batch.input_ids);
+        push_view!("attention_mask", batch.attention_mask);
+        push_view!("loss_mask", batch.loss_mask);
+        push_view!("ref_logps", batch.ref_logps);
+        push_view!("ref_token_logps", batch.ref_token_logps);
+        push_view!("ref_topk_ids", batch.ref_topk_ids);
+        push_view!("ref_topk_logps", batch.ref_topk_logps);
+        for (name, value) in [
+            ("beta", settings.beta),
+            ("epsilon", settings.epsilon),
+            ("label_smoothing", settings.label_smoothing),
+            ("step_tolerance", settings.step_tolerance),
+        ] {
+            inputs.push((
+                name.into(),
+                Tensor::from_array(ndarray::arr0(value))
+                    .map_err(run_err)?
+                    .into(),
+            ));
+        }
+        for (graph_name, stored) in &self.param_inputs {
+            let p = params.get(stored).ok_or_else(|| GraphError::Batch {
+                file: file.clone(),
+                message: format!("parameter `{stored}` is not in the parameter set"),
+            })?;
+            let view = TensorRef::from_array_view((p.shape.clone(), p.data.as_slice()))
+                .map_err(run_err)?;
+            inputs.push((graph_name.as_str().into(), view.into()));
+        }
+        let outputs = self.session.run(inputs).map_err(run_err)?;
+        let f32_array = |name: &str| -> Result<ndarray::ArrayD<f32>, GraphError> {
+            outputs
+                .get(name)
+                .and_then(|v| v.try_extract_array::<f32>().ok())
+                .map(|a| a.to_owned())
+                .ok_or_else(|| GraphError::Output {
+                    file: file.clone(),
+                    name: name.to_string(),
+                    dtype: "float32",
+                })
+        };
+        let vec1 = |name: &str| -> Result<Array1<f32>, GraphError> {
+            Ok(Array1::from_iter(f32_array(name)?.iter().copied()))
+        };
+        let loss = f32_array("loss")?
+            .iter()
+            .copied()
+            .next()
+            .unwrap_or(f32::NAN);
+        let steps = outputs
+            .get("steps")
+            .and_then(|v| v.try_extract_array::<i64>().ok())
+            .map(|a| Array1::from_iter(a.iter().copied()))
+            .ok_or_else(|| GraphError::Output {
+                file: file.clone(),
+                name: "steps".into(),
+                dtype: "int64",
+            })?;
+        let mut grads: Vec<Vec<f32>> = params
+            .params
+            .iter()
+            .map(|p| vec![0.0; p.data.len()])
+            .collect();
+        for (out_name, stored) in &self.grad_outputs {
+            let slot = params.position(stored).ok_or_else(|| GraphError::Batch {
+                file: file.clone(),
+                message: format!("parameter `{stored}` is not in the parameter set"),
+            })?;
+            let value = outputs
+                .get(out_name.as_str())
+                .and_then(|v| v.try_extract_tensor::<f32>().ok())
+                .ok_or_else(|| GraphError::Output {
+                    file: file.clone(),
+                    name: out_name.clone(),
+                    dtype: "float32",
+                })?;
+            for (acc, g) in grads[slot].iter_mut().zip(value.1) {
+                *acc += *g;
+            }
+        }
+        Ok(TrainOutputs {
+            loss,
+            logps: vec1("logps")?,
+            logps_plus: vec1("logps_plus")?,
+            logps_minus: vec1("logps_minus")?,
+            steps,
+            grads,
+        })
+    }
+}

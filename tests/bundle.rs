@@ -1,0 +1,173 @@
+//! The sample bundle: goldens reproduced from Rust, and wrong or corrupted bundles refused.
+
+mod common;
+
+use common::*;
+use edpo::bundle::{Bundle, BundleError};
+use edpo::graphs::{GraphError, ReferenceGraph};
+use edpo::runtime::SessionConfig;
+
+fn config() -> SessionConfig {
+    SessionConfig {
+        threads: 1,
+        ..SessionConfig::default()
+    }
+}
+
+#[test]
+fn sample_bundle_reproduces_pytorch_goldens() {
+    let bundle = Bundle::open(&sample_bundle()).expect("sample bundle opens");
+    let report = edpo::goldens::verify_bundle(&bundle, &config()).expect("goldens run");
+    for c in &report.checks {
+        eprintln!(
+            "{} {} {}",
+            if c.ok { "ok" } else { "FAIL" },
+            c.label,
+            c.detail
+        );
+    }
+    assert!(report.checks.len() >= 9, "every golden was compared");
+    assert!(
+        report.passed(),
+        "goldens not reproduced: {:?}",
+        report.checks
+    );
+}
+
+#[test]
+fn missing_file_is_named() {
+    let (_tmp, bundle) = bundle_copy();
+    std::fs::remove_file(bundle.join("policy.train.onnx")).unwrap();
+    let err = Bundle::open(&bundle).unwrap_err();
+    assert!(matches!(err, BundleError::MissingFile { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("policy.train.onnx") && msg.contains("export.py"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn missing_manifest_says_how_to_make_a_bundle() {
+    let (_tmp, bundle) = bundle_copy();
+    std::fs::remove_file(bundle.join("edpo-model.json")).unwrap();
+    let msg = Bundle::open(&bundle).unwrap_err().to_string();
+    assert!(
+        msg.contains("edpo-model.json") && msg.contains("export.py"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn changed_file_fails_the_hash_check() {
+    let (_tmp, bundle) = bundle_copy();
+    let path = bundle.join("params.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&path, bytes).unwrap();
+    let err = Bundle::open(&bundle).unwrap_err();
+    match &err {
+        BundleError::HashMismatch { path, got, want } => {
+            assert!(path.ends_with("params.safetensors"));
+            assert_ne!(got, want);
+        }
+        other => panic!("expected a hash mismatch, got {other:?}"),
+    }
+    assert!(err.to_string().contains("sha256"), "{err}");
+}
+
+#[test]
+fn renamed_graph_input_is_refused_with_both_names() {
+    let (_tmp, bundle) = bundle_copy();
+    // Rename the input everywhere in the graph (declaration and uses): a consistent graph
+    // whose contract no longer matches the manifest. The hash is updated so only the
+    // contract check can catch it.
+    let n = replace_bytes(
+        &bundle.join("reference.onnx"),
+        b"attention_mask",
+        b"attention_mAsk",
+    );
+    assert!(n >= 2, "the name occurs in the graph");
+    rehash(&bundle, "reference.onnx");
+    let opened = Bundle::open(&bundle).expect("hashes match");
+    let err = match ReferenceGraph::new(&opened, None, &config()) {
+        Ok(_) => panic!("a renamed input must be refused"),
+        Err(e) => e,
+    };
+    let msg = err.to_string();
+    assert!(
+        matches!(err, GraphError::Bundle(BundleError::Contract { .. })),
+        "{err:?}"
+    );
+    assert!(msg.contains("missing input `attention_mask`"), "{msg}");
+    assert!(msg.contains("unexpected input `attention_mAsk`"), "{msg}");
+}
+
+#[test]
+fn corrupted_manifest_is_a_clear_error() {
+    let (_tmp, bundle) = bundle_copy();
+    std::fs::write(bundle.join("edpo-model.json"), b"{\"format_version\": 1").unwrap();
+    let msg = Bundle::open(&bundle).unwrap_err().to_string();
+    assert!(msg.contains("not a valid bundle manifest"), "{msg}");
+}
+
+#[test]
+fn scoring_graph_takes_weights_from_any_checkpoint() {
+    let bundle = Bundle::open(&sample_bundle()).unwrap();
+    let params = bundle.load_params().unwrap();
+    let ids = ndarray::Array2::from_shape_fn((2, 6), |(i, t)| ((i * 7 + t * 3) % 500) as i64);
+    let mask = ndarray::Array2::<i64>::ones((2, 6));
+    let base = ReferenceGraph::new(&bundle, None, &config())
+        .unwrap()
+        .score(ids.view(), mask.view(), 4)
+        .unwrap();
+    let same = ReferenceGraph::new(&bundle, Some(&params), &config())
+        .unwrap()
+        .score(ids.view(), mask.view(), 4)
+        .unwrap();
+    let max_diff = |a: &ndarray::Array2<f32>, b: &ndarray::Array2<f32>| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+    };
+    assert!(max_diff(&base.token_logps, &same.token_logps) < 1e-6);
+    assert_eq!(base.topk_ids.dim(), (2, 6, 4));
+
+    let mut changed = params.clone();
+    for p in &mut changed.params {
+        for v in &mut p.data {
+            *v *= 1.5;
+        }
+    }
+    let moved = ReferenceGraph::new(&bundle, Some(&changed), &config())
+        .unwrap()
+        .score(ids.view(), mask.view(), 4)
+        .unwrap();
+    assert!(
+        max_diff(&base.token_logps, &moved.token_logps) > 1e-3,
+        "overriding the weights changes the scores"
+    );
+    // Scores are log-probabilities: position 0 is 0, the rest negative, top-K descending.
+    assert!(moved.token_logps.column(0).iter().all(|v| *v == 0.0));
+    assert!(moved.token_logps.iter().all(|v| *v <= 0.0));
+    for row in moved.topk_logps.lanes(ndarray::Axis(2)) {
+        assert!(row.windows(2).into_iter().all(|w| w[0] >= w[1]));
+    }
+}
+
+#[test]
+fn params_with_wrong_shape_are_refused() {
+    let (_tmp, bundle) = bundle_copy();
+    let opened = Bundle::open(&bundle).unwrap();
+    let mut params = opened.load_params().unwrap();
+    params.params[0].shape = vec![params.params[0].data.len()];
+    let path = bundle.join("bad.safetensors");
+    params.save(&path, None).unwrap();
+    let msg = opened.load_params_from(&path).unwrap_err().to_string();
+    assert!(
+        msg.contains(&opened.manifest.params[0].name) && msg.contains("shape"),
+        "{msg}"
+    );
+}

@@ -1,0 +1,94 @@
+"""export.py: the three architectures export and verify; K = V gives the exact ε-step."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import export
+from edpo_objective import exact_eps_dpo, full_logps_next
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_export_then_verify_passes(exported, arch, capsys):
+    bundle = exported(arch)
+    assert export.verify(bundle) == 0
+    text = capsys.readouterr().out
+    assert "verify passed" in text and "FAIL" not in text
+    manifest = json.loads((bundle / "edpo-model.json").read_text())
+    tied = manifest["tied"]
+    if arch in ("qwen2", "gpt2"):
+        # Tied embeddings: one stored tensor, two graph inputs, one summed gradient.
+        assert len(tied) == 1, tied
+        alias, stored = next(iter(tied.items()))
+        assert manifest["graphs"]["train"]["param_inputs"][alias] == stored
+        assert alias not in {p["name"] for p in manifest["params"]}
+    else:
+        assert tied == {}
+    steps = set(np.asarray(__import__("safetensors.numpy").numpy.load_file(bundle / "goldens.safetensors")["train.out.steps"]).tolist())
+    assert steps == {-1, 0, 1}, f"golden batch exercises every step value, got {steps}"
+
+
+def test_verify_refuses_a_changed_file(exported, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(exported("llama"), bundle)
+    data = bytearray((bundle / "params.safetensors").read_bytes())
+    data[-1] ^= 0x55
+    (bundle / "params.safetensors").write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as exc:
+        export.verify(bundle)
+    assert exc.value.code == 2
+
+
+def test_scoring_graph_k_is_a_runtime_input(exported):
+    import onnxruntime as ort
+
+    bundle = exported("llama")
+    sess = ort.InferenceSession(str(bundle / "reference.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.array([[1, 5, 9, 13, 2], [3, 4, 5, 6, 7]], dtype=np.int64)
+    mask = np.ones_like(ids)
+    for k in (1, 3, 512):
+        tok, vals, top = sess.run(None, {"input_ids": ids, "attention_mask": mask, "k": np.array(k, dtype=np.int64)})
+        assert vals.shape == (2, 5, k) and top.shape == (2, 5, k)
+    # At K = V the top-K log-probs are the whole distribution: they sum to 1 in probability.
+    assert np.allclose(np.exp(vals[:, 1:, :]).sum(-1), 1.0, atol=1e-5)
+
+
+def test_full_vocabulary_cache_gives_the_exact_eps_step(exported):
+    """K = V through the joint graph equals the paper's full-logit computation."""
+    import onnxruntime as ort
+    from safetensors.numpy import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    bundle = exported("llama")
+    manifest = json.loads((bundle / "edpo-model.json").read_text())
+    vocab = manifest["vocab_size"]
+    params = load_file(bundle / "params.safetensors")
+    config = AutoConfig.from_pretrained(bundle)
+    policy = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    policy.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()}, strict=False)
+    reference = export.perturbed(policy, 0.05, seed=3)
+    ids, attn, loss_mask = export.golden_batch(vocab, seed=21, pairs=8, length=14, tie_last=False)
+    with torch.no_grad():
+        p_next = full_logps_next(policy, ids, attn)
+        q_next = full_logps_next(reference, ids, attn)
+        exact = exact_eps_dpo(p_next, q_next, ids, loss_mask, beta=0.1, epsilon=0.1)
+        ref_tok, ref_topv, ref_topi = export.ReferenceScorer.build(reference, vocab)(ids, attn)
+    feeds = {
+        "input_ids": ids.numpy(), "attention_mask": attn.numpy(), "loss_mask": loss_mask.numpy(),
+        "ref_logps": exact["ref_logps"].numpy(), "ref_token_logps": ref_tok.numpy(),
+        "ref_topk_ids": ref_topi.numpy(), "ref_topk_logps": ref_topv.numpy(),
+        "beta": np.array(0.1, np.float32), "epsilon": np.array(0.1, np.float32),
+        "label_smoothing": np.array(0.0, np.float32), "step_tolerance": np.array(1e-6, np.float32),
+    }  # fmt: skip
+    for graph_name, stored in manifest["graphs"]["train"]["param_inputs"].items():
+        feeds[graph_name] = params[stored]
+    sess = ort.InferenceSession(str(bundle / "policy.train.onnx"), providers=["CPUExecutionProvider"])
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    for name in ("logps", "logps_plus", "logps_minus"):
+        np.testing.assert_allclose(out[name], exact[name].numpy(), atol=1e-4, err_msg=name)
+    assert abs(float(out["loss"]) - float(exact["loss"])) < 1e-5
+    assert out["steps"].tolist() == exact["steps"].tolist()
+    assert set(out["steps"].tolist()) - {0}, "some pair takes a non-zero step"

@@ -5,8 +5,13 @@
 //! `runtime` loads ONNX Runtime, `bundle` checks the bundle, `graphs` runs both graphs.
 
 pub mod bundle;
+pub mod data;
 pub mod goldens;
 pub mod graphs;
+pub mod inspect;
 pub mod params;
+pub mod prep;
+pub mod progress;
 pub mod runtime;
 mod runtime_cuda;
+pub mod shards;

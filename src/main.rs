@@ -45,6 +45,14 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             Some(e.exit_code())
         } else if let Some(e) = cause.downcast_ref::<edpo::goldens::GoldensError>() {
             Some(e.exit_code())
+        } else if let Some(e) = cause.downcast_ref::<edpo::prep::PrepError>() {
+            Some(e.exit_code())
+        } else if let Some(e) = cause.downcast_ref::<edpo::data::DataError>() {
+            Some(e.exit_code())
+        } else if let Some(e) = cause.downcast_ref::<edpo::inspect::InspectError>() {
+            Some(e.exit_code())
+        } else if let Some(e) = cause.downcast_ref::<edpo::shards::ShardError>() {
+            Some(e.exit_code())
         } else {
             cause.downcast_ref::<edpo::params::ParamsError>().map(|_| 2)
         };
@@ -58,6 +66,16 @@ fn exit_code(err: &anyhow::Error) -> u8 {
 fn run(cli: cli::Cli) -> anyhow::Result<u8> {
     match cli.command {
         cli::Command::Verify(args) => verify(&args, cli.threads),
+        cli::Command::Prep(args) => prep(&args, cli.threads, cli.quiet),
+        cli::Command::Inspect(args) => {
+            let report = edpo::inspect::inspect(&args.path)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_table());
+            }
+            Ok(0)
+        }
     }
 }
 
@@ -107,4 +125,62 @@ fn verify(args: &cli::VerifyArgs, threads: usize) -> anyhow::Result<u8> {
         );
     }
     Ok(if report.passed() { 0 } else { 1 })
+}
+
+fn prep(args: &cli::PrepArgs, threads: usize, quiet: bool) -> anyhow::Result<u8> {
+    let config = edpo::prep::PrepConfig {
+        model: args.model.clone(),
+        data: args.data.clone(),
+        out: args.out.clone(),
+        format: args.format,
+        columns: edpo::data::Columns {
+            prompt: args.prompt_column.clone(),
+            chosen: args.chosen_column.clone(),
+            rejected: args.rejected_column.clone(),
+            id: args.id_column.clone(),
+        },
+        truncation: edpo::data::tokenize::Truncation {
+            max_length: args.max_length,
+            max_prompt_length: args.max_prompt_length,
+        },
+        topk: args.topk,
+        session: SessionConfig {
+            device: args.device.parse()?,
+            threads,
+        },
+        batch_tokens: args.batch_tokens,
+        shard_size: args.shard_size,
+        limit: args.limit,
+        overwrite: args.overwrite,
+        quiet: quiet || args.json,
+    };
+    if threads > 0 {
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+    }
+    let s = edpo::prep::run(&config)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(0);
+    }
+    println!("prep: {} pairs written to {} ({} shards, {} reused)", s.pairs_written, s.out.display(), s.shards, s.shards_reused);
+    println!("  format {}, top-K {}, rows read {}", s.format, s.topk, s.rows_read);
+    if s.skipped.is_empty() {
+        println!("  skipped: none");
+    } else {
+        for (reason, n) in &s.skipped {
+            let why = edpo::data::SkipReason::from_name(reason).map(|r| r.describe()).unwrap_or("");
+            println!("  skipped {n:>6} {reason}: {why}");
+        }
+    }
+    println!(
+        "  tokens scored {} (response tokens {}), padding {:.1}%",
+        s.sequence_tokens,
+        s.response_tokens,
+        100.0 * s.padding_fraction
+    );
+    println!(
+        "  wall {:.1}s, {:.1} pairs/s, {:.0} tokens/s",
+        s.wall_seconds, s.pairs_per_second, s.tokens_per_second
+    );
+    Ok(0)
 }

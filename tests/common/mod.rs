@@ -76,3 +76,15 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     );
     out
 }
+
+/// Number of cases in a corpus folder (for the ≥20 check).
+pub fn corpus_files() -> usize {
+    std::fs::read_dir(repo_root().join("tests/malformed"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .map(|e| e.path().extension().is_some_and(|x| x != "py"))
+                .unwrap_or(false)
+        })
+        .count()
+}

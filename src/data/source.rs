@@ -1,0 +1,327 @@
+//! Input files: resolving `--data` paths (files, folders, globs) and streaming their rows as
+//! JSON objects, one source at a time, with file and row positions for error messages.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde_json::{Map, Value};
+
+use super::DataError;
+
+/// The kinds of file prep reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Parquet,
+    Jsonl,
+}
+
+/// One resolved input file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    pub path: PathBuf,
+    pub kind: FileKind,
+    pub bytes: u64,
+}
+
+fn kind_of(path: &Path) -> Option<FileKind> {
+    let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+    if name.ends_with(".parquet") {
+        Some(FileKind::Parquet)
+    } else if name.ends_with(".jsonl") || name.ends_with(".ndjson") || name.ends_with(".json") {
+        Some(FileKind::Jsonl)
+    } else {
+        None
+    }
+}
+
+fn source(path: PathBuf) -> Result<SourceFile, DataError> {
+    let kind = kind_of(&path).ok_or_else(|| DataError::UnsupportedFile { path: path.clone() })?;
+    let bytes = std::fs::metadata(&path)
+        .map_err(|source| DataError::Io {
+            path: path.clone(),
+            source,
+        })?
+        .len();
+    Ok(SourceFile { path, kind, bytes })
+}
+
+/// Resolves every `--data` argument, in order: a file, a folder (its Parquet/JSONL files,
+/// sorted by name) or a glob pattern (matches sorted).
+pub fn resolve(inputs: &[PathBuf]) -> Result<Vec<SourceFile>, DataError> {
+    let mut files = Vec::new();
+    for input in inputs {
+        let text = input.to_string_lossy();
+        if text.contains(['*', '?', '[']) {
+            let mut matched: Vec<PathBuf> = glob::glob(&text)
+                .map_err(|e| DataError::BadGlob {
+                    pattern: text.to_string(),
+                    message: e.to_string(),
+                })?
+                .filter_map(Result::ok)
+                .filter(|p| p.is_file())
+                .collect();
+            matched.sort();
+            if matched.is_empty() {
+                return Err(DataError::NothingMatched {
+                    pattern: text.to_string(),
+                });
+            }
+            for p in matched {
+                files.push(source(p)?);
+            }
+        } else if input.is_dir() {
+            let mut inside: Vec<PathBuf> = std::fs::read_dir(input)
+                .map_err(|source| DataError::Io {
+                    path: input.clone(),
+                    source,
+                })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && kind_of(p).is_some())
+                .collect();
+            inside.sort();
+            if inside.is_empty() {
+                return Err(DataError::EmptyFolder {
+                    path: input.clone(),
+                });
+            }
+            for p in inside {
+                files.push(source(p)?);
+            }
+        } else if input.is_file() {
+            files.push(source(input.clone())?);
+        } else {
+            return Err(DataError::NotFound {
+                path: input.clone(),
+            });
+        }
+    }
+    Ok(files)
+}
+
+/// One input row as a JSON object, with where it came from.
+#[derive(Debug, Clone)]
+pub struct SourceRow {
+    /// Index of the file in the resolved list.
+    pub file_index: usize,
+    /// 0-based row within the file (for JSONL: the data line, blank lines not counted).
+    pub file_row: u64,
+    /// 1-based line number in a JSONL file (None for Parquet).
+    pub line: Option<u64>,
+    pub fields: Map<String, Value>,
+}
+
+/// Streams rows from the resolved files in order.
+pub struct RowStream {
+    files: Vec<SourceFile>,
+    current: usize,
+    reader: Option<FileRows>,
+}
+
+enum FileRows {
+    Jsonl {
+        lines: std::io::Split<BufReader<File>>,
+        line: u64,
+        row: u64,
+    },
+    Parquet {
+        batches: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+        pending: std::vec::IntoIter<Map<String, Value>>,
+        row: u64,
+    },
+}
+
+impl RowStream {
+    pub fn new(files: Vec<SourceFile>) -> Self {
+        RowStream {
+            files,
+            current: 0,
+            reader: None,
+        }
+    }
+
+    pub fn files(&self) -> &[SourceFile] {
+        &self.files
+    }
+
+    fn open(&self, index: usize) -> Result<FileRows, DataError> {
+        let file = &self.files[index];
+        let io = |source| DataError::Io {
+            path: file.path.clone(),
+            source,
+        };
+        if file.bytes == 0 {
+            return Err(DataError::EmptyFile {
+                path: file.path.clone(),
+            });
+        }
+        let handle = File::open(&file.path).map_err(io)?;
+        match file.kind {
+            FileKind::Jsonl => Ok(FileRows::Jsonl {
+                lines: BufReader::new(handle).split(b'\n'),
+                line: 0,
+                row: 0,
+            }),
+            FileKind::Parquet => {
+                let bad = |message: String| DataError::BadParquet {
+                    path: file.path.clone(),
+                    message,
+                };
+                let builder = ParquetRecordBatchReaderBuilder::try_new(handle)
+                    .map_err(|e| bad(e.to_string()))?;
+                let batches = builder
+                    .with_batch_size(1024)
+                    .build()
+                    .map_err(|e| bad(e.to_string()))?;
+                Ok(FileRows::Parquet {
+                    batches,
+                    pending: Vec::new().into_iter(),
+                    row: 0,
+                })
+            }
+        }
+    }
+
+    /// The next row, or None at the end of the last file.
+    pub fn next_row(&mut self) -> Result<Option<SourceRow>, DataError> {
+        loop {
+            if self.current >= self.files.len() {
+                return Ok(None);
+            }
+            if self.reader.is_none() {
+                self.reader = Some(self.open(self.current)?);
+            }
+            let file_index = self.current;
+            let path = self.files[file_index].path.clone();
+            let reader = self.reader.as_mut().expect("opened above");
+            match reader {
+                FileRows::Jsonl { lines, line, row } => match lines.next() {
+                    None => {
+                        if *row == 0 {
+                            return Err(DataError::EmptyFile { path });
+                        }
+                    }
+                    Some(Err(source)) => return Err(DataError::Io { path, source }),
+                    Some(Ok(bytes)) => {
+                        *line += 1;
+                        let text = std::str::from_utf8(&bytes).map_err(|e| DataError::Utf8 {
+                            path: path.clone(),
+                            line: *line,
+                            message: e.to_string(),
+                        })?;
+                        let text = text.trim();
+                        if text.is_empty() {
+                            continue;
+                        }
+                        let value: Value =
+                            serde_json::from_str(text).map_err(|e| DataError::BadJson {
+                                path: path.clone(),
+                                line: *line,
+                                message: e.to_string(),
+                            })?;
+                        let Value::Object(fields) = value else {
+                            return Err(DataError::BadJson {
+                                path,
+                                line: *line,
+                                message: "the line is not a JSON object".into(),
+                            });
+                        };
+                        let out = SourceRow {
+                            file_index,
+                            file_row: *row,
+                            line: Some(*line),
+                            fields,
+                        };
+                        *row += 1;
+                        return Ok(Some(out));
+                    }
+                },
+                FileRows::Parquet {
+                    batches,
+                    pending,
+                    row,
+                } => {
+                    if let Some(fields) = pending.next() {
+                        let out = SourceRow {
+                            file_index,
+                            file_row: *row,
+                            line: None,
+                            fields,
+                        };
+                        *row += 1;
+                        return Ok(Some(out));
+                    }
+                    match batches.next() {
+                        Some(Ok(batch)) => {
+                            *pending = batch_to_rows(&batch, &path)?.into_iter();
+                            continue;
+                        }
+                        Some(Err(e)) => {
+                            return Err(DataError::BadParquet {
+                                path,
+                                message: e.to_string(),
+                            })
+                        }
+                        None => {
+                            if *row == 0 {
+                                return Err(DataError::EmptyFile { path });
+                            }
+                        }
+                    }
+                }
+            }
+            self.reader = None;
+            self.current += 1;
+        }
+    }
+
+    /// Column names of a Parquet file (None for JSONL, whose rows may differ).
+    pub fn parquet_columns(path: &Path) -> Result<Vec<String>, DataError> {
+        let handle = File::open(path).map_err(|source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(handle).map_err(|e| {
+            DataError::BadParquet {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            }
+        })?;
+        Ok(builder
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect())
+    }
+}
+
+/// Converts an Arrow record batch into JSON objects (nulls become JSON null).
+fn batch_to_rows(
+    batch: &arrow::record_batch::RecordBatch,
+    path: &Path,
+) -> Result<Vec<Map<String, Value>>, DataError> {
+    let mut buf = Vec::new();
+    {
+        let mut writer = arrow::json::WriterBuilder::new()
+            .with_explicit_nulls(true)
+            .build::<_, arrow::json::writer::JsonArray>(&mut buf);
+        writer
+            .write(batch)
+            .and_then(|_| writer.finish())
+            .map_err(|e| DataError::BadParquet {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+    }
+    if buf.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<Map<String, Value>> =
+        serde_json::from_slice(&buf).map_err(|e| DataError::BadParquet {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    Ok(rows)
+}

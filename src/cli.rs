@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 /// Stages: `pipelines/export.py` makes a model bundle; `edpo prep` scores preference data
 /// once with the reference model into Parquet shards; `edpo train` runs ε-DPO over them.
 #[derive(Debug, Parser)]
-#[command(name = "edpo", version, about, long_about = None)]
+#[command(name = "edpo", version, about, long_about = None, args_override_self = true)]
 pub struct Cli {
     /// No progress bars; only results and errors are printed.
     #[arg(long, global = true, env = "EDPO_QUIET")]
@@ -32,6 +32,11 @@ pub enum Command {
     ///
     /// Rerunning the same command resumes: complete shards are kept, missing ones written.
     Prep(PrepArgs),
+    /// Train with ε-DPO over prep shards through the bundle's joint graph.
+    ///
+    /// Flags override `--config FILE` (TOML, keys named like the flags), which overrides the
+    /// defaults (the paper's reference hyper-parameters where it gives them).
+    Train(TrainArgs),
     /// Show a shards folder or any Parquet file: schema, rows, column statistics, prep settings.
     Inspect(InspectArgs),
 }
@@ -129,5 +134,128 @@ pub struct VerifyArgs {
 
     /// Print the result as JSON.
     #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Default, clap::Args, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TrainArgs {
+    /// Model bundle folder written by `pipelines/export.py`.
+    #[arg(long, env = "EDPO_MODEL")]
+    pub model: Option<PathBuf>,
+
+    /// Shards folder written by `edpo prep` with the same bundle.
+    #[arg(long)]
+    pub shards: Option<PathBuf>,
+
+    /// Run folder: checkpoints/, metrics.parquet, pairs.parquet, final/.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+
+    /// TOML file with any of these settings (flags win).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Initial KL coefficient β [default: 0.01].
+    #[arg(long)]
+    pub beta: Option<f64>,
+
+    /// ε of the per-pair β rule; 0 is plain DPO [default: 0.01].
+    #[arg(long)]
+    pub epsilon: Option<f64>,
+
+    /// Peak learning rate [default: 3e-7].
+    #[arg(long)]
+    pub lr: Option<f64>,
+
+    /// Label smoothing λ (conservative DPO) [default: 0].
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+
+    /// Tolerance τ of the step rule (objective.md §3) [default: 1e-6].
+    #[arg(long)]
+    pub step_tolerance: Option<f64>,
+
+    /// Pairs per optimiser step [default: 128].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+
+    /// Pairs per run of the joint graph (gradient accumulation) [default: 8].
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
+
+    /// Passes over the shards [default: 1].
+    #[arg(long)]
+    pub epochs: Option<u64>,
+
+    /// Stop after this many optimiser steps (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+
+    /// Seed of the data order [default: 42].
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// `cached` (the shards' top-K) or `online` (the scoring graph during training) [default: cached].
+    #[arg(long, value_enum)]
+    pub reference: Option<edpo::train::ReferenceMode>,
+
+    /// K of the online reference [default: the vocabulary size, i.e. the exact ε-step].
+    #[arg(long)]
+    pub topk: Option<usize>,
+
+    /// Learning-rate schedule after warm-up [default: cosine].
+    #[arg(long, value_enum)]
+    pub schedule: Option<edpo::train::optim::Schedule>,
+
+    /// Warm-up as a fraction of the steps [default: 0.1].
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+
+    /// Warm-up steps (overrides --warmup-ratio).
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+
+    /// Global gradient-norm clip; 0 disables [default: 1.0].
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+
+    /// AdamW weight decay (not applied to biases and norms) [default: 0].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+
+    /// AdamW β₁ [default: 0.9].
+    #[arg(long)]
+    pub adam_beta1: Option<f64>,
+
+    /// AdamW β₂ [default: 0.999].
+    #[arg(long)]
+    pub adam_beta2: Option<f64>,
+
+    /// AdamW ε [default: 1e-8].
+    #[arg(long)]
+    pub adam_eps: Option<f64>,
+
+    /// Checkpoint every N steps (and always at the end); 0 = only at the end [default: 0].
+    #[arg(long)]
+    pub save_every: Option<u64>,
+
+    /// Checkpoints to keep [default: 2].
+    #[arg(long)]
+    pub keep_checkpoints: Option<usize>,
+
+    /// Continue the run in `--out` from its latest checkpoint.
+    #[arg(long)]
+    #[serde(default)]
+    pub resume: bool,
+
+    /// Where the graphs run: `cpu`, `cuda` or `cuda:N` [default: cpu].
+    #[arg(long, env = "EDPO_DEVICE")]
+    pub device: Option<String>,
+
+    /// Print the summary as JSON.
+    #[arg(long)]
+    #[serde(skip)]
     pub json: bool,
 }

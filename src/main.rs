@@ -9,6 +9,21 @@ use edpo::runtime::{Device, SessionConfig};
 
 mod cli;
 
+/// A problem with `--config FILE` or a required flag (exit code 2).
+#[derive(Debug, thiserror::Error)]
+enum ConfigError {
+    #[error("`--config {path}`: {message}")]
+    File { path: String, message: String },
+    #[error("`--{0}` is required (on the command line or in `--config`)")]
+    Missing(&'static str),
+}
+
+impl ConfigError {
+    fn exit_code(&self) -> i32 {
+        2
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -51,6 +66,10 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             Some(e.exit_code())
         } else if let Some(e) = cause.downcast_ref::<edpo::inspect::InspectError>() {
             Some(e.exit_code())
+        } else if let Some(e) = cause.downcast_ref::<edpo::train::TrainError>() {
+            Some(e.exit_code())
+        } else if let Some(e) = cause.downcast_ref::<ConfigError>() {
+            Some(e.exit_code())
         } else if let Some(e) = cause.downcast_ref::<edpo::shards::ShardError>() {
             Some(e.exit_code())
         } else {
@@ -67,6 +86,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<u8> {
     match cli.command {
         cli::Command::Verify(args) => verify(&args, cli.threads),
         cli::Command::Prep(args) => prep(&args, cli.threads, cli.quiet),
+        cli::Command::Train(args) => train(args, cli.threads, cli.quiet),
         cli::Command::Inspect(args) => {
             let report = edpo::inspect::inspect(&args.path)?;
             if args.json {
@@ -182,5 +202,88 @@ fn prep(args: &cli::PrepArgs, threads: usize, quiet: bool) -> anyhow::Result<u8>
         "  wall {:.1}s, {:.1} pairs/s, {:.0} tokens/s",
         s.wall_seconds, s.pairs_per_second, s.tokens_per_second
     );
+    Ok(0)
+}
+
+/// Flags over the TOML file over the defaults.
+fn resolve_train(args: cli::TrainArgs, threads: usize, quiet: bool) -> anyhow::Result<edpo::train::TrainConfig> {
+    let file: cli::TrainArgs = match &args.config {
+        None => cli::TrainArgs::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            toml::from_str(&text).map_err(|e| ConfigError::File {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?
+        }
+    };
+    macro_rules! pick {
+        ($field:ident, $default:expr) => {
+            args.$field.clone().or(file.$field.clone()).unwrap_or($default)
+        };
+        ($field:ident) => {
+            args.$field.clone().or(file.$field.clone())
+        };
+    }
+    let required = |v: Option<std::path::PathBuf>, name: &'static str| v.ok_or(ConfigError::Missing(name));
+    let device: Device = pick!(device, "cpu".to_string()).parse()?;
+    Ok(edpo::train::TrainConfig {
+        model: required(pick!(model), "model")?,
+        shards: required(pick!(shards), "shards")?,
+        out: required(pick!(out), "out")?,
+        beta: pick!(beta, 0.01),
+        epsilon: pick!(epsilon, 0.01),
+        lr: pick!(lr, 3e-7),
+        label_smoothing: pick!(label_smoothing, 0.0),
+        step_tolerance: pick!(step_tolerance, 1e-6),
+        batch_size: pick!(batch_size, 128),
+        micro_batch: pick!(micro_batch, 8),
+        epochs: pick!(epochs, 1),
+        max_steps: pick!(max_steps),
+        seed: pick!(seed, 42),
+        reference: pick!(reference, edpo::train::ReferenceMode::Cached),
+        online_topk: pick!(topk),
+        schedule: pick!(schedule, edpo::train::optim::Schedule::Cosine),
+        warmup_ratio: pick!(warmup_ratio, 0.1),
+        warmup_steps: pick!(warmup_steps),
+        max_grad_norm: pick!(max_grad_norm, 1.0),
+        adam: edpo::train::optim::AdamWConfig {
+            beta1: pick!(adam_beta1, 0.9),
+            beta2: pick!(adam_beta2, 0.999),
+            eps: pick!(adam_eps, 1e-8),
+            weight_decay: pick!(weight_decay, 0.0),
+        },
+        save_every: pick!(save_every, 0),
+        keep_checkpoints: pick!(keep_checkpoints, 2),
+        resume: args.resume || file.resume,
+        session: SessionConfig { device, threads },
+        quiet,
+    })
+}
+
+fn train(args: cli::TrainArgs, threads: usize, quiet: bool) -> anyhow::Result<u8> {
+    let json = args.json;
+    let config = resolve_train(args, threads, quiet || json)?;
+    let s = edpo::train::run(&config)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(0);
+    }
+    println!(
+        "train: {} steps, {} pairs, final loss {:.5}, β {:.6}{}",
+        s.steps,
+        s.pairs_seen,
+        s.final_loss,
+        s.final_beta,
+        s.resumed_from.map(|r| format!(" (resumed from step {r})")).unwrap_or_default()
+    );
+    if s.nonfinite_skipped > 0 {
+        println!("  {} step(s) skipped for a non-finite loss or gradient", s.nonfinite_skipped);
+    }
+    println!("  {:.1} pairs/s, wall {:.1}s", s.pairs_per_second, s.wall_seconds);
+    println!("  run folder: {} (metrics.parquet, pairs.parquet, checkpoints/, final/)", s.out.display());
     Ok(0)
 }

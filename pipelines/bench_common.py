@@ -1,0 +1,93 @@
+"""Shared pieces of the benchmarks: the bench-size model bundle, bench data, child processes
+measured for wall time and peak RSS (os.wait4), and result tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("EDPO_BENCH_CACHE", Path.home() / ".cache" / "edpo" / "bench"))
+PY = sys.executable
+
+# ≈25M parameters with a 32,000-token vocabulary (tied embeddings), Llama architecture.
+BENCH_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
+    "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 6,
+    "num_attention_heads": 6, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True,
+    "hidden_act": "silu", "initializer_range": 0.02, "eos_token_id": 2, "pad_token_id": 3, "bos_token_id": 2,
+}  # fmt: skip
+
+
+def edpo_release() -> Path:
+    target = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/edpo/target"))
+    return target / "release" / "edpo"
+
+
+def bench_bundle() -> Path:
+    """Exports the bench model once (random init, seed 0) and caches the bundle."""
+    bundle = CACHE / "bundle-25m"
+    if (bundle / "edpo-model.json").is_file():
+        return bundle
+    src = CACHE / "model-25m"
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "config.json").write_text(json.dumps(BENCH_CONFIG, indent=2))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (src / f).write_bytes((ROOT / "data-samples" / "tokenizer" / f).read_bytes())
+    subprocess.run(
+        [PY, str(ROOT / "pipelines" / "export.py"), "--model", str(src), "--random-init", "0", "--out", str(bundle)],
+        check=True,
+    )
+    return bundle
+
+
+def bench_pairs(n: int, seed: int = 0, prompt_sentences: int = 6, response_sentences: int = 14) -> Path:
+    """Plain pairs with ~60-token prompts and ~150-token responses, from the sample vocabulary."""
+    path = CACHE / f"pairs-{n}-{seed}.jsonl"
+    if path.is_file():
+        return path
+    sys.path.insert(0, str(ROOT / "pipelines"))
+    from make_samples import BAD, FRAMES, GOOD, ITEMS, PROMPTS
+
+    rng = random.Random(seed)
+
+    def sentence(words):
+        return rng.choice(FRAMES).format(item=rng.choice(ITEMS), a=rng.choice(words), b=rng.choice(words))
+
+    lines = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(PROMPTS).format(item=rng.choice(ITEMS)) for _ in range(prompt_sentences))
+        k = rng.randint(response_sentences // 2, response_sentences * 3 // 2)
+        chosen = " ".join(sentence(GOOD) for _ in range(k))
+        rejected = " ".join(sentence(BAD) for _ in range(k))
+        lines.append(json.dumps({"id": f"b{i}", "prompt": prompt, "chosen": chosen, "rejected": rejected}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def measured(cmd: list[str], env: dict | None = None) -> dict:
+    """Runs a command; returns wall seconds, peak RSS (MB) and its stdout."""
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ, **(env or {})})
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.time() - t0
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"benchmark command failed ({code}): {' '.join(cmd)}")
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024.0, "stdout": out.decode()}
+
+
+def write_results(name: str, results: dict) -> Path:
+    out = ROOT / "bench-results"
+    out.mkdir(exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path

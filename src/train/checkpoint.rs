@@ -1,0 +1,145 @@
+//! Checkpoints: parameters (safetensors, Hugging Face names), AdamW moments, β, step, data
+//! position and the resolved config, written to a temporary folder and renamed into place.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::optim::AdamW;
+use crate::params::{Param, ParamStore, ParamsError};
+
+pub const CHECKPOINTS: &str = "checkpoints";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot write checkpoint `{path}`: {message}")]
+    Write { path: PathBuf, message: String },
+    #[error("checkpoint `{path}` is unreadable: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error(transparent)]
+    Params(#[from] ParamsError),
+}
+
+/// Everything besides tensors that a resumed run needs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    /// Optimiser steps done.
+    pub step: u64,
+    /// AdamW updates done (fewer than `step` when non-finite steps were skipped).
+    pub adam_step: u64,
+    /// Epoch of the next step and its index within that epoch's plan (the data position).
+    pub epoch: u64,
+    pub step_in_epoch: u64,
+    /// β after the last update (objective.md §5).
+    pub beta: f64,
+    pub seed: u64,
+    pub nonfinite_in_a_row: u32,
+    pub nonfinite_total: u64,
+    pub pairs_seen: u64,
+    pub elapsed_s: f64,
+    /// The resolved training configuration.
+    pub config: serde_json::Value,
+}
+
+pub fn step_dir(run: &Path, step: u64) -> PathBuf {
+    run.join(CHECKPOINTS).join(format!("step-{step:08}"))
+}
+
+/// Writes a checkpoint atomically; removes older ones beyond `keep`.
+pub fn save(
+    run: &Path,
+    state: &TrainState,
+    params: &ParamStore,
+    optimizer: &AdamW,
+    keep: usize,
+) -> Result<PathBuf, CheckpointError> {
+    let final_dir = step_dir(run, state.step);
+    let tmp = run.join(CHECKPOINTS).join(format!(".tmp-step-{:08}", state.step));
+    let err = |e: String| CheckpointError::Write {
+        path: final_dir.clone(),
+        message: e,
+    };
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| err(e.to_string()))?;
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    params.save(&tmp.join("model.safetensors"), Some(meta))?;
+    let mut moments = Vec::with_capacity(params.len() * 2);
+    for (i, p) in params.params.iter().enumerate() {
+        moments.push(Param {
+            name: format!("exp_avg.{}", p.name),
+            shape: p.shape.clone(),
+            data: optimizer.exp_avg[i].clone(),
+        });
+        moments.push(Param {
+            name: format!("exp_avg_sq.{}", p.name),
+            shape: p.shape.clone(),
+            data: optimizer.exp_avg_sq[i].clone(),
+        });
+    }
+    let mut meta = HashMap::new();
+    meta.insert("adam_step".to_string(), optimizer.step.to_string());
+    ParamStore::new(moments).save(&tmp.join("optimizer.safetensors"), Some(meta))?;
+    let json = serde_json::to_vec_pretty(state).expect("state serialises");
+    std::fs::write(tmp.join("state.json"), json).map_err(|e| err(e.to_string()))?;
+    let _ = std::fs::remove_dir_all(&final_dir);
+    std::fs::rename(&tmp, &final_dir).map_err(|e| err(e.to_string()))?;
+    if let Ok(mut all) = list(run) {
+        all.sort();
+        while all.len() > keep.max(1) {
+            let (_, old) = all.remove(0);
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+    Ok(final_dir)
+}
+
+/// Complete checkpoints of a run as (step, folder), unsorted.
+pub fn list(run: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let dir = run.join(CHECKPOINTS);
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let path = e?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+            if path.join("state.json").is_file() {
+                out.push((step, path));
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub fn latest(run: &Path) -> Option<PathBuf> {
+    list(run).ok()?.into_iter().max().map(|(_, p)| p)
+}
+
+/// Loads a checkpoint: state, parameters (laid out as `layout`) and AdamW moments.
+pub fn load(
+    dir: &Path,
+    layout: &[(String, Vec<usize>)],
+    optimizer: &mut AdamW,
+) -> Result<(TrainState, ParamStore), CheckpointError> {
+    let read = |e: String| CheckpointError::Read {
+        path: dir.to_path_buf(),
+        message: e,
+    };
+    let state: TrainState = serde_json::from_slice(&std::fs::read(dir.join("state.json")).map_err(|e| read(e.to_string()))?)
+        .map_err(|e| read(e.to_string()))?;
+    let params = ParamStore::load(&dir.join("model.safetensors"), layout)?;
+    let moment_layout: Vec<(String, Vec<usize>)> = layout
+        .iter()
+        .flat_map(|(n, s)| [(format!("exp_avg.{n}"), s.clone()), (format!("exp_avg_sq.{n}"), s.clone())])
+        .collect();
+    let moments = ParamStore::load(&dir.join("optimizer.safetensors"), &moment_layout)?;
+    for (i, (name, _)) in layout.iter().enumerate() {
+        optimizer.exp_avg[i] = moments.get(&format!("exp_avg.{name}")).map(|p| p.data.clone()).unwrap_or_default();
+        optimizer.exp_avg_sq[i] = moments.get(&format!("exp_avg_sq.{name}")).map(|p| p.data.clone()).unwrap_or_default();
+    }
+    optimizer.step = state.adam_step;
+    Ok((state, params))
+}

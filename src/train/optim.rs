@@ -1,0 +1,163 @@
+//! The optimiser: AdamW exactly as `torch.optim.AdamW` computes it, the learning-rate schedules
+//! of Hugging Face `transformers` (warm-up then cosine / linear / constant), and global-norm
+//! gradient clipping as `torch.nn.utils.clip_grad_norm_`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::params::ParamStore;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+/// Learning-rate multiplier at optimiser step `step` (0-based), as transformers'
+/// `get_{cosine,linear,constant}_schedule_with_warmup`: the first step under warm-up has lr 0.
+pub fn lr_factor(schedule: Schedule, step: u64, warmup: u64, total: u64) -> f64 {
+    if step < warmup {
+        return step as f64 / warmup.max(1) as f64;
+    }
+    match schedule {
+        Schedule::Constant => 1.0,
+        Schedule::Linear => ((total.saturating_sub(step)) as f64 / (total.saturating_sub(warmup)).max(1) as f64).max(0.0),
+        Schedule::Cosine => {
+            let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+            (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+        }
+    }
+}
+
+/// AdamW hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// Parameters that get no weight decay, as the Hugging Face Trainer decides: biases and
+/// normalisation weights.
+pub fn decays(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    !(lower.ends_with(".bias") || lower.contains("norm") || lower.contains(".ln_") || lower.starts_with("ln_"))
+}
+
+/// AdamW state: first and second moments per parameter, and the step count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamW {
+    pub config: AdamWConfig,
+    pub step: u64,
+    pub exp_avg: Vec<Vec<f32>>,
+    pub exp_avg_sq: Vec<Vec<f32>>,
+}
+
+impl AdamW {
+    pub fn new(config: AdamWConfig, params: &ParamStore) -> Self {
+        AdamW {
+            config,
+            step: 0,
+            exp_avg: params.params.iter().map(|p| vec![0.0; p.data.len()]).collect(),
+            exp_avg_sq: params.params.iter().map(|p| vec![0.0; p.data.len()]).collect(),
+        }
+    }
+
+    /// One update with learning rate `lr` (torch's single-tensor AdamW, in f32).
+    pub fn update(&mut self, params: &mut ParamStore, grads: &[Vec<f32>], lr: f64) {
+        self.step += 1;
+        let c = self.config;
+        let bias_correction1 = 1.0 - c.beta1.powi(self.step as i32);
+        let bias_correction2 = 1.0 - c.beta2.powi(self.step as i32);
+        let step_size = (lr / bias_correction1) as f32;
+        let bc2_sqrt = bias_correction2.sqrt() as f32;
+        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+        for (i, p) in params.params.iter_mut().enumerate() {
+            let decay = if decays(&p.name) { (1.0 - lr * c.weight_decay) as f32 } else { 1.0 };
+            let m = &mut self.exp_avg[i];
+            let v = &mut self.exp_avg_sq[i];
+            for (((x, g), m), v) in p.data.iter_mut().zip(&grads[i]).zip(m.iter_mut()).zip(v.iter_mut()) {
+                *x *= decay;
+                // torch: exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
+                *m += (*g - *m) * (1.0 - b1);
+                *v = *v * b2 + (1.0 - b2) * *g * *g;
+                let denom = v.sqrt() / bc2_sqrt + eps;
+                *x += -step_size * (*m / denom);
+            }
+        }
+    }
+}
+
+/// The global L2 norm of all gradients (f64 accumulation).
+pub fn global_norm(grads: &[Vec<f32>]) -> f64 {
+    grads
+        .iter()
+        .flat_map(|g| g.iter())
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Scales gradients so their global norm is at most `max_norm` (torch's rule: factor
+/// max_norm / (norm + 1e-6), clamped to 1). Returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
+    let norm = global_norm(grads);
+    if max_norm > 0.0 {
+        let coef = (max_norm / (norm + 1e-6)).min(1.0) as f32;
+        if coef < 1.0 {
+            for g in grads.iter_mut().flat_map(|g| g.iter_mut()) {
+                *g *= coef;
+            }
+        }
+    }
+    norm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::Param;
+
+    #[test]
+    fn schedules_match_transformers() {
+        // get_cosine_schedule_with_warmup(num_warmup_steps=2, num_training_steps=10)
+        assert_eq!(lr_factor(Schedule::Cosine, 0, 2, 10), 0.0);
+        assert_eq!(lr_factor(Schedule::Cosine, 1, 2, 10), 0.5);
+        assert_eq!(lr_factor(Schedule::Cosine, 2, 2, 10), 1.0);
+        assert!((lr_factor(Schedule::Cosine, 6, 2, 10) - 0.5).abs() < 1e-12);
+        assert!(lr_factor(Schedule::Cosine, 10, 2, 10).abs() < 1e-12);
+        assert!((lr_factor(Schedule::Linear, 6, 2, 10) - 0.5).abs() < 1e-12);
+        assert_eq!(lr_factor(Schedule::Constant, 7, 2, 10), 1.0);
+    }
+
+    #[test]
+    fn adamw_first_step_moves_by_lr_times_sign() {
+        let mut params = ParamStore::new(vec![Param {
+            name: "w".into(),
+            shape: vec![2],
+            data: vec![1.0, -1.0],
+        }]);
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let mut opt = AdamW::new(cfg, &params);
+        opt.update(&mut params, &[vec![0.5, -2.0]], 0.1);
+        assert!((params.params[0].data[0] - 0.9).abs() < 1e-6);
+        assert!((params.params[0].data[1] + 0.9).abs() < 1e-6);
+    }
+
+    #[test]
+    fn clipping_scales_to_the_max_norm() {
+        let mut g = vec![vec![3.0f32], vec![4.0f32]];
+        let norm = clip_grad_norm(&mut g, 1.0);
+        assert!((norm - 5.0).abs() < 1e-9);
+        assert!((global_norm(&g) - 1.0).abs() < 1e-5);
+        assert!(decays("model.layers.0.mlp.up_proj.weight"));
+        assert!(!decays("model.norm.weight") && !decays("h.0.attn.c_attn.bias") && !decays("transformer.h.0.ln_1.weight"));
+    }
+}

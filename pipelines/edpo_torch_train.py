@@ -142,7 +142,7 @@ def main():
             out = exact_eps_dpo(p_next, q_next, ids, loss_mask, beta, args.epsilon, args.label_smoothing, args.step_tolerance)
             weight = len(chunk) / len(rows)
             (out["loss"] * weight).backward()
-            step_loss += float(out["loss"]) * weight
+            step_loss += float(out["loss"].detach()) * weight
             b = len(chunk)
             for j, r in enumerate(chunk):
                 g = float(out["logps"][j] - out["logps"][j + b])

@@ -37,6 +37,9 @@ pub enum Command {
     /// Flags override `--config FILE` (TOML, keys named like the flags), which overrides the
     /// defaults (the paper's reference hyper-parameters where it gives them).
     Train(TrainArgs),
+    /// Score shards' pairs with some parameters (default: the reference) and report preference
+    /// accuracy, reward margin, z and a KL estimate.
+    Eval(EvalArgs),
     /// Show a shards folder or any Parquet file: schema, rows, column statistics, prep settings.
     Inspect(InspectArgs),
 }
@@ -257,5 +260,40 @@ pub struct TrainArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     #[serde(skip)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// Model bundle folder written by `pipelines/export.py`.
+    #[arg(long, env = "EDPO_MODEL")]
+    pub model: PathBuf,
+
+    /// Parameters to evaluate (e.g. RUN/final/model.safetensors); default: the reference.
+    #[arg(long)]
+    pub params: Option<PathBuf>,
+
+    /// Shards folder written by `edpo prep` with the same bundle.
+    #[arg(long)]
+    pub shards: PathBuf,
+
+    /// β for the reported reward margin.
+    #[arg(long, default_value_t = 0.01)]
+    pub beta: f64,
+
+    /// Token budget of one scoring batch.
+    #[arg(long, default_value_t = 8192)]
+    pub batch_tokens: usize,
+
+    /// Where the scoring graph runs: `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu", env = "EDPO_DEVICE")]
+    pub device: String,
+
+    /// Also write per-pair scores (pair_id, log-probs, z) to this Parquet file.
+    #[arg(long)]
+    pub per_pair: Option<PathBuf>,
+
+    /// Print the result as JSON.
+    #[arg(long)]
     pub json: bool,
 }

@@ -6,6 +6,7 @@
 
 pub mod bundle;
 pub mod data;
+pub mod eval;
 pub mod goldens;
 pub mod graphs;
 pub mod inspect;

@@ -68,6 +68,8 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             Some(e.exit_code())
         } else if let Some(e) = cause.downcast_ref::<edpo::train::TrainError>() {
             Some(e.exit_code())
+        } else if let Some(e) = cause.downcast_ref::<edpo::eval::EvalError>() {
+            Some(e.exit_code())
         } else if let Some(e) = cause.downcast_ref::<ConfigError>() {
             Some(e.exit_code())
         } else if let Some(e) = cause.downcast_ref::<edpo::shards::ShardError>() {
@@ -87,6 +89,26 @@ fn run(cli: cli::Cli) -> anyhow::Result<u8> {
         cli::Command::Verify(args) => verify(&args, cli.threads),
         cli::Command::Prep(args) => prep(&args, cli.threads, cli.quiet),
         cli::Command::Train(args) => train(args, cli.threads, cli.quiet),
+        cli::Command::Eval(args) => {
+            let report = edpo::eval::run(&edpo::eval::EvalConfig {
+                model: args.model,
+                params: args.params,
+                shards: args.shards,
+                beta: args.beta,
+                batch_tokens: args.batch_tokens,
+                session: SessionConfig {
+                    device: args.device.parse()?,
+                    threads: cli.threads,
+                },
+                per_pair: args.per_pair,
+            })?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_table());
+            }
+            Ok(0)
+        }
         cli::Command::Inspect(args) => {
             let report = edpo::inspect::inspect(&args.path)?;
             if args.json {

@@ -26,7 +26,7 @@ test-rust:
 	cargo test --all-targets
 
 test-python: setup
-	$(PY) -m pytest tests/python -q -p no:warnings
+	EDPO_BIN=$(EDPO) $(PY) -m pytest tests/python -q -p no:warnings
 
 lint:
 	cargo fmt --all -- --check
@@ -35,7 +35,8 @@ lint:
 demo: build
 	@echo "== edpo demo: the sample bundle's goldens, reproduced from Rust through ONNX Runtime"
 	$(EDPO) verify --model data-samples/bundle
-	@echo "== (prep → train → eval arrive with their issues; see README.md)"
+	@echo "== prep → train (ε-DPO and DPO) → eval on the held-out split → report"
+	EDPO_BIN=$(EDPO) $(PY) pipelines/demo.py
 
 # Regenerate data-samples/ (pairs, tokenizer, configs, the tiny bundle); see data-samples/README.md.
 samples: setup

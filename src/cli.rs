@@ -40,6 +40,8 @@ pub enum Command {
     /// Score shards' pairs with some parameters (default: the reference) and report preference
     /// accuracy, reward margin, z and a KL estimate.
     Eval(EvalArgs),
+    /// Plot a training run: RUN/report/*.png and a self-contained RUN/report/index.html.
+    Report(ReportArgs),
     /// Show a shards folder or any Parquet file: schema, rows, column statistics, prep settings.
     Inspect(InspectArgs),
 }
@@ -296,4 +298,10 @@ pub struct EvalArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// Run folder written by `edpo train`.
+    pub run: PathBuf,
 }

@@ -14,6 +14,7 @@ pub mod objective;
 pub mod params;
 pub mod prep;
 pub mod progress;
+pub mod report;
 pub mod runtime;
 mod runtime_cuda;
 pub mod shards;

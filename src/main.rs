@@ -70,6 +70,8 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             Some(e.exit_code())
         } else if let Some(e) = cause.downcast_ref::<edpo::eval::EvalError>() {
             Some(e.exit_code())
+        } else if let Some(e) = cause.downcast_ref::<edpo::report::ReportError>() {
+            Some(e.exit_code())
         } else if let Some(e) = cause.downcast_ref::<ConfigError>() {
             Some(e.exit_code())
         } else if let Some(e) = cause.downcast_ref::<edpo::shards::ShardError>() {
@@ -107,6 +109,11 @@ fn run(cli: cli::Cli) -> anyhow::Result<u8> {
             } else {
                 print!("{}", report.to_table());
             }
+            Ok(0)
+        }
+        cli::Command::Report(args) => {
+            let files = edpo::report::write_report(&args.run)?;
+            println!("report: {} plots and {}", files.pngs.len(), files.html.display());
             Ok(0)
         }
         cli::Command::Inspect(args) => {

@@ -123,7 +123,9 @@ pub fn run(cfg: &EvalConfig) -> Result<EvalReport, EvalError> {
             }
             let out = graph.score(ids.view(), mask.view(), 1)?;
             for (r, &i) in batch.iter().enumerate() {
-                seq_token_logps[i] = (seqs[i].1..lengths[i]).map(|t| out.token_logps[[r, t]]).collect();
+                seq_token_logps[i] = (seqs[i].1..lengths[i])
+                    .map(|t| out.token_logps[[r, t]])
+                    .collect();
             }
         }
         for (n, p) in pairs.iter().enumerate() {
@@ -135,7 +137,10 @@ pub fn run(cfg: &EvalConfig) -> Result<EvalReport, EvalError> {
                 ratio_sum += f64::from(*a) - f64::from(*b);
                 ratio_tokens += 1;
             }
-            let (rc, rr) = (f64::from(p.ref_chosen_logps), f64::from(p.ref_rejected_logps));
+            let (rc, rr) = (
+                f64::from(p.ref_chosen_logps),
+                f64::from(p.ref_rejected_logps),
+            );
             scores.push(PairScore {
                 pair_id: p.pair.pair_id,
                 chosen,
@@ -190,11 +195,15 @@ fn write_per_pair(path: &Path, scores: &[PairScore]) -> Result<(), ShardError> {
         f("ref_logps_rejected"),
         f("z"),
     ]));
-    let col = |g: &dyn Fn(&PairScore) -> f64| -> ArrayRef { Arc::new(Float64Array::from_iter_values(scores.iter().map(g))) };
+    let col = |g: &dyn Fn(&PairScore) -> f64| -> ArrayRef {
+        Arc::new(Float64Array::from_iter_values(scores.iter().map(g)))
+    };
     let batch = RecordBatch::try_new(
         schema.clone(),
         vec![
-            Arc::new(UInt64Array::from_iter_values(scores.iter().map(|s| s.pair_id))),
+            Arc::new(UInt64Array::from_iter_values(
+                scores.iter().map(|s| s.pair_id),
+            )),
             col(&|s| s.chosen),
             col(&|s| s.rejected),
             col(&|s| s.ref_chosen),

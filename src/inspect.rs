@@ -112,8 +112,9 @@ pub fn inspect(path: &Path) -> Result<InspectReport, InspectError> {
         .map(|f| PlRefPath::try_from_path(f))
         .collect::<PolarsResult<_>>()
         .map_err(&err)?;
-    let lf = LazyFrame::scan_parquet_files(sources.into_iter().collect(), ScanArgsParquet::default())
-        .map_err(&err)?;
+    let lf =
+        LazyFrame::scan_parquet_files(sources.into_iter().collect(), ScanArgsParquet::default())
+            .map_err(&err)?;
     let schema = lf.clone().collect_schema().map_err(&err)?;
     let rows = lf
         .clone()
@@ -138,8 +139,18 @@ pub fn inspect(path: &Path) -> Result<InspectReport, InspectError> {
         match dtype {
             DataType::List(inner) => {
                 let lens = c().list().len().cast(DataType::Float64);
-                for (q, alias) in [(0.0, "q0"), (0.5, "q50"), (0.9, "q90"), (0.99, "q99"), (1.0, "q100")] {
-                    exprs.push(lens.clone().quantile(lit(q), QuantileMethod::Nearest).alias(alias));
+                for (q, alias) in [
+                    (0.0, "q0"),
+                    (0.5, "q50"),
+                    (0.9, "q90"),
+                    (0.99, "q99"),
+                    (1.0, "q100"),
+                ] {
+                    exprs.push(
+                        lens.clone()
+                            .quantile(lit(q), QuantileMethod::Nearest)
+                            .alias(alias),
+                    );
                 }
                 match inner.as_ref() {
                     DataType::List(leaf) => {
@@ -239,11 +250,22 @@ impl InspectReport {
         for c in &self.columns {
             let lens = c
                 .length_quantiles
-                .map(|q| q.iter().map(|v| num(Some(*v))).collect::<Vec<_>>().join("/"))
+                .map(|q| {
+                    q.iter()
+                        .map(|v| num(Some(*v)))
+                        .collect::<Vec<_>>()
+                        .join("/")
+                })
                 .unwrap_or_default();
             let inner = c
                 .inner_length_range
-                .map(|r| if r[0] == r[1] { num(Some(r[0])) } else { format!("{}-{}", num(Some(r[0])), num(Some(r[1]))) })
+                .map(|r| {
+                    if r[0] == r[1] {
+                        num(Some(r[0]))
+                    } else {
+                        format!("{}-{}", num(Some(r[0])), num(Some(r[1])))
+                    }
+                })
                 .unwrap_or_default();
             let mean = match c.true_count {
                 Some(t) => format!("{t} true"),

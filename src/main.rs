@@ -113,7 +113,11 @@ fn run(cli: cli::Cli) -> anyhow::Result<u8> {
         }
         cli::Command::Report(args) => {
             let files = edpo::report::write_report(&args.run)?;
-            println!("report: {} plots and {}", files.pngs.len(), files.html.display());
+            println!(
+                "report: {} plots and {}",
+                files.pngs.len(),
+                files.html.display()
+            );
             Ok(0)
         }
         cli::Command::Inspect(args) => {
@@ -204,20 +208,33 @@ fn prep(args: &cli::PrepArgs, threads: usize, quiet: bool) -> anyhow::Result<u8>
         quiet: quiet || args.json,
     };
     if threads > 0 {
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global();
     }
     let s = edpo::prep::run(&config)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(0);
     }
-    println!("prep: {} pairs written to {} ({} shards, {} reused)", s.pairs_written, s.out.display(), s.shards, s.shards_reused);
-    println!("  format {}, top-K {}, rows read {}", s.format, s.topk, s.rows_read);
+    println!(
+        "prep: {} pairs written to {} ({} shards, {} reused)",
+        s.pairs_written,
+        s.out.display(),
+        s.shards,
+        s.shards_reused
+    );
+    println!(
+        "  format {}, top-K {}, rows read {}",
+        s.format, s.topk, s.rows_read
+    );
     if s.skipped.is_empty() {
         println!("  skipped: none");
     } else {
         for (reason, n) in &s.skipped {
-            let why = edpo::data::SkipReason::from_name(reason).map(|r| r.describe()).unwrap_or("");
+            let why = edpo::data::SkipReason::from_name(reason)
+                .map(|r| r.describe())
+                .unwrap_or("");
             println!("  skipped {n:>6} {reason}: {why}");
         }
     }
@@ -235,7 +252,11 @@ fn prep(args: &cli::PrepArgs, threads: usize, quiet: bool) -> anyhow::Result<u8>
 }
 
 /// Flags over the TOML file over the defaults.
-fn resolve_train(args: cli::TrainArgs, threads: usize, quiet: bool) -> anyhow::Result<edpo::train::TrainConfig> {
+fn resolve_train(
+    args: cli::TrainArgs,
+    threads: usize,
+    quiet: bool,
+) -> anyhow::Result<edpo::train::TrainConfig> {
     let file: cli::TrainArgs = match &args.config {
         None => cli::TrainArgs::default(),
         Some(path) => {
@@ -251,13 +272,17 @@ fn resolve_train(args: cli::TrainArgs, threads: usize, quiet: bool) -> anyhow::R
     };
     macro_rules! pick {
         ($field:ident, $default:expr) => {
-            args.$field.clone().or(file.$field.clone()).unwrap_or($default)
+            args.$field
+                .clone()
+                .or(file.$field.clone())
+                .unwrap_or($default)
         };
         ($field:ident) => {
             args.$field.clone().or(file.$field.clone())
         };
     }
-    let required = |v: Option<std::path::PathBuf>, name: &'static str| v.ok_or(ConfigError::Missing(name));
+    let required =
+        |v: Option<std::path::PathBuf>, name: &'static str| v.ok_or(ConfigError::Missing(name));
     let device: Device = pick!(device, "cpu".to_string()).parse()?;
     Ok(edpo::train::TrainConfig {
         model: required(pick!(model), "model")?,
@@ -307,12 +332,23 @@ fn train(args: cli::TrainArgs, threads: usize, quiet: bool) -> anyhow::Result<u8
         s.pairs_seen,
         s.final_loss,
         s.final_beta,
-        s.resumed_from.map(|r| format!(" (resumed from step {r})")).unwrap_or_default()
+        s.resumed_from
+            .map(|r| format!(" (resumed from step {r})"))
+            .unwrap_or_default()
     );
     if s.nonfinite_skipped > 0 {
-        println!("  {} step(s) skipped for a non-finite loss or gradient", s.nonfinite_skipped);
+        println!(
+            "  {} step(s) skipped for a non-finite loss or gradient",
+            s.nonfinite_skipped
+        );
     }
-    println!("  {:.1} pairs/s, wall {:.1}s", s.pairs_per_second, s.wall_seconds);
-    println!("  run folder: {} (metrics.parquet, pairs.parquet, checkpoints/, final/)", s.out.display());
+    println!(
+        "  {:.1} pairs/s, wall {:.1}s",
+        s.pairs_per_second, s.wall_seconds
+    );
+    println!(
+        "  run folder: {} (metrics.parquet, pairs.parquet, checkpoints/, final/)",
+        s.out.display()
+    );
     Ok(0)
 }

@@ -20,7 +20,12 @@ pub fn log_softmax(logits: &[f64]) -> Vec<f64> {
 }
 
 /// §2 exactly: log π̂_a(label) = log_softmax(a·l_θ + (1−a)·l_ref)[label].
-pub fn exact_perturbed_logp(a: f64, policy_logits: &[f64], ref_logits: &[f64], label: usize) -> f64 {
+pub fn exact_perturbed_logp(
+    a: f64,
+    policy_logits: &[f64],
+    ref_logits: &[f64],
+    label: usize,
+) -> f64 {
     let mixed: Vec<f64> = policy_logits
         .iter()
         .zip(ref_logits)
@@ -173,7 +178,9 @@ mod tests {
 
     /// A small deterministic pseudo-random generator for test vectors.
     fn lcg(seed: &mut u64) -> f64 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
     }
 
@@ -247,7 +254,13 @@ mod tests {
         assert_eq!(d.beta_i, 0.1, "ε = 0 keeps β whatever k");
         assert!((d.z - 2.0).abs() < 1e-12);
         assert!((d.loss - (1.0 + (-0.2f64).exp()).ln()).abs() < 1e-12);
-        let smoothed = decide(&l, &EpsDpoSettings { label_smoothing: 0.1, ..s });
+        let smoothed = decide(
+            &l,
+            &EpsDpoSettings {
+                label_smoothing: 0.1,
+                ..s
+            },
+        );
         assert!(smoothed.loss > d.loss);
         assert!((d.reward_chosen - 0.1).abs() < 1e-12 && (d.reward_rejected + 0.1).abs() < 1e-12);
     }

@@ -272,7 +272,9 @@ impl ShardReader<'_> {
                 RowOutcome::Skip(reason) => *skipped.entry(reason.name().into()).or_default() += 1,
                 RowOutcome::Pair(pair) => {
                     if !self.seen.insert(pair.pair_id) {
-                        *skipped.entry(SkipReason::DuplicateId.name().into()).or_default() += 1;
+                        *skipped
+                            .entry(SkipReason::DuplicateId.name().into())
+                            .or_default() += 1;
                     } else {
                         inputs.push(pair);
                     }
@@ -464,7 +466,9 @@ fn existing_shards(dir: &Path, plan: &Plan) -> Result<Existing, PrepError> {
     for f in files {
         // A shard is complete when it was renamed into place; its own metadata says which
         // run and which input rows it holds.
-        let Ok(meta) = read_metadata(&f) else { continue };
+        let Ok(meta) = read_metadata(&f) else {
+            continue;
+        };
         if meta.get("edpo.fingerprint") != Some(&plan.fingerprint) {
             continue;
         }
@@ -545,7 +549,14 @@ pub fn run(cfg: &PrepConfig) -> Result<PrepSummary, PrepError> {
     manifest.write(&cfg.out)?;
 
     let mut graph: Option<ReferenceGraph> = None;
-    let pad_id = plan.bundle.manifest.special_tokens.pad.id.or(plan.bundle.manifest.special_tokens.eos.id).unwrap_or(0);
+    let pad_id = plan
+        .bundle
+        .manifest
+        .special_tokens
+        .pad
+        .id
+        .or(plan.bundle.manifest.special_tokens.eos.id)
+        .unwrap_or(0);
     let progress = Progress::new(total_pairs, "pairs", cfg.quiet);
     let mut reader = ShardReader {
         stream: RowStream::new(plan.files.clone()),
@@ -594,7 +605,10 @@ pub fn run(cfg: &PrepConfig) -> Result<PrepSummary, PrepError> {
             };
             let mut meta = BTreeMap::new();
             meta.insert("edpo.version".to_string(), EDPO_VERSION.to_string());
-            meta.insert("edpo.bundle_sha256".to_string(), plan.bundle.bundle_sha256.clone());
+            meta.insert(
+                "edpo.bundle_sha256".to_string(),
+                plan.bundle.bundle_sha256.clone(),
+            );
             meta.insert("edpo.fingerprint".to_string(), plan.fingerprint.clone());
             meta.insert("edpo.topk".to_string(), plan.topk.to_string());
             meta.insert(

@@ -52,12 +52,19 @@ fn read_columns(path: &Path, names: &[&str]) -> Result<Vec<Vec<f64>>, ReportErro
             let col = batch
                 .column_by_name(name)
                 .ok_or_else(|| err(format!("no column `{name}`")))?;
-            let col = arrow::compute::cast(col, &DataType::Float64).map_err(|e| err(e.to_string()))?;
+            let col =
+                arrow::compute::cast(col, &DataType::Float64).map_err(|e| err(e.to_string()))?;
             let col = col
                 .as_any()
                 .downcast_ref::<Float64Array>()
                 .ok_or_else(|| err(format!("`{name}` is not numeric")))?;
-            out[i].extend((0..col.len()).map(|j| if col.is_null(j) { f64::NAN } else { col.value(j) }));
+            out[i].extend((0..col.len()).map(|j| {
+                if col.is_null(j) {
+                    f64::NAN
+                } else {
+                    col.value(j)
+                }
+            }));
         }
     }
     Ok(out)
@@ -73,11 +80,15 @@ struct Series<'a> {
 fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (lo, hi) = values
         .filter(|v| v.is_finite())
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
-    let pad = ((hi - lo) * 0.05).max(hi.abs().max(lo.abs()) * 1e-3).max(1e-12);
+    let pad = ((hi - lo) * 0.05)
+        .max(hi.abs().max(lo.abs()) * 1e-3)
+        .max(1e-12);
     (lo - pad, hi + pad)
 }
 
@@ -88,7 +99,13 @@ fn draw_err(path: &Path) -> impl Fn(String) -> ReportError + '_ {
     }
 }
 
-fn line_chart(path: &Path, title: &str, y_label: &str, steps: &[f64], series: &[Series]) -> Result<(), ReportError> {
+fn line_chart(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    steps: &[f64],
+    series: &[Series],
+) -> Result<(), ReportError> {
     let err = draw_err(path);
     let root = BitMapBackend::new(path, (960, 540)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
@@ -115,12 +132,18 @@ fn line_chart(path: &Path, title: &str, y_label: &str, steps: &[f64], series: &[
         let color = s.color;
         chart
             .draw_series(LineSeries::new(
-                steps.iter().zip(s.values).filter(|(_, v)| v.is_finite()).map(|(x, y)| (*x, *y)),
+                steps
+                    .iter()
+                    .zip(s.values)
+                    .filter(|(_, v)| v.is_finite())
+                    .map(|(x, y)| (*x, *y)),
                 color.stroke_width(2),
             ))
             .map_err(|e| err(e.to_string()))?
             .label(s.label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
+            });
     }
     chart
         .configure_series_labels()
@@ -146,7 +169,13 @@ fn format_tick(v: f64) -> String {
     }
 }
 
-fn histogram(path: &Path, title: &str, x_label: &str, values: &[f64], bins: usize) -> Result<(), ReportError> {
+fn histogram(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    values: &[f64],
+    bins: usize,
+) -> Result<(), ReportError> {
     let err = draw_err(path);
     let root = BitMapBackend::new(path, (960, 540)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
@@ -178,7 +207,10 @@ fn histogram(path: &Path, title: &str, x_label: &str, values: &[f64], bins: usiz
     chart
         .draw_series(counts.iter().enumerate().map(|(i, c)| {
             let x0 = lo + i as f64 * width;
-            Rectangle::new([(x0, 0.0), (x0 + width * 0.92, *c as f64)], RGBColor(49, 104, 178).filled())
+            Rectangle::new(
+                [(x0, 0.0), (x0 + width * 0.92, *c as f64)],
+                RGBColor(49, 104, 178).filled(),
+            )
         }))
         .map_err(|e| err(e.to_string()))?;
     root.present().map_err(|e| err(e.to_string()))
@@ -206,8 +238,17 @@ pub fn write_report(run: &Path) -> Result<ReportFiles, ReportError> {
         return Err(ReportError::NoMetrics(run.to_path_buf()));
     }
     let names = [
-        "step", "loss", "kl/beta", "kl/p_epsilon_steps", "kl/n_epsilon_steps", "rewards/margins",
-        "rewards/chosen", "rewards/rejected", "rewards/accuracies", "learning_rate", "grad_norm",
+        "step",
+        "loss",
+        "kl/beta",
+        "kl/p_epsilon_steps",
+        "kl/n_epsilon_steps",
+        "rewards/margins",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "learning_rate",
+        "grad_norm",
     ];
     let m = read_columns(&metrics, &names)?;
     let beta_i = if run.join("pairs.parquet").is_file() {
@@ -224,16 +265,44 @@ pub fn write_report(run: &Path) -> Result<ReportFiles, ReportError> {
         pngs.push(p.clone());
         p
     };
-    line_chart(&add("loss.png"), "ε-DPO loss (mean over the step's pairs)", "loss", steps, &[Series { label: "loss", values: &m[1], color: BLUE_ }])?;
-    line_chart(&add("beta.png"), "Global β (used by each step; objective.md §5)", "β", steps, &[Series { label: "β", values: &m[2], color: BLUE_ }])?;
+    line_chart(
+        &add("loss.png"),
+        "ε-DPO loss (mean over the step's pairs)",
+        "loss",
+        steps,
+        &[Series {
+            label: "loss",
+            values: &m[1],
+            color: BLUE_,
+        }],
+    )?;
+    line_chart(
+        &add("beta.png"),
+        "Global β (used by each step; objective.md §5)",
+        "β",
+        steps,
+        &[Series {
+            label: "β",
+            values: &m[2],
+            color: BLUE_,
+        }],
+    )?;
     line_chart(
         &add("steps.png"),
         "Per-pair steps: fraction of pairs with k = +1 / k = −1",
         "fraction of pairs",
         steps,
         &[
-            Series { label: "k = +1 (relax KL)", values: &m[3], color: GREEN_ },
-            Series { label: "k = −1 (tighten KL)", values: &m[4], color: RED_ },
+            Series {
+                label: "k = +1 (relax KL)",
+                values: &m[3],
+                color: GREEN_,
+            },
+            Series {
+                label: "k = −1 (tighten KL)",
+                values: &m[4],
+                color: RED_,
+            },
         ],
     )?;
     line_chart(
@@ -242,22 +311,73 @@ pub fn write_report(run: &Path) -> Result<ReportFiles, ReportError> {
         "reward (nats × β)",
         steps,
         &[
-            Series { label: "chosen", values: &m[6], color: GREEN_ },
-            Series { label: "rejected", values: &m[7], color: RED_ },
-            Series { label: "margin", values: &m[5], color: BLUE_ },
+            Series {
+                label: "chosen",
+                values: &m[6],
+                color: GREEN_,
+            },
+            Series {
+                label: "rejected",
+                values: &m[7],
+                color: RED_,
+            },
+            Series {
+                label: "margin",
+                values: &m[5],
+                color: BLUE_,
+            },
         ],
     )?;
-    line_chart(&add("accuracy.png"), "Reward accuracy (chosen reward > rejected reward)", "fraction of pairs", steps, &[Series { label: "accuracy", values: &m[8], color: BLUE_ }])?;
-    line_chart(&add("learning_rate.png"), "Learning rate", "learning rate", steps, &[Series { label: "lr", values: &m[9], color: ORANGE }])?;
-    line_chart(&add("grad_norm.png"), "Gradient norm (before clipping)", "global L2 norm", steps, &[Series { label: "‖g‖", values: &m[10], color: ORANGE }])?;
+    line_chart(
+        &add("accuracy.png"),
+        "Reward accuracy (chosen reward > rejected reward)",
+        "fraction of pairs",
+        steps,
+        &[Series {
+            label: "accuracy",
+            values: &m[8],
+            color: BLUE_,
+        }],
+    )?;
+    line_chart(
+        &add("learning_rate.png"),
+        "Learning rate",
+        "learning rate",
+        steps,
+        &[Series {
+            label: "lr",
+            values: &m[9],
+            color: ORANGE,
+        }],
+    )?;
+    line_chart(
+        &add("grad_norm.png"),
+        "Gradient norm (before clipping)",
+        "global L2 norm",
+        steps,
+        &[Series {
+            label: "‖g‖",
+            values: &m[10],
+            color: ORANGE,
+        }],
+    )?;
     if !beta_i.is_empty() {
-        histogram(&add("beta_i_hist.png"), "Per-pair β_i over all pair-steps", "β_i", &beta_i, 40)?;
+        histogram(
+            &add("beta_i_hist.png"),
+            "Per-pair β_i over all pair-steps",
+            "β_i",
+            &beta_i,
+            40,
+        )?;
     }
     let html = dir.join("index.html");
     let mut page = String::new();
     page.push_str("<!doctype html><html><head><meta charset=\"utf-8\"><title>edpo report</title>");
     page.push_str("<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}img{width:100%;border:1px solid #ddd;margin:.5em 0 1.5em}table{border-collapse:collapse}td,th{padding:.2em .8em;border-bottom:1px solid #eee;text-align:left}</style></head><body>");
-    page.push_str(&format!("<h1>edpo run report</h1><p>Run folder: <code>{}</code></p>", escape(&run.display().to_string())));
+    page.push_str(&format!(
+        "<h1>edpo run report</h1><p>Run folder: <code>{}</code></p>",
+        escape(&run.display().to_string())
+    ));
     let last = |i: usize| m[i].last().copied().unwrap_or(f64::NAN);
     page.push_str("<table><tr><th>steps</th><th>final loss</th><th>final β</th><th>final reward accuracy</th><th>final reward margin</th></tr>");
     page.push_str(&format!(
@@ -283,5 +403,7 @@ pub fn write_report(run: &Path) -> Result<ReportFiles, ReportError> {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

@@ -15,8 +15,8 @@ use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
 use crate::data::tokenize::TokenizedPair;
@@ -130,27 +130,59 @@ fn f32_nested<'a>(rows: impl Iterator<Item = (&'a [f32], usize)>) -> ArrayRef {
 /// Builds one Arrow batch from scored pairs.
 pub fn to_record_batch(pairs: &[ScoredPair]) -> Result<RecordBatch, arrow::error::ArrowError> {
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(UInt64Array::from_iter_values(pairs.iter().map(|p| p.pair.pair_id))),
-        Arc::new(UInt64Array::from_iter_values(pairs.iter().map(|p| p.pair.source_row))),
+        Arc::new(UInt64Array::from_iter_values(
+            pairs.iter().map(|p| p.pair.pair_id),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            pairs.iter().map(|p| p.pair.source_row),
+        )),
         u32_lists(pairs.iter().map(|p| p.pair.prompt_ids.as_slice())),
         u32_lists(pairs.iter().map(|p| p.pair.chosen_ids.as_slice())),
         u32_lists(pairs.iter().map(|p| p.pair.rejected_ids.as_slice())),
-        Arc::new(Float32Array::from_iter_values(pairs.iter().map(|p| p.ref_chosen_logps))),
-        Arc::new(Float32Array::from_iter_values(pairs.iter().map(|p| p.ref_rejected_logps))),
+        Arc::new(Float32Array::from_iter_values(
+            pairs.iter().map(|p| p.ref_chosen_logps),
+        )),
+        Arc::new(Float32Array::from_iter_values(
+            pairs.iter().map(|p| p.ref_rejected_logps),
+        )),
         f32_lists(pairs.iter().map(|p| p.ref_chosen_token_logps.as_slice())),
         f32_lists(pairs.iter().map(|p| p.ref_rejected_token_logps.as_slice())),
-        u32_nested(pairs.iter().map(|p| (p.ref_chosen_topk_ids.as_slice(), p.k))),
-        u32_nested(pairs.iter().map(|p| (p.ref_rejected_topk_ids.as_slice(), p.k))),
-        f32_nested(pairs.iter().map(|p| (p.ref_chosen_topk_logps.as_slice(), p.k))),
-        f32_nested(pairs.iter().map(|p| (p.ref_rejected_topk_logps.as_slice(), p.k))),
-        Arc::new(BooleanArray::from_iter(pairs.iter().map(|p| Some(p.pair.prompt_truncated)))),
-        Arc::new(BooleanArray::from_iter(pairs.iter().map(|p| Some(p.pair.response_truncated)))),
+        u32_nested(
+            pairs
+                .iter()
+                .map(|p| (p.ref_chosen_topk_ids.as_slice(), p.k)),
+        ),
+        u32_nested(
+            pairs
+                .iter()
+                .map(|p| (p.ref_rejected_topk_ids.as_slice(), p.k)),
+        ),
+        f32_nested(
+            pairs
+                .iter()
+                .map(|p| (p.ref_chosen_topk_logps.as_slice(), p.k)),
+        ),
+        f32_nested(
+            pairs
+                .iter()
+                .map(|p| (p.ref_rejected_topk_logps.as_slice(), p.k)),
+        ),
+        Arc::new(BooleanArray::from_iter(
+            pairs.iter().map(|p| Some(p.pair.prompt_truncated)),
+        )),
+        Arc::new(BooleanArray::from_iter(
+            pairs.iter().map(|p| Some(p.pair.response_truncated)),
+        )),
     ];
     RecordBatch::try_new(schema(), columns)
 }
 
 /// Writes `pairs` to `path` atomically (a `.tmp` sibling, fsync, rename).
-pub fn write_shard(path: &Path, pairs: &[ScoredPair], metadata: &BTreeMap<String, String>) -> Result<(), ShardError> {
+pub fn write_shard(
+    path: &Path,
+    pairs: &[ScoredPair],
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), ShardError> {
     let err = |message: String| ShardError::Write {
         path: path.to_path_buf(),
         message,
@@ -161,12 +193,15 @@ pub fn write_shard(path: &Path, pairs: &[ScoredPair], metadata: &BTreeMap<String
         .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
         .collect();
     let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).map_err(|e| err(e.to_string()))?))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).map_err(|e| err(e.to_string()))?,
+        ))
         .set_max_row_group_row_count(Some(ROW_GROUP_PAIRS))
         .set_key_value_metadata(Some(kv))
         .build();
     let file = File::create(&tmp).map_err(|e| err(e.to_string()))?;
-    let mut writer = ArrowWriter::try_new(file, schema(), Some(props)).map_err(|e| err(e.to_string()))?;
+    let mut writer =
+        ArrowWriter::try_new(file, schema(), Some(props)).map_err(|e| err(e.to_string()))?;
     for chunk in pairs.chunks(ROW_GROUP_PAIRS) {
         let batch = to_record_batch(chunk).map_err(|e| err(e.to_string()))?;
         writer.write(&batch).map_err(|e| err(e.to_string()))?;
@@ -304,12 +339,28 @@ pub fn read_shard(path: &Path) -> Result<Vec<ScoredPair>, ShardError> {
         use arrow::datatypes::{Float32Type, UInt32Type};
         let ids = u64_col("pair_id")?;
         let rows = u64_col("source_row")?;
-        let (prompt, chosen, rejected) = (list_col("prompt_ids")?, list_col("chosen_ids")?, list_col("rejected_ids")?);
+        let (prompt, chosen, rejected) = (
+            list_col("prompt_ids")?,
+            list_col("chosen_ids")?,
+            list_col("rejected_ids")?,
+        );
         let (rc, rr) = (f32_col("ref_chosen_logps")?, f32_col("ref_rejected_logps")?);
-        let (rct, rrt) = (list_col("ref_chosen_token_logps")?, list_col("ref_rejected_token_logps")?);
-        let (rci, rri) = (list_col("ref_chosen_topk_ids")?, list_col("ref_rejected_topk_ids")?);
-        let (rcv, rrv) = (list_col("ref_chosen_topk_logps")?, list_col("ref_rejected_topk_logps")?);
-        let (pt, rt) = (bool_col("prompt_truncated")?, bool_col("response_truncated")?);
+        let (rct, rrt) = (
+            list_col("ref_chosen_token_logps")?,
+            list_col("ref_rejected_token_logps")?,
+        );
+        let (rci, rri) = (
+            list_col("ref_chosen_topk_ids")?,
+            list_col("ref_rejected_topk_ids")?,
+        );
+        let (rcv, rrv) = (
+            list_col("ref_chosen_topk_logps")?,
+            list_col("ref_rejected_topk_logps")?,
+        );
+        let (pt, rt) = (
+            bool_col("prompt_truncated")?,
+            bool_col("response_truncated")?,
+        );
         for i in 0..batch.num_rows() {
             let (ci, k) = nested_values::<UInt32Type>(&rci, i);
             out.push(ScoredPair {
@@ -370,10 +421,14 @@ impl ShardManifest {
     pub fn read(dir: &Path) -> Result<Option<ShardManifest>, ShardError> {
         let path = dir.join(SHARD_MANIFEST);
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| ShardError::NotAShard {
-                path,
-                message: format!("bad manifest.json: {e}"),
-            }),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| ShardError::NotAShard {
+                        path,
+                        message: format!("bad manifest.json: {e}"),
+                    })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(ShardError::Read {
                 path,

@@ -33,7 +33,12 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.is_file())
-        .map(|p| (p.file_name().unwrap().to_string_lossy().to_string(), std::fs::read(&p).unwrap()))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().to_string(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -59,18 +64,32 @@ fn prep_over_previous(data: &[PathBuf], extra: &[&str]) -> (std::process::Output
 fn expect_error(data: &[PathBuf], extra: &[&str], needles: &[&str]) {
     let (out, untouched) = prep_over_previous(data, extra);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{data:?} {extra:?}: expected exit 2, stderr:\n{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{data:?} {extra:?}: expected exit 2, stderr:\n{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
     for n in needles {
-        assert!(stderr.contains(n), "{data:?}: stderr lacks {n:?}:\n{stderr}");
+        assert!(
+            stderr.contains(n),
+            "{data:?}: stderr lacks {n:?}:\n{stderr}"
+        );
     }
-    assert!(untouched, "{data:?}: the shards already in --out were changed");
+    assert!(
+        untouched,
+        "{data:?}: the shards already in --out were changed"
+    );
 }
 
 fn expect_skips(data: &[PathBuf], extra: &[&str], pairs: u64, skipped: &[(&str, u64)]) {
     let (out, _) = prep_over_previous(data, extra);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{data:?}: expected success, stderr:\n{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{data:?}: expected success, stderr:\n{stderr}"
+    );
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json summary");
     assert_eq!(summary["pairs_written"], pairs, "{summary}");
     for (reason, n) in skipped {
@@ -85,36 +104,79 @@ fn the_corpus_has_at_least_twenty_cases() {
 
 #[test]
 fn missing_column_names_file_column_and_flag() {
-    expect_error(&[corpus("missing_column.jsonl")], &[], &["missing_column.jsonl", "line 1", "`rejected`", "--rejected-column"]);
-    expect_error(&[corpus("missing_column.parquet")], &[], &["missing_column.parquet", "`rejected`", "--rejected-column"]);
+    expect_error(
+        &[corpus("missing_column.jsonl")],
+        &[],
+        &[
+            "missing_column.jsonl",
+            "line 1",
+            "`rejected`",
+            "--rejected-column",
+        ],
+    );
+    expect_error(
+        &[corpus("missing_column.parquet")],
+        &[],
+        &["missing_column.parquet", "`rejected`", "--rejected-column"],
+    );
 }
 
 #[test]
 fn null_values_are_counted_skips() {
     expect_skips(&[corpus("null_values.jsonl")], &[], 2, &[("null_field", 1)]);
-    expect_skips(&[corpus("null_values.parquet")], &[], 2, &[("null_field", 1)]);
+    expect_skips(
+        &[corpus("null_values.parquet")],
+        &[],
+        2,
+        &[("null_field", 1)],
+    );
 }
 
 #[test]
 fn wrong_types_name_the_row_and_column() {
-    expect_error(&[corpus("wrong_type.jsonl")], &[], &["wrong_type.jsonl", "line 3", "`chosen`", "a number"]);
-    expect_error(&[corpus("wrong_type.parquet")], &[], &["wrong_type.parquet", "first row", "`chosen`", "a number"]);
-    expect_error(&[corpus("chat_not_a_list.jsonl")], &[], &["line 2", "`chosen`", "format `plain`"]);
+    expect_error(
+        &[corpus("wrong_type.jsonl")],
+        &[],
+        &["wrong_type.jsonl", "line 3", "`chosen`", "a number"],
+    );
+    expect_error(
+        &[corpus("wrong_type.parquet")],
+        &[],
+        &["wrong_type.parquet", "first row", "`chosen`", "a number"],
+    );
+    expect_error(
+        &[corpus("chat_not_a_list.jsonl")],
+        &[],
+        &["line 2", "`chosen`", "format `plain`"],
+    );
 }
 
 #[test]
 fn empty_strings_are_counted_skips() {
-    expect_skips(&[corpus("empty_strings.jsonl")], &[], 2, &[("empty_response", 2)]);
+    expect_skips(
+        &[corpus("empty_strings.jsonl")],
+        &[],
+        2,
+        &[("empty_response", 2)],
+    );
 }
 
 #[test]
 fn invalid_utf8_names_the_line() {
-    expect_error(&[corpus("invalid_utf8.jsonl")], &[], &["invalid_utf8.jsonl", "line 2", "UTF-8"]);
+    expect_error(
+        &[corpus("invalid_utf8.jsonl")],
+        &[],
+        &["invalid_utf8.jsonl", "line 2", "UTF-8"],
+    );
 }
 
 #[test]
 fn truncated_parquet_is_refused() {
-    expect_error(&[corpus("truncated.parquet")], &[], &["truncated.parquet", "not a readable Parquet"]);
+    expect_error(
+        &[corpus("truncated.parquet")],
+        &[],
+        &["truncated.parquet", "not a readable Parquet"],
+    );
 }
 
 #[test]
@@ -124,19 +186,40 @@ fn empty_file_is_refused() {
 
 #[test]
 fn conversation_without_assistant_turn_is_skipped() {
-    expect_skips(&[corpus("no_assistant_turn.jsonl")], &[], 2, &[("no_assistant_turn", 1)]);
+    expect_skips(
+        &[corpus("no_assistant_turn.jsonl")],
+        &[],
+        2,
+        &[("no_assistant_turn", 1)],
+    );
 }
 
 #[test]
 fn unknown_role_is_refused() {
-    expect_error(&[corpus("unknown_role.jsonl")], &[], &["line 2", "`narrator`", "roles must be"]);
-    expect_error(&[corpus("message_without_role.jsonl")], &[], &["line 2", "no string `role`"]);
+    expect_error(
+        &[corpus("unknown_role.jsonl")],
+        &[],
+        &["line 2", "`narrator`", "roles must be"],
+    );
+    expect_error(
+        &[corpus("message_without_role.jsonl")],
+        &[],
+        &["line 2", "no string `role`"],
+    );
 }
 
 #[test]
 fn over_length_rows_are_truncated_or_skipped() {
-    expect_skips(&[corpus("over_length.jsonl")], &["--max-length", "24"], 2, &[("prompt_fills_max_length", 1)]);
-    let (out, _) = prep_over_previous(&[corpus("over_length.jsonl")], &["--max-prompt-length", "6"]);
+    expect_skips(
+        &[corpus("over_length.jsonl")],
+        &["--max-length", "24"],
+        2,
+        &[("prompt_fills_max_length", 1)],
+    );
+    let (out, _) = prep_over_previous(
+        &[corpus("over_length.jsonl")],
+        &["--max-prompt-length", "6"],
+    );
     assert_eq!(out.status.code(), Some(0));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["pairs_written"], 3, "{summary}");
@@ -144,46 +227,100 @@ fn over_length_rows_are_truncated_or_skipped() {
 
 #[test]
 fn duplicate_ids_keep_the_first() {
-    expect_skips(&[corpus("duplicate_ids.jsonl")], &[], 3, &[("duplicate_id", 1)]);
+    expect_skips(
+        &[corpus("duplicate_ids.jsonl")],
+        &[],
+        3,
+        &[("duplicate_id", 1)],
+    );
 }
 
 #[test]
 fn invalid_json_lines_are_refused() {
-    expect_error(&[corpus("invalid_json.jsonl")], &[], &["invalid_json.jsonl", "line 2", "invalid JSON"]);
-    expect_error(&[corpus("not_an_object.jsonl")], &[], &["not_an_object.jsonl", "line 2", "not a JSON object"]);
+    expect_error(
+        &[corpus("invalid_json.jsonl")],
+        &[],
+        &["invalid_json.jsonl", "line 2", "invalid JSON"],
+    );
+    expect_error(
+        &[corpus("not_an_object.jsonl")],
+        &[],
+        &["not_an_object.jsonl", "line 2", "not a JSON object"],
+    );
 }
 
 #[test]
 fn token_ids_are_checked_against_the_vocabulary() {
-    expect_error(&[corpus("token_out_of_range.jsonl")], &[], &["line 2", "99999", "vocabulary"]);
-    expect_error(&[corpus("token_not_integer.jsonl")], &[], &["line 2", "integer token ids"]);
+    expect_error(
+        &[corpus("token_out_of_range.jsonl")],
+        &[],
+        &["line 2", "99999", "vocabulary"],
+    );
+    expect_error(
+        &[corpus("token_not_integer.jsonl")],
+        &[],
+        &["line 2", "integer token ids"],
+    );
 }
 
 #[test]
 fn mixed_formats_are_refused() {
-    expect_error(&[corpus("mixed_formats.jsonl")], &[], &["line 2", "`chosen`", "format `chat`", "`plain`"]);
+    expect_error(
+        &[corpus("mixed_formats.jsonl")],
+        &[],
+        &["line 2", "`chosen`", "format `chat`", "`plain`"],
+    );
 }
 
 #[test]
 fn paths_that_are_not_data_are_refused() {
-    expect_error(&[corpus("pairs.csv")], &[], &["pairs.csv", "neither Parquet"]);
-    expect_error(&[corpus("does_not_exist.jsonl")], &[], &["does_not_exist.jsonl", "does not exist"]);
-    expect_error(&[corpus("nomatch-*.jsonl")], &[], &["nomatch-*.jsonl", "matched no files"]);
+    expect_error(
+        &[corpus("pairs.csv")],
+        &[],
+        &["pairs.csv", "neither Parquet"],
+    );
+    expect_error(
+        &[corpus("does_not_exist.jsonl")],
+        &[],
+        &["does_not_exist.jsonl", "does not exist"],
+    );
+    expect_error(
+        &[corpus("nomatch-*.jsonl")],
+        &[],
+        &["nomatch-*.jsonl", "matched no files"],
+    );
     let empty = tempfile::tempdir().unwrap();
-    expect_error(&[empty.path().to_path_buf()], &[], &["no .parquet or .jsonl files"]);
+    expect_error(
+        &[empty.path().to_path_buf()],
+        &[],
+        &["no .parquet or .jsonl files"],
+    );
 }
 
 #[test]
 fn empty_prompt_without_bos_is_skipped() {
     // The sample tokenizer has no BOS token, so an empty prompt cannot start a sequence.
-    expect_skips(&[corpus("empty_prompt.jsonl")], &[], 2, &[("empty_prompt", 1)]);
+    expect_skips(
+        &[corpus("empty_prompt.jsonl")],
+        &[],
+        2,
+        &[("empty_prompt", 1)],
+    );
 }
 
 #[test]
 fn bad_flags_are_usage_errors() {
     let good = repo_root().join("data-samples/prefs/heldout.plain.jsonl");
-    expect_error(&[good.clone()], &["--topk", "100000"], &["--topk", "vocabulary size 512"]);
-    expect_error(&[good.clone()], &["--max-length", "1"], &["--max-length"]);
+    expect_error(
+        std::slice::from_ref(&good),
+        &["--topk", "100000"],
+        &["--topk", "vocabulary size 512"],
+    );
+    expect_error(
+        std::slice::from_ref(&good),
+        &["--max-length", "1"],
+        &["--max-length"],
+    );
     expect_error(&[good], &["--device", "gpu"], &["--device gpu"]);
 }
 
@@ -191,7 +328,8 @@ fn bad_flags_are_usage_errors() {
 fn tokenizer_larger_than_the_model_vocabulary_is_refused() {
     let (_tmp, bundle) = bundle_copy();
     let manifest_path = bundle.join("edpo-model.json");
-    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
     manifest["vocab_size"] = serde_json::json!(300);
     std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
     let out_dir = tempfile::tempdir().unwrap();
@@ -206,7 +344,10 @@ fn tokenizer_larger_than_the_model_vocabulary_is_refused() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("512 tokens") && stderr.contains("300"), "{stderr}");
+    assert!(
+        stderr.contains("512 tokens") && stderr.contains("300"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -225,7 +366,10 @@ fn unwritable_output_folder_is_refused() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("not writable") && stderr.contains("--out"), "{stderr}");
+    assert!(
+        stderr.contains("not writable") && stderr.contains("--out"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -243,6 +387,9 @@ fn other_settings_are_refused_without_overwrite() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--overwrite") && stderr.contains("fingerprint"), "{stderr}");
+    assert!(
+        stderr.contains("--overwrite") && stderr.contains("fingerprint"),
+        "{stderr}"
+    );
     assert_eq!(snapshot(&tmp.path().join("shards")), before);
 }

@@ -12,14 +12,24 @@ use edpo::shards::{list_shards, read_shard, ShardManifest};
 
 fn prep_cmd(out: &Path) -> Command {
     let mut cmd = edpo();
-    cmd.args(["--quiet", "--threads", "1", "prep", "--shard-size", "60", "--batch-tokens", "512", "--model"])
-        .arg(sample_bundle())
-        .arg("--data")
-        .arg(repo_root().join("data-samples/prefs/train.chat.jsonl"))
-        .arg("--out")
-        .arg(out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    cmd.args([
+        "--quiet",
+        "--threads",
+        "1",
+        "prep",
+        "--shard-size",
+        "60",
+        "--batch-tokens",
+        "512",
+        "--model",
+    ])
+    .arg(sample_bundle())
+    .arg("--data")
+    .arg(repo_root().join("data-samples/prefs/train.chat.jsonl"))
+    .arg("--out")
+    .arg(out)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
     cmd
 }
 
@@ -29,7 +39,10 @@ fn count_shards(out: &Path) -> usize {
 
 fn has_tmp(out: &Path) -> bool {
     std::fs::read_dir(out)
-        .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".tmp")))
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        })
         .unwrap_or(false)
 }
 
@@ -47,7 +60,10 @@ fn run_and_kill(out: &Path, ready: impl Fn(&Path) -> bool) -> bool {
             child.wait().unwrap();
             return true;
         }
-        assert!(Instant::now() < deadline, "prep never reached the kill point");
+        assert!(
+            Instant::now() < deadline,
+            "prep never reached the kill point"
+        );
         std::thread::sleep(Duration::from_micros(200));
     }
 }
@@ -71,7 +87,9 @@ fn killed_runs_resume_to_exactly_the_uninterrupted_result() {
     let out = tmp.path().join("killed");
     let mut kills = 0;
     // 1: after the manifest is written, before any shard exists.
-    kills += run_and_kill(&out, |o| o.join("manifest.json").exists() && count_shards(o) == 0) as usize;
+    kills += run_and_kill(&out, |o| {
+        o.join("manifest.json").exists() && count_shards(o) == 0
+    }) as usize;
     // 2: while a shard is being written (its .tmp exists), or right after the third.
     kills += run_and_kill(&out, |o| has_tmp(o) || count_shards(o) >= 3) as usize;
     // 3: in the middle of the run.
@@ -100,16 +118,33 @@ fn rerunning_a_complete_run_reuses_every_shard() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("shards");
     let mut cmd = edpo();
-    cmd.args(["--quiet", "prep", "--limit", "150", "--shard-size", "50", "--json", "--model"])
-        .arg(sample_bundle())
-        .arg("--data")
-        .arg(repo_root().join("data-samples/prefs/train.plain.parquet"))
-        .arg("--out")
-        .arg(&out);
+    cmd.args([
+        "--quiet",
+        "prep",
+        "--limit",
+        "150",
+        "--shard-size",
+        "50",
+        "--json",
+        "--model",
+    ])
+    .arg(sample_bundle())
+    .arg("--data")
+    .arg(repo_root().join("data-samples/prefs/train.plain.parquet"))
+    .arg("--out")
+    .arg(&out);
     let first: serde_json::Value = serde_json::from_slice(&run_ok(&mut cmd).stdout).unwrap();
-    let before: Vec<Vec<u8>> = list_shards(&out).unwrap().iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let before: Vec<Vec<u8>> = list_shards(&out)
+        .unwrap()
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
     let second: serde_json::Value = serde_json::from_slice(&run_ok(&mut cmd).stdout).unwrap();
-    let after: Vec<Vec<u8>> = list_shards(&out).unwrap().iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let after: Vec<Vec<u8>> = list_shards(&out)
+        .unwrap()
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
     assert_eq!(first["shards"], 3);
     assert_eq!(second["shards_reused"], 3);
     assert_eq!(first["pairs_written"], second["pairs_written"]);

@@ -26,15 +26,35 @@ fn prep(out: &Path, limit: u32) {
 
 fn train_cmd(shards: &Path, out: &Path, extra: &[&str]) -> Command {
     let mut cmd = edpo();
-    cmd.args(["--quiet", "--threads", "1", "train", "--lr", "1e-3", "--beta", "0.1", "--epsilon", "0.05"])
-        .args(["--batch-size", "16", "--micro-batch", "4", "--max-steps", "48", "--save-every", "8"])
-        .arg("--model")
-        .arg(sample_bundle())
-        .arg("--shards")
-        .arg(shards)
-        .arg("--out")
-        .arg(out)
-        .args(extra);
+    cmd.args([
+        "--quiet",
+        "--threads",
+        "1",
+        "train",
+        "--lr",
+        "1e-3",
+        "--beta",
+        "0.1",
+        "--epsilon",
+        "0.05",
+    ])
+    .args([
+        "--batch-size",
+        "16",
+        "--micro-batch",
+        "4",
+        "--max-steps",
+        "48",
+        "--save-every",
+        "8",
+    ])
+    .arg("--model")
+    .arg(sample_bundle())
+    .arg("--shards")
+    .arg(shards)
+    .arg("--out")
+    .arg(out)
+    .args(extra);
     cmd
 }
 
@@ -54,7 +74,10 @@ fn column_f64(path: &Path, name: &str) -> Vec<f64> {
         let b = b.unwrap();
         let col = b.column_by_name(name).unwrap();
         let col = arrow::compute::cast(col, &arrow::datatypes::DataType::Float64).unwrap();
-        let col = col.as_any().downcast_ref::<arrow::array::Float64Array>().unwrap();
+        let col = col
+            .as_any()
+            .downcast_ref::<arrow::array::Float64Array>()
+            .unwrap();
         out.extend(col.values().iter().copied());
     }
     out
@@ -69,11 +92,18 @@ fn a_killed_run_resumes_to_the_same_parameters_and_beta() {
     run_ok(train_cmd(&shards, &straight, &[]).stdout(Stdio::null()));
 
     let killed = tmp.path().join("killed");
-    let mut child = train_cmd(&shards, &killed, &[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = train_cmd(&shards, &killed, &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
     let marker = killed.join("checkpoints/step-00000016/state.json");
     loop {
-        assert!(child.try_wait().unwrap().is_none(), "training finished before it could be killed");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "training finished before it could be killed"
+        );
         if marker.exists() {
             child.kill().unwrap();
             child.wait().unwrap();
@@ -103,7 +133,11 @@ fn a_killed_run_resumes_to_the_same_parameters_and_beta() {
     assert_eq!(beta_a.len(), 48);
     assert_eq!(beta_a, beta_b, "β trajectory");
     let steps_b = column_f64(&killed.join("metrics.parquet"), "step");
-    assert_eq!(steps_b, (0..48).map(f64::from).collect::<Vec<_>>(), "one metrics row per step");
+    assert_eq!(
+        steps_b,
+        (0..48).map(f64::from).collect::<Vec<_>>(),
+        "one metrics row per step"
+    );
     assert_eq!(
         column_f64(&straight.join("pairs.parquet"), "z"),
         column_f64(&killed.join("pairs.parquet"), "z")
@@ -117,10 +151,19 @@ fn resume_with_other_settings_is_refused() {
     prep(&shards, 64);
     let run = tmp.path().join("run");
     run_ok(train_cmd(&shards, &run, &["--max-steps", "2"]).stdout(Stdio::null()));
-    let out = train_cmd(&shards, &run, &["--max-steps", "2", "--resume", "--epsilon", "0.2"]).output().unwrap();
+    let out = train_cmd(
+        &shards,
+        &run,
+        &["--max-steps", "2", "--resume", "--epsilon", "0.2"],
+    )
+    .output()
+    .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("epsilon") && err.contains("0.05") && err.contains("0.2"), "{err}");
+    assert!(
+        err.contains("epsilon") && err.contains("0.05") && err.contains("0.2"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -132,11 +175,19 @@ fn shards_of_another_bundle_are_refused_naming_both_hashes() {
         serde_json::from_slice(&std::fs::read(shards.join("manifest.json")).unwrap()).unwrap();
     let fake = "f".repeat(64);
     manifest["bundle_sha256"] = serde_json::json!(fake);
-    std::fs::write(shards.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
-    let out = train_cmd(&shards, &tmp.path().join("run"), &[]).output().unwrap();
+    std::fs::write(
+        shards.join("manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+    let out = train_cmd(&shards, &tmp.path().join("run"), &[])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    let real = edpo::bundle::Bundle::open(&sample_bundle()).unwrap().bundle_sha256;
+    let real = edpo::bundle::Bundle::open(&sample_bundle())
+        .unwrap()
+        .bundle_sha256;
     assert!(err.contains(&fake) && err.contains(&real), "{err}");
 }
 
@@ -164,7 +215,11 @@ fn non_finite_steps_are_skipped_and_three_in_a_row_stop_the_run() {
         }
     });
     let run = tmp.path().join("some");
-    let out = run_ok(&mut train_cmd(&shards, &run, &["--max-steps", "4", "--json"]));
+    let out = run_ok(&mut train_cmd(
+        &shards,
+        &run,
+        &["--max-steps", "4", "--json"],
+    ));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["nonfinite_skipped"], 1, "{summary}");
     assert_eq!(summary["steps"], 4);
@@ -173,10 +228,15 @@ fn non_finite_steps_are_skipped_and_three_in_a_row_stop_the_run() {
 
     poison_shards(&shards, |_, p| p.ref_rejected_logps = f32::INFINITY);
     let run: PathBuf = tmp.path().join("all");
-    let out = train_cmd(&shards, &run, &["--max-steps", "4", "--save-every", "1"]).output().unwrap();
+    let out = train_cmd(&shards, &run, &["--max-steps", "4", "--save-every", "1"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("3 non-finite steps in a row") && err.contains("checkpoint"), "{err}");
+    assert!(
+        err.contains("3 non-finite steps in a row") && err.contains("checkpoint"),
+        "{err}"
+    );
     assert!(!run.join("final").exists());
 }
 

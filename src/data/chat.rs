@@ -53,19 +53,34 @@ impl ChatTemplate {
                 .and_then(|t| t.get("template").and_then(Value::as_str))
                 .map(str::to_string)
                 .ok_or_else(|| DataError::Template {
-                    message: format!("`{}` has named chat templates but none called `default`", path.display()),
+                    message: format!(
+                        "`{}` has named chat templates but none called `default`",
+                        path.display()
+                    ),
                 })?,
             _ => return Ok(None),
         };
-        Self::new(&source, token_text(&cfg, "bos_token"), token_text(&cfg, "eos_token")).map(Some)
+        Self::new(
+            &source,
+            token_text(&cfg, "bos_token"),
+            token_text(&cfg, "eos_token"),
+        )
+        .map(Some)
     }
 
-    pub fn new(source: &str, bos_token: String, eos_token: String) -> Result<ChatTemplate, DataError> {
+    pub fn new(
+        source: &str,
+        bos_token: String,
+        eos_token: String,
+    ) -> Result<ChatTemplate, DataError> {
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |message: String| -> Result<String, Error> {
-            Err(Error::new(ErrorKind::InvalidOperation, message))
-        });
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| DataError::Template {
                 message: format!("the chat template does not compile: {e}"),
@@ -82,7 +97,12 @@ impl ChatTemplate {
     }
 
     /// Renders `messages`; `add_generation_prompt` opens an assistant turn at the end.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool, at: &RowRef) -> Result<String, DataError> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        at: &RowRef,
+    ) -> Result<String, DataError> {
         let msgs: Vec<minijinja::Value> = messages
             .iter()
             .map(|m| {
@@ -92,9 +112,12 @@ impl ChatTemplate {
                 ])
             })
             .collect();
-        let template = self.env.get_template("chat").map_err(|e| DataError::Template {
-            message: e.to_string(),
-        })?;
+        let template = self
+            .env
+            .get_template("chat")
+            .map_err(|e| DataError::Template {
+                message: e.to_string(),
+            })?;
         template
             .render(context! {
                 messages => msgs,
@@ -158,7 +181,12 @@ mod tests {
         let src = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
         let t = ChatTemplate::new(src, String::new(), "<|im_end|>".into()).unwrap();
         let (p, c, r) = t
-            .render_pair(&[msg("user", "hi")], &[msg("assistant", "good")], &[msg("assistant", "bad")], &at())
+            .render_pair(
+                &[msg("user", "hi")],
+                &[msg("assistant", "good")],
+                &[msg("assistant", "bad")],
+                &at(),
+            )
             .unwrap();
         assert_eq!(p, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
         assert_eq!(c, "good<|im_end|>\n");
@@ -170,7 +198,10 @@ mod tests {
         let src = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ messages[0]['content'].strip() }}";
         let t = ChatTemplate::new(src, String::new(), String::new()).unwrap();
         assert_eq!(t.render(&[msg("user", "  x ")], false, &at()).unwrap(), "x");
-        let err = t.render(&[msg("system", "x")], false, &at()).unwrap_err().to_string();
+        let err = t
+            .render(&[msg("system", "x")], false, &at())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("first must be user"), "{err}");
     }
 }

@@ -16,7 +16,9 @@ pub use pairs::{Columns, Content, Format, Message, PairInput, RowRef};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("`--data {path}` does not exist; pass a Parquet/JSONL file, a folder of them, or a glob")]
+    #[error(
+        "`--data {path}` does not exist; pass a Parquet/JSONL file, a folder of them, or a glob"
+    )]
     NotFound { path: PathBuf },
     #[error("`--data {pattern}` matched no files")]
     NothingMatched { pattern: String },
@@ -73,7 +75,9 @@ pub enum DataError {
         got: &'static str,
         want: &'static str,
     },
-    #[error("{at}: token id {id} in column `{column}` is outside the model's vocabulary (size {vocab})")]
+    #[error(
+        "{at}: token id {id} in column `{column}` is outside the model's vocabulary (size {vocab})"
+    )]
     TokenOutOfRange {
         at: RowRef,
         column: String,
@@ -137,10 +141,16 @@ impl SkipReason {
     pub fn describe(self) -> &'static str {
         match self {
             SkipReason::NullField => "a prompt/chosen/rejected value is null or absent",
-            SkipReason::EmptyPrompt => "the prompt is empty and the tokenizer has no BOS token to start the sequence",
+            SkipReason::EmptyPrompt => {
+                "the prompt is empty and the tokenizer has no BOS token to start the sequence"
+            }
             SkipReason::EmptyResponse => "the chosen or rejected response is empty",
-            SkipReason::NoAssistantTurn => "the chosen or rejected conversation has no assistant turn",
-            SkipReason::PromptFillsMaxLength => "the prompt fills --max-length, leaving no response token",
+            SkipReason::NoAssistantTurn => {
+                "the chosen or rejected conversation has no assistant turn"
+            }
+            SkipReason::PromptFillsMaxLength => {
+                "the prompt fills --max-length, leaving no response token"
+            }
             SkipReason::DuplicateId => "the pair id repeats an earlier row's (the first is kept)",
         }
     }

@@ -29,7 +29,17 @@ impl std::fmt::Display for RowRef {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// Detect from the first row.
@@ -137,7 +147,9 @@ pub fn pair_id(id_value: Option<&Value>, path: &Path, file_row: u64) -> u64 {
         Some(v) if !v.is_null() => format!("id:{v}"),
         _ => format!(
             "row:{}:{file_row}",
-            path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+            path.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
         ),
     };
     let digest = Sha256::digest(key.as_bytes());
@@ -152,7 +164,12 @@ pub struct RowParser<'a> {
 
 impl RowParser<'_> {
     /// Parses one row in the run's (already detected) format.
-    pub fn parse(&self, row: &SourceRow, path: &Path, source_row: u64) -> Result<RowOutcome, DataError> {
+    pub fn parse(
+        &self,
+        row: &SourceRow,
+        path: &Path,
+        source_row: u64,
+    ) -> Result<RowOutcome, DataError> {
         let at = RowRef {
             path: path.to_path_buf(),
             row: row.file_row,
@@ -217,9 +234,24 @@ impl RowParser<'_> {
                 Content::Messages(messages(field(&cols.rejected), &at, &cols.rejected)?),
             ),
             Format::Tokenized => (
-                Content::Tokens(tokens(field(&cols.prompt), &at, &cols.prompt, self.vocab_size)?),
-                Content::Tokens(tokens(field(&cols.chosen), &at, &cols.chosen, self.vocab_size)?),
-                Content::Tokens(tokens(field(&cols.rejected), &at, &cols.rejected, self.vocab_size)?),
+                Content::Tokens(tokens(
+                    field(&cols.prompt),
+                    &at,
+                    &cols.prompt,
+                    self.vocab_size,
+                )?),
+                Content::Tokens(tokens(
+                    field(&cols.chosen),
+                    &at,
+                    &cols.chosen,
+                    self.vocab_size,
+                )?),
+                Content::Tokens(tokens(
+                    field(&cols.rejected),
+                    &at,
+                    &cols.rejected,
+                    self.vocab_size,
+                )?),
             ),
             Format::Implicit => match (field(&cols.chosen), field(&cols.rejected)) {
                 (Value::String(c), Value::String(r)) => {
@@ -304,7 +336,10 @@ fn messages(v: &Value, at: &RowRef, column: &str) -> Result<Vec<Message>, DataEr
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let Value::Object(obj) = item else {
-            return Err(bad(format!("message {i} is {}, expected an object with `role` and `content`", type_name(item))));
+            return Err(bad(format!(
+                "message {i} is {}, expected an object with `role` and `content`",
+                type_name(item)
+            )));
         };
         let role = match obj.get("role") {
             Some(Value::String(r)) => r.clone(),
@@ -337,7 +372,10 @@ fn tokens(v: &Value, at: &RowRef, column: &str, vocab: usize) -> Result<Vec<u32>
         return Err(DataError::BadValue {
             at: at.clone(),
             column: column.to_string(),
-            problem: format!("is {}, expected a list of token ids (tokenized format)", type_name(v)),
+            problem: format!(
+                "is {}, expected a list of token ids (tokenized format)",
+                type_name(v)
+            ),
         });
     };
     items
@@ -401,6 +439,9 @@ mod tests {
         assert_eq!(a, pair_id(None, Path::new("other/x.jsonl"), 3));
         assert_ne!(a, pair_id(None, Path::new("d/x.jsonl"), 4));
         let s = Value::String("abc".into());
-        assert_eq!(pair_id(Some(&s), Path::new("a"), 0), pair_id(Some(&s), Path::new("b"), 9));
+        assert_eq!(
+            pair_id(Some(&s), Path::new("a"), 0),
+            pair_id(Some(&s), Path::new("b"), 9)
+        );
     }
 }

@@ -92,23 +92,30 @@ impl Encoder {
 
     /// Tokenises and truncates one pair.
     pub fn encode(&self, pair: &PairInput) -> Result<EncodeOutcome, DataError> {
-        let (mut prompt, mut chosen, mut rejected) = match (&pair.prompt, &pair.chosen, &pair.rejected) {
-            (Content::Tokens(p), Content::Tokens(c), Content::Tokens(r)) => (p.clone(), c.clone(), r.clone()),
-            (Content::Text(p), Content::Text(c), Content::Text(r)) => {
-                let eos: Vec<u32> = self.eos_id.into_iter().collect();
-                let mut c = self.encode_text(c)?;
-                let mut r = self.encode_text(r)?;
-                c.extend(&eos);
-                r.extend(&eos);
-                (self.encode_text(p)?, c, r)
-            }
-            (Content::Messages(p), Content::Messages(c), Content::Messages(r)) => {
-                let template = self.template.as_ref().ok_or(DataError::NoChatTemplate)?;
-                let (p, c, r) = template.render_pair(p, c, r, &pair.at)?;
-                (self.encode_text(&p)?, self.encode_text(&c)?, self.encode_text(&r)?)
-            }
-            _ => unreachable!("a row's three fields share one format"),
-        };
+        let (mut prompt, mut chosen, mut rejected) =
+            match (&pair.prompt, &pair.chosen, &pair.rejected) {
+                (Content::Tokens(p), Content::Tokens(c), Content::Tokens(r)) => {
+                    (p.clone(), c.clone(), r.clone())
+                }
+                (Content::Text(p), Content::Text(c), Content::Text(r)) => {
+                    let eos: Vec<u32> = self.eos_id.into_iter().collect();
+                    let mut c = self.encode_text(c)?;
+                    let mut r = self.encode_text(r)?;
+                    c.extend(&eos);
+                    r.extend(&eos);
+                    (self.encode_text(p)?, c, r)
+                }
+                (Content::Messages(p), Content::Messages(c), Content::Messages(r)) => {
+                    let template = self.template.as_ref().ok_or(DataError::NoChatTemplate)?;
+                    let (p, c, r) = template.render_pair(p, c, r, &pair.at)?;
+                    (
+                        self.encode_text(&p)?,
+                        self.encode_text(&c)?,
+                        self.encode_text(&r)?,
+                    )
+                }
+                _ => unreachable!("a row's three fields share one format"),
+            };
         if chosen.is_empty() || rejected.is_empty() {
             return Ok(EncodeOutcome::Skip(SkipReason::EmptyResponse));
         }

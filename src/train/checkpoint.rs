@@ -55,7 +55,9 @@ pub fn save(
     keep: usize,
 ) -> Result<PathBuf, CheckpointError> {
     let final_dir = step_dir(run, state.step);
-    let tmp = run.join(CHECKPOINTS).join(format!(".tmp-step-{:08}", state.step));
+    let tmp = run
+        .join(CHECKPOINTS)
+        .join(format!(".tmp-step-{:08}", state.step));
     let err = |e: String| CheckpointError::Write {
         path: final_dir.clone(),
         message: e,
@@ -104,8 +106,13 @@ pub fn list(run: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir)? {
         let path = e?.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
-        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             if path.join("state.json").is_file() {
                 out.push((step, path));
             }
@@ -128,17 +135,30 @@ pub fn load(
         path: dir.to_path_buf(),
         message: e,
     };
-    let state: TrainState = serde_json::from_slice(&std::fs::read(dir.join("state.json")).map_err(|e| read(e.to_string()))?)
-        .map_err(|e| read(e.to_string()))?;
+    let state: TrainState = serde_json::from_slice(
+        &std::fs::read(dir.join("state.json")).map_err(|e| read(e.to_string()))?,
+    )
+    .map_err(|e| read(e.to_string()))?;
     let params = ParamStore::load(&dir.join("model.safetensors"), layout)?;
     let moment_layout: Vec<(String, Vec<usize>)> = layout
         .iter()
-        .flat_map(|(n, s)| [(format!("exp_avg.{n}"), s.clone()), (format!("exp_avg_sq.{n}"), s.clone())])
+        .flat_map(|(n, s)| {
+            [
+                (format!("exp_avg.{n}"), s.clone()),
+                (format!("exp_avg_sq.{n}"), s.clone()),
+            ]
+        })
         .collect();
     let moments = ParamStore::load(&dir.join("optimizer.safetensors"), &moment_layout)?;
     for (i, (name, _)) in layout.iter().enumerate() {
-        optimizer.exp_avg[i] = moments.get(&format!("exp_avg.{name}")).map(|p| p.data.clone()).unwrap_or_default();
-        optimizer.exp_avg_sq[i] = moments.get(&format!("exp_avg_sq.{name}")).map(|p| p.data.clone()).unwrap_or_default();
+        optimizer.exp_avg[i] = moments
+            .get(&format!("exp_avg.{name}"))
+            .map(|p| p.data.clone())
+            .unwrap_or_default();
+        optimizer.exp_avg_sq[i] = moments
+            .get(&format!("exp_avg_sq.{name}"))
+            .map(|p| p.data.clone())
+            .unwrap_or_default();
     }
     optimizer.step = state.adam_step;
     Ok((state, params))

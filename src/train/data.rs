@@ -74,7 +74,8 @@ fn list_len(list: &arrow::array::ListArray, i: usize) -> u32 {
 
 impl ShardSet {
     pub fn open(dir: &Path, bundle_sha256: &str) -> Result<ShardSet, TrainDataError> {
-        let manifest = ShardManifest::read(dir)?.ok_or_else(|| TrainDataError::NoManifest(dir.to_path_buf()))?;
+        let manifest = ShardManifest::read(dir)?
+            .ok_or_else(|| TrainDataError::NoManifest(dir.to_path_buf()))?;
         if manifest.bundle_sha256 != bundle_sha256 {
             return Err(TrainDataError::OtherBundle {
                 dir: dir.to_path_buf(),
@@ -96,7 +97,8 @@ impl ShardSet {
                 message: e,
             };
             let file = File::open(f).map_err(|e| read_err(e.to_string()))?;
-            let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| read_err(e.to_string()))?;
+            let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+                .map_err(|e| read_err(e.to_string()))?;
             let columns = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids"];
             let schema = builder.parquet_schema();
             let indices: Vec<usize> = columns
@@ -111,21 +113,36 @@ impl ShardSet {
                 })
                 .collect::<Result<_, _>>()?;
             let mask = ProjectionMask::leaves(schema, indices);
-            let reader = builder.with_projection(mask).build().map_err(|e| read_err(e.to_string()))?;
+            let reader = builder
+                .with_projection(mask)
+                .build()
+                .map_err(|e| read_err(e.to_string()))?;
             let mut row = 0u32;
             for batch in reader {
                 let batch = batch.map_err(|e| read_err(e.to_string()))?;
                 let ids = batch
                     .column_by_name("pair_id")
-                    .and_then(|c| c.as_any().downcast_ref::<arrow::array::UInt64Array>().cloned())
+                    .and_then(|c| {
+                        c.as_any()
+                            .downcast_ref::<arrow::array::UInt64Array>()
+                            .cloned()
+                    })
                     .ok_or_else(|| read_err("pair_id is not uint64".into()))?;
                 let list = |name: &str| {
                     batch
                         .column_by_name(name)
-                        .and_then(|c| c.as_any().downcast_ref::<arrow::array::ListArray>().cloned())
+                        .and_then(|c| {
+                            c.as_any()
+                                .downcast_ref::<arrow::array::ListArray>()
+                                .cloned()
+                        })
                         .ok_or_else(|| read_err(format!("{name} is not a list")))
                 };
-                let (p, c, r) = (list("prompt_ids")?, list("chosen_ids")?, list("rejected_ids")?);
+                let (p, c, r) = (
+                    list("prompt_ids")?,
+                    list("chosen_ids")?,
+                    list("rejected_ids")?,
+                );
                 for i in 0..batch.num_rows() {
                     pairs.push(PairEntry {
                         shard: s as u32,
@@ -167,8 +184,15 @@ impl StepPlan {
 
 /// The steps of one epoch: shard order shuffled, pairs shuffled within each shard, consecutive
 /// `batch_size` pairs form a step, and each step is cut into length-sorted micro-batches.
-pub fn epoch_plan(set: &ShardSet, seed: u64, epoch: u64, batch_size: usize, micro_batch: usize) -> Vec<StepPlan> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+pub fn epoch_plan(
+    set: &ShardSet,
+    seed: u64,
+    epoch: u64,
+    batch_size: usize,
+    micro_batch: usize,
+) -> Vec<StepPlan> {
+    let mut rng =
+        rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut by_shard: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     for (i, p) in set.pairs.iter().enumerate() {
         by_shard.entry(p.shard).or_default().push(i);
@@ -185,9 +209,17 @@ pub fn epoch_plan(set: &ShardSet, seed: u64, epoch: u64, batch_size: usize, micr
         .chunks(batch_size.max(1))
         .map(|step| {
             let mut sorted = step.to_vec();
-            sorted.sort_by_key(|&i| (std::cmp::Reverse(set.pairs[i].max_len()), set.pairs[i].pair_id));
+            sorted.sort_by_key(|&i| {
+                (
+                    std::cmp::Reverse(set.pairs[i].max_len()),
+                    set.pairs[i].pair_id,
+                )
+            });
             StepPlan {
-                micro_batches: sorted.chunks(micro_batch.max(1)).map(<[usize]>::to_vec).collect(),
+                micro_batches: sorted
+                    .chunks(micro_batch.max(1))
+                    .map(<[usize]>::to_vec)
+                    .collect(),
             }
         })
         .collect()
@@ -215,16 +247,17 @@ impl PairLoader {
             }
             self.cache.push((entry.shard, pairs));
         }
-        let (_, pairs) = self.cache.iter().find(|(s, _)| *s == entry.shard).expect("loaded above");
-        pairs
-            .get(entry.row as usize)
-            .cloned()
-            .ok_or_else(|| {
-                TrainDataError::Shard(ShardError::NotAShard {
-                    path: self.files[entry.shard as usize].clone(),
-                    message: format!("row {} is missing", entry.row),
-                })
+        let (_, pairs) = self
+            .cache
+            .iter()
+            .find(|(s, _)| *s == entry.shard)
+            .expect("loaded above");
+        pairs.get(entry.row as usize).cloned().ok_or_else(|| {
+            TrainDataError::Shard(ShardError::NotAShard {
+                path: self.files[entry.shard as usize].clone(),
+                message: format!("row {} is missing", entry.row),
             })
+        })
     }
 }
 
@@ -242,9 +275,18 @@ pub fn sequences(pairs: &[ScoredPair], pad_id: u32) -> Sequences {
     let rows: Vec<(&[u32], &[u32])> = pairs
         .iter()
         .map(|p| (p.pair.prompt_ids.as_slice(), p.pair.chosen_ids.as_slice()))
-        .chain(pairs.iter().map(|p| (p.pair.prompt_ids.as_slice(), p.pair.rejected_ids.as_slice())))
+        .chain(
+            pairs
+                .iter()
+                .map(|p| (p.pair.prompt_ids.as_slice(), p.pair.rejected_ids.as_slice())),
+        )
         .collect();
-    let t = rows.iter().map(|(p, r)| p.len() + r.len()).max().unwrap_or(0).max(2);
+    let t = rows
+        .iter()
+        .map(|(p, r)| p.len() + r.len())
+        .max()
+        .unwrap_or(0)
+        .max(2);
     let mut input_ids = Array2::<i64>::from_elem((2 * b, t), i64::from(pad_id));
     let mut attention_mask = Array2::<i64>::zeros((2 * b, t));
     let mut loss_mask = Array2::<i64>::zeros((2 * b, t));
@@ -277,11 +319,25 @@ pub fn cached_batch(pairs: &[ScoredPair], pad_id: u32, k: usize) -> TrainBatch {
     let mut ref_topk_ids = Array3::<i64>::zeros((n, t, k));
     let mut ref_topk_logps = Array3::<f32>::zeros((n, t, k));
     for (row, &(start, end)) in seq.spans.iter().enumerate() {
-        let (p, rejected) = if row < b { (&pairs[row], false) } else { (&pairs[row - b], true) };
-        let (total, tok, ids, vals) = if rejected {
-            (p.ref_rejected_logps, &p.ref_rejected_token_logps, &p.ref_rejected_topk_ids, &p.ref_rejected_topk_logps)
+        let (p, rejected) = if row < b {
+            (&pairs[row], false)
         } else {
-            (p.ref_chosen_logps, &p.ref_chosen_token_logps, &p.ref_chosen_topk_ids, &p.ref_chosen_topk_logps)
+            (&pairs[row - b], true)
+        };
+        let (total, tok, ids, vals) = if rejected {
+            (
+                p.ref_rejected_logps,
+                &p.ref_rejected_token_logps,
+                &p.ref_rejected_topk_ids,
+                &p.ref_rejected_topk_logps,
+            )
+        } else {
+            (
+                p.ref_chosen_logps,
+                &p.ref_chosen_token_logps,
+                &p.ref_chosen_topk_ids,
+                &p.ref_chosen_topk_logps,
+            )
         };
         ref_logps[row] = total;
         let kk = p.k.min(k);
@@ -309,7 +365,9 @@ pub fn online_batch(seq: Sequences, scores: ScoreOutputs) -> TrainBatch {
     let n = seq.input_ids.nrows();
     let mut ref_logps = Array1::<f32>::zeros(n);
     for (row, &(start, end)) in seq.spans.iter().enumerate() {
-        ref_logps[row] = (start..end).map(|t| f64::from(scores.token_logps[[row, t]])).sum::<f64>() as f32;
+        ref_logps[row] = (start..end)
+            .map(|t| f64::from(scores.token_logps[[row, t]]))
+            .sum::<f64>() as f32;
     }
     TrainBatch {
         input_ids: seq.input_ids,

@@ -139,7 +139,9 @@ pub fn metrics_batch(rows: &[StepMetrics]) -> RecordBatch {
             f64s(rows, |r| r.logps_rejected),
             u64s(rows, |r| r.pairs),
             f64s(rows, |r| r.pairs_per_s),
-            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.skipped_nonfinite)))),
+            Arc::new(BooleanArray::from_iter(
+                rows.iter().map(|r| Some(r.skipped_nonfinite)),
+            )),
             f64s(rows, |r| r.elapsed_s),
         ],
     )
@@ -203,8 +205,13 @@ impl RunTable {
                 .column_by_name("step")
                 .and_then(|c| c.as_any().downcast_ref::<UInt64Array>().cloned())
                 .ok_or_else(|| err("no uint64 `step` column".into()))?;
-            let keep = BooleanArray::from_iter(steps.iter().map(|s| Some(s.unwrap_or(u64::MAX) <= max_step)));
-            let filtered = arrow::compute::filter_record_batch(&batch, &keep).map_err(|e| err(e.to_string()))?;
+            let keep = BooleanArray::from_iter(
+                steps
+                    .iter()
+                    .map(|s| Some(s.unwrap_or(u64::MAX) <= max_step)),
+            );
+            let filtered = arrow::compute::filter_record_batch(&batch, &keep)
+                .map_err(|e| err(e.to_string()))?;
             if filtered.num_rows() > 0 {
                 table.batches.push(filtered);
             }
@@ -230,10 +237,13 @@ impl RunTable {
         };
         let tmp = path.with_extension("parquet.tmp");
         let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).map_err(|e| err(e.to_string()))?))
+            .set_compression(Compression::ZSTD(
+                ZstdLevel::try_new(3).map_err(|e| err(e.to_string()))?,
+            ))
             .build();
         let file = File::create(&tmp).map_err(|e| err(e.to_string()))?;
-        let mut writer = ArrowWriter::try_new(file, self.schema.clone(), Some(props)).map_err(|e| err(e.to_string()))?;
+        let mut writer = ArrowWriter::try_new(file, self.schema.clone(), Some(props))
+            .map_err(|e| err(e.to_string()))?;
         for b in &self.batches {
             writer.write(b).map_err(|e| err(e.to_string()))?;
         }

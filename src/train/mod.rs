@@ -58,7 +58,9 @@ impl TrainError {
             TrainError::Data(e) => e.exit_code(),
             TrainError::Graph(e) => e.exit_code(),
             TrainError::Shard(e) => e.exit_code(),
-            TrainError::Checkpoint(_) | TrainError::NonFinite { .. } | TrainError::Write { .. } => 1,
+            TrainError::Checkpoint(_) | TrainError::NonFinite { .. } | TrainError::Write { .. } => {
+                1
+            }
             _ => 2,
         }
     }
@@ -189,7 +191,13 @@ struct Trainer<'a> {
 }
 
 impl Trainer<'_> {
-    fn run_step(&mut self, plan: &data::StepPlan, params: &ParamStore, beta: f64, step: u64) -> Result<StepResult, TrainError> {
+    fn run_step(
+        &mut self,
+        plan: &data::StepPlan,
+        params: &ParamStore,
+        beta: f64,
+        step: u64,
+    ) -> Result<StepResult, TrainError> {
         let total = plan.num_pairs() as f64;
         let settings = LossSettings {
             beta: beta as f32,
@@ -197,7 +205,11 @@ impl Trainer<'_> {
             label_smoothing: self.cfg.label_smoothing as f32,
             step_tolerance: self.cfg.step_tolerance as f32,
         };
-        let mut grads: Vec<Vec<f32>> = params.params.iter().map(|p| vec![0.0; p.data.len()]).collect();
+        let mut grads: Vec<Vec<f32>> = params
+            .params
+            .iter()
+            .map(|p| vec![0.0; p.data.len()])
+            .collect();
         let mut loss = 0.0f64;
         let mut finite = true;
         let mut records = Vec::with_capacity(plan.num_pairs());
@@ -210,7 +222,11 @@ impl Trainer<'_> {
                 None => data::cached_batch(&pairs, self.pad_id, self.k_cached),
                 Some(reference) => {
                     let seq = data::sequences(&pairs, self.pad_id);
-                    let scores = reference.score(seq.input_ids.view(), seq.attention_mask.view(), self.k_online)?;
+                    let scores = reference.score(
+                        seq.input_ids.view(),
+                        seq.attention_mask.view(),
+                        self.k_online,
+                    )?;
                     data::online_batch(seq, scores)
                 }
             };
@@ -231,7 +247,10 @@ impl Trainer<'_> {
                 let k = out.steps[j].clamp(-1, 1) as i8;
                 let beta_i = objective::pair_beta(beta, self.cfg.epsilon, k);
                 let (lc, lr) = (f64::from(out.logps[j]), f64::from(out.logps[j + b]));
-                let (rc, rr) = (f64::from(batch.ref_logps[j]), f64::from(batch.ref_logps[j + b]));
+                let (rc, rr) = (
+                    f64::from(batch.ref_logps[j]),
+                    f64::from(batch.ref_logps[j + b]),
+                );
                 let g = lc - lr;
                 records.push(PairRecord {
                     pair_id: pair.pair.pair_id,
@@ -284,7 +303,10 @@ fn resume_differences(saved: &serde_json::Value, now: &serde_json::Value) -> Vec
         if saved.get(key) != Some(value) {
             diffs.push(format!(
                 "{key}: {} then, {} now",
-                saved.get(key).map(|v| v.to_string()).unwrap_or_else(|| "unset".into()),
+                saved
+                    .get(key)
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "unset".into()),
                 value
             ));
         }
@@ -358,9 +380,14 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary, TrainError> {
     let mut resumed_from = None;
     let (mut metrics_table, mut pairs_table) = match (&existing, cfg.resume) {
         (Some(_), false) => return Err(TrainError::RunExists(cfg.out.clone())),
-        (None, false) if metrics_path.exists() => return Err(TrainError::RunExists(cfg.out.clone())),
+        (None, false) if metrics_path.exists() => {
+            return Err(TrainError::RunExists(cfg.out.clone()))
+        }
         (None, true) => return Err(TrainError::NothingToResume(cfg.out.clone())),
-        (None, false) => (RunTable::new(metrics::metrics_schema()), RunTable::new(metrics::pairs_schema())),
+        (None, false) => (
+            RunTable::new(metrics::metrics_schema()),
+            RunTable::new(metrics::pairs_schema()),
+        ),
         (Some(dir), true) => {
             let (saved, loaded) = checkpoint::load(dir, &layout, &mut optimizer)?;
             let diffs = resume_differences(&saved.config, &config_json);
@@ -404,7 +431,12 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary, TrainError> {
     let mut last_loss = f64::NAN;
     let session_started = Instant::now();
     let elapsed_before = state.elapsed_s;
-    let save = |state: &TrainState, params: &ParamStore, optimizer: &AdamW, metrics_table: &RunTable, pairs_table: &RunTable| -> Result<(), TrainError> {
+    let save = |state: &TrainState,
+                params: &ParamStore,
+                optimizer: &AdamW,
+                metrics_table: &RunTable,
+                pairs_table: &RunTable|
+     -> Result<(), TrainError> {
         metrics_table.save(&metrics_path)?;
         pairs_table.save(&pairs_path)?;
         checkpoint::save(&cfg.out, state, params, optimizer, cfg.keep_checkpoints)?;
@@ -413,7 +445,13 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary, TrainError> {
     let mut pairs_this_session = 0u64;
     while state.step < total_steps {
         if plan_cache.as_ref().map(|(e, _)| *e) != Some(state.epoch) {
-            let plan = data::epoch_plan(&trainer.set, cfg.seed, state.epoch, cfg.batch_size, cfg.micro_batch);
+            let plan = data::epoch_plan(
+                &trainer.set,
+                cfg.seed,
+                state.epoch,
+                cfg.batch_size,
+                cfg.micro_batch,
+            );
             plan_cache = Some((state.epoch, plan));
         }
         let plan = &plan_cache.as_ref().expect("set above").1;
@@ -439,7 +477,10 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary, TrainError> {
         } else {
             state.nonfinite_in_a_row += 1;
             state.nonfinite_total += 1;
-            tracing::warn!(step = state.step, "non-finite loss or gradient: step skipped");
+            tracing::warn!(
+                step = state.step,
+                "non-finite loss or gradient: step skipped"
+            );
         }
         let secs = t0.elapsed().as_secs_f64();
         let r = &result.records;
@@ -457,7 +498,10 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary, TrainError> {
             rewards_chosen: mean(r.iter().map(|x| x.reward_chosen)),
             rewards_rejected: mean(r.iter().map(|x| x.reward_rejected)),
             rewards_margins: mean(r.iter().map(|x| x.reward_chosen - x.reward_rejected)),
-            rewards_accuracies: mean(r.iter().map(|x| f64::from(u8::from(x.reward_chosen > x.reward_rejected)))),
+            rewards_accuracies: mean(
+                r.iter()
+                    .map(|x| f64::from(u8::from(x.reward_chosen > x.reward_rejected))),
+            ),
             logps_chosen: mean(r.iter().map(|x| x.logps_chosen)),
             logps_rejected: mean(r.iter().map(|x| x.logps_rejected)),
             pairs: r.len() as u64,
@@ -477,7 +521,10 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary, TrainError> {
             "loss {:.4} β {:.5} acc {:.2} {:.1} pairs/s",
             result.loss,
             state.beta,
-            mean(r.iter().map(|x| f64::from(u8::from(x.reward_chosen > x.reward_rejected)))),
+            mean(
+                r.iter()
+                    .map(|x| f64::from(u8::from(x.reward_chosen > x.reward_rejected)))
+            ),
             pairs_this_session as f64 / session_started.elapsed().as_secs_f64().max(1e-9)
         ));
         if state.nonfinite_in_a_row >= 3 {
@@ -488,7 +535,10 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary, TrainError> {
                 run: cfg.out.clone(),
             });
         }
-        if cfg.save_every > 0 && state.step % cfg.save_every == 0 && state.step < total_steps {
+        if cfg.save_every > 0
+            && state.step.is_multiple_of(cfg.save_every)
+            && state.step < total_steps
+        {
             save(&state, &params, &optimizer, &metrics_table, &pairs_table)?;
         }
     }
@@ -505,6 +555,7 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary, TrainError> {
         nonfinite_skipped: state.nonfinite_total,
         resumed_from,
         wall_seconds: wall,
-        pairs_per_second: pairs_this_session as f64 / session_started.elapsed().as_secs_f64().max(1e-9),
+        pairs_per_second: pairs_this_session as f64
+            / session_started.elapsed().as_secs_f64().max(1e-9),
     })
 }

@@ -22,7 +22,9 @@ pub fn lr_factor(schedule: Schedule, step: u64, warmup: u64, total: u64) -> f64 
     }
     match schedule {
         Schedule::Constant => 1.0,
-        Schedule::Linear => ((total.saturating_sub(step)) as f64 / (total.saturating_sub(warmup)).max(1) as f64).max(0.0),
+        Schedule::Linear => ((total.saturating_sub(step)) as f64
+            / (total.saturating_sub(warmup)).max(1) as f64)
+            .max(0.0),
         Schedule::Cosine => {
             let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
             (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
@@ -43,7 +45,10 @@ pub struct AdamWConfig {
 /// normalisation weights.
 pub fn decays(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    !(lower.ends_with(".bias") || lower.contains("norm") || lower.contains(".ln_") || lower.starts_with("ln_"))
+    !(lower.ends_with(".bias")
+        || lower.contains("norm")
+        || lower.contains(".ln_")
+        || lower.starts_with("ln_"))
 }
 
 /// AdamW state: first and second moments per parameter, and the step count.
@@ -60,8 +65,16 @@ impl AdamW {
         AdamW {
             config,
             step: 0,
-            exp_avg: params.params.iter().map(|p| vec![0.0; p.data.len()]).collect(),
-            exp_avg_sq: params.params.iter().map(|p| vec![0.0; p.data.len()]).collect(),
+            exp_avg: params
+                .params
+                .iter()
+                .map(|p| vec![0.0; p.data.len()])
+                .collect(),
+            exp_avg_sq: params
+                .params
+                .iter()
+                .map(|p| vec![0.0; p.data.len()])
+                .collect(),
         }
     }
 
@@ -75,10 +88,20 @@ impl AdamW {
         let bc2_sqrt = bias_correction2.sqrt() as f32;
         let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
         for (i, p) in params.params.iter_mut().enumerate() {
-            let decay = if decays(&p.name) { (1.0 - lr * c.weight_decay) as f32 } else { 1.0 };
+            let decay = if decays(&p.name) {
+                (1.0 - lr * c.weight_decay) as f32
+            } else {
+                1.0
+            };
             let m = &mut self.exp_avg[i];
             let v = &mut self.exp_avg_sq[i];
-            for (((x, g), m), v) in p.data.iter_mut().zip(&grads[i]).zip(m.iter_mut()).zip(v.iter_mut()) {
+            for (((x, g), m), v) in p
+                .data
+                .iter_mut()
+                .zip(&grads[i])
+                .zip(m.iter_mut())
+                .zip(v.iter_mut())
+            {
                 *x *= decay;
                 // torch: exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
                 *m += (*g - *m) * (1.0 - b1);
@@ -158,6 +181,10 @@ mod tests {
         assert!((norm - 5.0).abs() < 1e-9);
         assert!((global_norm(&g) - 1.0).abs() < 1e-5);
         assert!(decays("model.layers.0.mlp.up_proj.weight"));
-        assert!(!decays("model.norm.weight") && !decays("h.0.attn.c_attn.bias") && !decays("transformer.h.0.ln_1.weight"));
+        assert!(
+            !decays("model.norm.weight")
+                && !decays("h.0.attn.c_attn.bias")
+                && !decays("transformer.h.0.ln_1.weight")
+        );
     }
 }

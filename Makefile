@@ -11,7 +11,7 @@ export EDPO_VENV := $(VENV)
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/edpo/target
 EDPO := $(CARGO_TARGET_DIR)/debug/edpo
 
-.PHONY: setup build test test-rust test-python lint demo samples clean-samples
+.PHONY: setup build build-release test test-rust test-python lint demo samples bench bench-prep bench-train
 
 setup:
 	@command -v cargo >/dev/null || { echo "error: cargo not found; install Rust with rustup" >&2; exit 2; }
@@ -37,6 +37,18 @@ demo: build
 	$(EDPO) verify --model data-samples/bundle
 	@echo "== prep → train (ε-DPO and DPO) → eval on the held-out split → report"
 	EDPO_BIN=$(EDPO) $(PY) pipelines/demo.py
+
+build-release: setup
+	cargo build --release
+
+# Benchmarks: edpo against a PyTorch baseline run in the same command (ratios, not asserts).
+bench: bench-prep bench-train
+
+bench-prep: build-release
+	$(PY) pipelines/bench_prep.py
+
+bench-train: build-release
+	$(PY) pipelines/bench_train.py
 
 # Regenerate data-samples/ (pairs, tokenizer, configs, the tiny bundle); see data-samples/README.md.
 samples: setup

@@ -42,6 +42,8 @@ pub enum Command {
     Eval(EvalArgs),
     /// Plot a training run: RUN/report/*.png and a self-contained RUN/report/index.html.
     Report(ReportArgs),
+    /// Measure how often the cached top-K ε-step agrees with the exact full-vocabulary step.
+    StudyK(StudyKArgs),
     /// Show a shards folder or any Parquet file: schema, rows, column statistics, prep settings.
     Inspect(InspectArgs),
 }
@@ -304,4 +306,43 @@ pub struct EvalArgs {
 pub struct ReportArgs {
     /// Run folder written by `edpo train`.
     pub run: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StudyKArgs {
+    /// Model bundle folder (its parameters are the reference).
+    #[arg(long, env = "EDPO_MODEL")]
+    pub model: PathBuf,
+
+    /// Shards folder (token ids of the pairs to study).
+    #[arg(long)]
+    pub shards: PathBuf,
+
+    /// Policy parameters (e.g. a checkpoint's model.safetensors); default: the reference.
+    #[arg(long)]
+    pub params: Option<PathBuf>,
+
+    /// K values, comma-separated; `V` means the whole vocabulary.
+    #[arg(
+        long,
+        default_value = "1,2,4,8,16,32,64,128,256,V",
+        value_delimiter = ','
+    )]
+    pub ks: Vec<String>,
+
+    /// ε of the perturbed policies.
+    #[arg(long, default_value_t = 0.01)]
+    pub epsilon: f64,
+
+    /// Tolerance τ of the step rule.
+    #[arg(long, default_value_t = 1e-6)]
+    pub step_tolerance: f64,
+
+    /// Use at most this many pairs.
+    #[arg(long, default_value_t = 200)]
+    pub limit: usize,
+
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }

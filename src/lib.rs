@@ -18,4 +18,5 @@ pub mod report;
 pub mod runtime;
 mod runtime_cuda;
 pub mod shards;
+pub mod study;
 pub mod train;

@@ -111,6 +111,38 @@ fn run(cli: cli::Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        cli::Command::StudyK(args) => {
+            let ks = args
+                .ks
+                .iter()
+                .map(|k| match k.trim() {
+                    "V" | "v" => Ok(usize::MAX),
+                    n => n.parse::<usize>().map_err(|_| ConfigError::File {
+                        path: "--ks".into(),
+                        message: format!("`{n}` is not a number or `V`"),
+                    }),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let report = edpo::study::run(&edpo::study::StudyConfig {
+                model: args.model,
+                shards: args.shards,
+                params: args.params,
+                ks,
+                epsilon: args.epsilon,
+                step_tolerance: args.step_tolerance,
+                limit: args.limit,
+                session: SessionConfig {
+                    device: Device::Cpu,
+                    threads: cli.threads,
+                },
+            })?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_table());
+            }
+            Ok(0)
+        }
         cli::Command::Report(args) => {
             let files = edpo::report::write_report(&args.run)?;
             println!(

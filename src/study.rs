@@ -1,0 +1,243 @@
+//! `edpo study-k`: how often the cached top-K ε-step (objective.md §7) picks the same k as the
+//! exact full-vocabulary computation (§2), for several K, at given policy parameters.
+//!
+//! Both the policy (given parameters) and the reference (the bundle's) are scored with the
+//! scoring graph at K = V, so every token's full distributions are known; the exact and the
+//! sparse estimates for every K are then computed in plain Rust (objective.rs) from the same
+//! numbers. Only the reference's top-K ids (the cache) and its label log-prob enter the sparse
+//! estimate, exactly as in training from shards.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::bundle::Bundle;
+use crate::eval::EvalError;
+use crate::graphs::{ReferenceGraph, ScoreOutputs};
+use crate::objective::{logsumexp, sparse_perturbed_logp, step_direction, tolerance};
+use crate::runtime::SessionConfig;
+use crate::shards::read_shard;
+use crate::train::data::ShardSet;
+
+#[derive(Debug, Clone)]
+pub struct StudyConfig {
+    pub model: PathBuf,
+    pub shards: PathBuf,
+    /// Policy parameters; None = the reference (policy = reference).
+    pub params: Option<PathBuf>,
+    /// K values to compare (values ≥ V mean the whole vocabulary).
+    pub ks: Vec<usize>,
+    pub epsilon: f64,
+    pub step_tolerance: f64,
+    /// Use at most this many pairs.
+    pub limit: usize,
+    pub session: SessionConfig,
+}
+
+/// Agreement of one K with the exact step.
+#[derive(Debug, Clone, Serialize)]
+pub struct KRow {
+    pub k: usize,
+    /// Percentage of pairs whose cached k equals the exact k.
+    pub agreement_pct: f64,
+    /// confusion[exact][cached] with index 0 = −1, 1 = 0, 2 = +1.
+    pub confusion: [[u64; 3]; 3],
+    pub mae_g_plus: f64,
+    pub mae_g_minus: f64,
+    /// Bytes cached per response token: K ids (u32) + K log-probs (f32) + the label log-prob.
+    pub cache_bytes_per_token: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StudyReport {
+    pub pairs: usize,
+    pub vocab: usize,
+    pub epsilon: f64,
+    pub params: String,
+    /// Mean per-token KL(π_θ ‖ π_ref) over response tokens.
+    pub mean_token_kl: f64,
+    /// Reference peakedness: mean top-1 and top-16 probability mass per response token.
+    pub ref_top1_mass: f64,
+    pub ref_top16_mass: f64,
+    /// Exact steps: counts of k = −1, 0, +1.
+    pub exact_steps: [u64; 3],
+    pub rows: Vec<KRow>,
+}
+
+/// Full log-prob vector (id order) at position t of row r from a K = V scoring output.
+fn full_row(out: &ScoreOutputs, r: usize, t: usize, vocab: usize) -> Vec<f64> {
+    let mut v = vec![f64::NEG_INFINITY; vocab];
+    for j in 0..out.topk_ids.dim().2 {
+        v[out.topk_ids[[r, t, j]] as usize] = f64::from(out.topk_logps[[r, t, j]]);
+    }
+    v
+}
+
+/// Per-sequence sums: exact (a = 1+ε, 1−ε) and sparse for every K, plus the policy sum.
+struct SeqSums {
+    policy: f64,
+    exact: [f64; 2],
+    sparse: Vec<[f64; 2]>,
+}
+
+pub fn run(cfg: &StudyConfig) -> Result<StudyReport, EvalError> {
+    let bundle = Bundle::open(&cfg.model)?;
+    let vocab = bundle.manifest.vocab_size;
+    let set = ShardSet::open(&cfg.shards, &bundle.bundle_sha256)?;
+    let params = match &cfg.params {
+        Some(p) => Some(bundle.load_params_from(p)?),
+        None => None,
+    };
+    let mut policy = ReferenceGraph::new(&bundle, params.as_ref(), &cfg.session)?;
+    let mut reference = ReferenceGraph::new(&bundle, None, &cfg.session)?;
+    let ks: Vec<usize> = cfg.ks.iter().map(|&k| k.min(vocab)).collect();
+    let alphas = [1.0 + cfg.epsilon, 1.0 - cfg.epsilon];
+
+    let mut pairs_done = 0usize;
+    let (mut kl_sum, mut top1_sum, mut top16_sum, mut tokens) = (0.0, 0.0, 0.0, 0u64);
+    let mut rows: Vec<KRow> = ks
+        .iter()
+        .map(|&k| KRow {
+            k,
+            agreement_pct: 0.0,
+            confusion: [[0; 3]; 3],
+            mae_g_plus: 0.0,
+            mae_g_minus: 0.0,
+            cache_bytes_per_token: k * 8 + 4,
+        })
+        .collect();
+    let mut exact_steps = [0u64; 3];
+    'files: for file in &set.files {
+        for pair in read_shard(file)? {
+            if pairs_done >= cfg.limit {
+                break 'files;
+            }
+            let mut sums: Vec<SeqSums> = Vec::with_capacity(2);
+            for response in [&pair.pair.chosen_ids, &pair.pair.rejected_ids] {
+                let ids_vec: Vec<i64> = pair
+                    .pair
+                    .prompt_ids
+                    .iter()
+                    .chain(response.iter())
+                    .map(|&x| i64::from(x))
+                    .collect();
+                let t_len = ids_vec.len();
+                let ids =
+                    ndarray::Array2::from_shape_vec((1, t_len), ids_vec.clone()).expect("shape");
+                let mask = ndarray::Array2::<i64>::ones((1, t_len));
+                let p_out = policy.score(ids.view(), mask.view(), vocab as i64)?;
+                let q_out = reference.score(ids.view(), mask.view(), vocab as i64)?;
+                let mut s = SeqSums {
+                    policy: 0.0,
+                    exact: [0.0; 2],
+                    sparse: vec![[0.0; 2]; ks.len()],
+                };
+                for t in pair.pair.prompt_ids.len()..t_len {
+                    let y = ids_vec[t] as usize;
+                    let p = full_row(&p_out, 0, t, vocab);
+                    let q = full_row(&q_out, 0, t, vocab);
+                    s.policy += p[y];
+                    // KL(π_θ ‖ π_ref) and reference peakedness at this token.
+                    kl_sum += p
+                        .iter()
+                        .zip(&q)
+                        .filter(|(pv, _)| pv.is_finite())
+                        .map(|(pv, qv)| pv.exp() * (pv - qv))
+                        .sum::<f64>();
+                    top1_sum += f64::from(q_out.topk_logps[[0, t, 0]]).exp();
+                    top16_sum += (0..16.min(vocab))
+                        .map(|j| f64::from(q_out.topk_logps[[0, t, j]]).exp())
+                        .sum::<f64>();
+                    tokens += 1;
+                    for (ai, &a) in alphas.iter().enumerate() {
+                        let mixed: Vec<f64> = p
+                            .iter()
+                            .zip(&q)
+                            .map(|(pv, qv)| a * pv + (1.0 - a) * qv)
+                            .collect();
+                        s.exact[ai] += mixed[y] - logsumexp(&mixed);
+                        for (ki, &k) in ks.iter().enumerate() {
+                            let top_ids: Vec<usize> =
+                                (0..k).map(|j| q_out.topk_ids[[0, t, j]] as usize).collect();
+                            let p_top: Vec<f64> = top_ids.iter().map(|&i| p[i]).collect();
+                            let q_top: Vec<f64> = top_ids.iter().map(|&i| q[i]).collect();
+                            let in_top = top_ids.contains(&y);
+                            s.sparse[ki][ai] +=
+                                sparse_perturbed_logp(a, p[y], q[y], &p_top, &q_top, in_top);
+                        }
+                    }
+                }
+                sums.push(s);
+            }
+            let (c, r) = (&sums[0], &sums[1]);
+            let g = c.policy - r.policy;
+            let delta = tolerance(cfg.step_tolerance, c.policy, r.policy);
+            let gp = c.exact[0] - r.exact[0];
+            let gm = c.exact[1] - r.exact[1];
+            let k_exact = step_direction(g, gp, gm, delta);
+            exact_steps[(k_exact + 1) as usize] += 1;
+            for (ki, row) in rows.iter_mut().enumerate() {
+                let sp = c.sparse[ki][0] - r.sparse[ki][0];
+                let sm = c.sparse[ki][1] - r.sparse[ki][1];
+                let k_cached = step_direction(g, sp, sm, delta);
+                row.confusion[(k_exact + 1) as usize][(k_cached + 1) as usize] += 1;
+                row.mae_g_plus += (sp - gp).abs();
+                row.mae_g_minus += (sm - gm).abs();
+            }
+            pairs_done += 1;
+        }
+    }
+    let n = pairs_done.max(1) as f64;
+    for row in &mut rows {
+        let agree: u64 = (0..3).map(|i| row.confusion[i][i]).sum();
+        row.agreement_pct = 100.0 * agree as f64 / n;
+        row.mae_g_plus /= n;
+        row.mae_g_minus /= n;
+    }
+    let tok = tokens.max(1) as f64;
+    Ok(StudyReport {
+        pairs: pairs_done,
+        vocab,
+        epsilon: cfg.epsilon,
+        params: cfg
+            .params
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "reference".into()),
+        mean_token_kl: kl_sum / tok,
+        ref_top1_mass: top1_sum / tok,
+        ref_top16_mass: top16_sum / tok,
+        exact_steps,
+        rows,
+    })
+}
+
+impl StudyReport {
+    pub fn to_table(&self) -> String {
+        let mut s = format!(
+            "study-k: {} pairs, V = {}, ε = {}, params {}\n  mean per-token KL(π‖π_ref) {:.4}; reference top-1 mass {:.3}, top-16 mass {:.3}\n  exact steps: k=−1 {}, k=0 {}, k=+1 {}\n\n",
+            self.pairs, self.vocab, self.epsilon, self.params, self.mean_token_kl, self.ref_top1_mass, self.ref_top16_mass,
+            self.exact_steps[0], self.exact_steps[1], self.exact_steps[2]
+        );
+        s.push_str("| K | agreement % | confusion (rows exact −1/0/+1, cols cached) | MAE g₊ | MAE g₋ | cache bytes/token |\n|---|---|---|---|---|---|\n");
+        for r in &self.rows {
+            let c = r.confusion;
+            s.push_str(&format!(
+                "| {} | {:.1} | {:?} {:?} {:?} | {:.2e} | {:.2e} | {} |\n",
+                if r.k >= self.vocab {
+                    format!("V={}", r.k)
+                } else {
+                    r.k.to_string()
+                },
+                r.agreement_pct,
+                c[0],
+                c[1],
+                c[2],
+                r.mae_g_plus,
+                r.mae_g_minus,
+                r.cache_bytes_per_token
+            ));
+        }
+        s
+    }
+}

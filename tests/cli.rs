@@ -66,3 +66,91 @@ fn bad_device_flag_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--device tpu"));
 }
+
+#[test]
+fn cuda_without_the_gpu_build_fails_loudly_instead_of_falling_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = edpo()
+        .args(["--quiet", "prep", "--device", "cuda", "--model"])
+        .arg(sample_bundle())
+        .arg("--data")
+        .arg(repo_root().join("data-samples/prefs/heldout.plain.jsonl"))
+        .arg("--out")
+        .arg(tmp.path().join("shards"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("CUDA execution provider could not be registered")
+            && err.contains("onnxruntime-gpu"),
+        "{err}"
+    );
+    assert!(
+        !tmp.path()
+            .join("shards")
+            .join("part-00000.parquet")
+            .exists(),
+        "nothing was scored on the CPU"
+    );
+}
+
+#[test]
+fn help_documents_every_command() {
+    let out = run_ok(edpo().arg("--help"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in [
+        "verify", "prep", "train", "eval", "report", "inspect", "study-k",
+    ] {
+        assert!(text.contains(cmd), "--help lacks {cmd}:\n{text}");
+    }
+}
+
+#[test]
+fn inspect_reports_shards_and_plain_parquet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    run_ok(
+        edpo()
+            .args([
+                "--quiet",
+                "prep",
+                "--limit",
+                "40",
+                "--shard-size",
+                "20",
+                "--model",
+            ])
+            .arg(sample_bundle())
+            .arg("--data")
+            .arg(repo_root().join("data-samples/prefs/train.plain.jsonl"))
+            .arg("--out")
+            .arg(&shards),
+    );
+    let out = run_ok(edpo().arg("inspect").arg(&shards).arg("--json"));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["rows"], 40);
+    assert_eq!(v["files"], 2);
+    let col = |name: &str| {
+        v["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        col("ref_chosen_topk_ids")["inner_length_range"],
+        serde_json::json!([16.0, 16.0])
+    );
+    assert!(col("ref_chosen_logps")["max"].as_f64().unwrap() < 0.0);
+    assert!(col("chosen_ids")["length_quantiles"][0].as_f64().unwrap() >= 1.0);
+    assert_eq!(v["prep"]["topk"], 16);
+    let table = run_ok(
+        edpo()
+            .arg("inspect")
+            .arg(repo_root().join("data-samples/prefs/train.plain.parquet")),
+    );
+    assert!(String::from_utf8_lossy(&table.stdout).contains("1200 rows"));
+}

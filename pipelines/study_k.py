@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""`make study-k`: how good is the cached ε-step? Agreement of the top-K estimate with the exact
+full-vocabulary step, for K ∈ {1, 2, 4, …, 256, V}, on a model whose next-token distributions
+are peaked like a real LM's.
+
+Steps (each cached under ~/.cache/edpo/study, so a rerun only redoes what is missing):
+  1. corpus: the Python standard library's source (real text every machine here has);
+  2. a byte-level BPE tokenizer with 32,000 tokens trained on it;
+  3. the bench-size model (≈25M parameters, bench_common.BENCH_CONFIG) trained briefly as a
+     language model on that text, then exported as an edpo bundle;
+  4. preference pairs from held-out files: prompt = a code prefix, chosen = its true
+     continuation, rejected = a continuation taken from another place;
+  5. `edpo prep`, then `edpo train` with a large learning rate so that policy and reference
+     move apart, and `edpo study-k` at the start (policy = reference) and after training.
+Prints the table and writes bench-results/study-k.json.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from bench_common import BENCH_CONFIG, PY, ROOT, edpo_release, write_results
+
+CACHE = Path(os.environ.get("EDPO_STUDY_CACHE", Path.home() / ".cache" / "edpo" / "study"))
+
+
+def log(msg):
+    print(f"[study-k] {msg}", flush=True)
+
+
+def corpus():
+    """(train texts, held-out texts): stdlib .py files, split by file."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.rglob("*.py") if "test" not in p.parts and "site-packages" not in p.parts)
+    texts = []
+    for p in files:
+        try:
+            t = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if len(t) > 2000:
+            texts.append(t)
+    rng = random.Random(0)
+    rng.shuffle(texts)
+    cut = int(len(texts) * 0.9)
+    return texts[:cut], texts[cut:]
+
+
+def tokenizer(train_texts):
+    out = CACHE / "tokenizer"
+    if (out / "tokenizer.json").is_file():
+        return out
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+    trainer = trainers.BpeTrainer(vocab_size=BENCH_CONFIG["vocab_size"], special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    tok.train_from_iterator(train_texts, trainer=trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
+           "bos_token": None, "model_max_length": 1024}  # fmt: skip
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    log(f"tokenizer: {tok.get_vocab_size()} tokens")
+    return out
+
+
+def lm_train(train_texts, heldout_texts, tok_dir, minutes, seq, batch, lr):
+    """Trains the bench config as a causal LM for `minutes`; returns the HF model folder."""
+    out = CACHE / "lm"
+    if (out / "model.safetensors").is_file():
+        return out
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    eos, pad = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>")
+    ids = []
+    for t in train_texts:
+        ids.extend(tok.encode(t).ids + [eos])
+    data = torch.tensor(ids)
+    held = []
+    for t in heldout_texts[:40]:
+        held.extend(tok.encode(t).ids + [eos])
+    held = torch.tensor(held[: 64 * seq]).view(-1, seq)
+    cfg = dict(BENCH_CONFIG, eos_token_id=eos, pad_token_id=pad, bos_token_id=eos)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    log(f"LM training on {len(ids) / 1e6:.1f}M tokens for {minutes} min (seq {seq}, batch {batch})")
+    t0, step, warm = time.time(), 0, 50
+    model.train()
+    while time.time() - t0 < minutes * 60:
+        starts = torch.randint(0, len(data) - seq - 1, (batch,))
+        x = torch.stack([data[s : s + seq] for s in starts])
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / warm)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            log(f"  step {step}: loss {loss.item():.3f} ({(time.time() - t0) / step:.2f} s/step)")
+    model.eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=held[:16]).logits[:, :-1].float(), -1)
+        top = logp.exp().topk(16, -1).values
+        stats = {"lm_steps": step, "heldout_loss": float(-logp.gather(-1, held[:16, 1:].unsqueeze(-1)).mean()),
+                 "top1_mass": float(top[..., 0].mean()), "top16_mass": float(top.sum(-1).mean())}  # fmt: skip
+    log(f"LM: {stats}")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / f, out / f)
+    (out / "lm-stats.json").write_text(json.dumps(stats, indent=2))
+    return out
+
+
+def pairs(heldout_texts, tok_dir, n, prompt_tokens, response_tokens):
+    path = CACHE / f"pairs-{n}.jsonl"
+    if path.is_file():
+        return path
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    rng = random.Random(1)
+    encoded = [tok.encode(t).ids for t in heldout_texts]
+    encoded = [e for e in encoded if len(e) > prompt_tokens + response_tokens + 10]
+    rows = []
+    while len(rows) < n:
+        a, b = rng.sample(range(len(encoded)), 2)
+        ea, eb = encoded[a], encoded[b]
+        s = rng.randrange(0, len(ea) - prompt_tokens - response_tokens)
+        r = rng.randrange(0, len(eb) - response_tokens)
+        rows.append({
+            "id": f"s{len(rows)}",
+            "prompt": ea[s : s + prompt_tokens],
+            "chosen": ea[s + prompt_tokens : s + prompt_tokens + response_tokens],
+            "rejected": eb[r : r + response_tokens],
+        })  # fmt: skip
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    return path
+
+
+def edpo(*args):
+    cmd = [str(edpo_release()), *map(str, args)]
+    log("$ edpo " + " ".join(map(str, args)))
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lm-minutes", type=float, default=20)
+    ap.add_argument("--pairs", type=int, default=200)
+    ap.add_argument("--train-steps", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--epsilon", type=float, default=0.01)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    train_texts, heldout_texts = corpus()
+    log(f"corpus: {len(train_texts)} train files, {len(heldout_texts)} held-out files")
+    tok_dir = tokenizer(train_texts)
+    lm = lm_train(train_texts, heldout_texts, tok_dir, args.lm_minutes, seq=128, batch=16, lr=2e-3)
+    bundle = CACHE / "bundle"
+    if not (bundle / "edpo-model.json").is_file():
+        subprocess.run([PY, str(ROOT / "pipelines/export.py"), "--model", str(lm), "--out", str(bundle)], check=True)
+    data = pairs(heldout_texts, tok_dir, args.pairs, prompt_tokens=48, response_tokens=32)
+    shards = CACHE / "shards"
+    edpo("--quiet", "--threads", args.threads, "prep", "--model", bundle, "--data", data, "--out", shards, "--topk", "16")
+    run = CACHE / f"run-{args.train_steps}-{args.lr}"
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.time()
+    edpo("--quiet", "--threads", args.threads, "train", "--model", bundle, "--shards", shards, "--out", run,
+         "--lr", args.lr, "--beta", "0.1", "--epsilon", args.epsilon, "--batch-size", "8", "--micro-batch", "8",
+         "--max-steps", args.train_steps, "--warmup-ratio", "0", "--schedule", "constant",
+         "--epochs", math.ceil(args.train_steps * 8 / args.pairs))  # fmt: skip
+    log(f"trained {args.train_steps} steps in {time.time() - t0:.0f}s")
+    ks = "1,2,4,8,16,32,64,128,256,V"
+    points = {}
+    for name, params in (("start", None), ("trained", run / "final/model.safetensors")):
+        extra = ["--params", params] if params else []
+        out = edpo("--threads", args.threads, "study-k", "--model", bundle, "--shards", shards, "--ks", ks,
+                   "--epsilon", args.epsilon, "--limit", args.pairs, "--json", *extra)  # fmt: skip
+        points[name] = json.loads(out)
+    lm_stats = json.loads((lm / "lm-stats.json").read_text())
+    res = {"lm": lm_stats, "epsilon": args.epsilon, "pairs": args.pairs, "train_steps": args.train_steps, "lr": args.lr, "points": points}
+    supported = [r["k"] for r, s in zip(points["trained"]["rows"], points["start"]["rows"]) if r["agreement_pct"] >= 99 and s["agreement_pct"] >= 99]
+    res["smallest_k_with_99pct"] = min(supported) if supported else None
+    path = write_results("study-k", res)
+    print(f"model: 25M params, V = 32000, LM-trained {lm_stats['lm_steps']} steps on Python stdlib source; "
+          f"reference top-1 mass {points['start']['ref_top1_mass']:.3f}, top-16 mass {points['start']['ref_top16_mass']:.3f}")
+    print(f"pairs: {args.pairs} (code prefix → true vs foreign continuation), ε = {args.epsilon}")
+    print("| K | agreement at start | agreement after training | confusion after (exact rows −1/0/+1) | MAE g₊ / g₋ after | bytes/token |")
+    print("|---|---|---|---|---|---|")
+    for s, t in zip(points["start"]["rows"], points["trained"]["rows"]):
+        k = "V" if t["k"] >= points["trained"]["vocab"] else t["k"]
+        print(f"| {k} | {s['agreement_pct']:.1f}% | {t['agreement_pct']:.1f}% | {t['confusion']} | {t['mae_g_plus']:.2e} / {t['mae_g_minus']:.2e} | {t['cache_bytes_per_token']} |")
+    print(f"mean per-token KL: start {points['start']['mean_token_kl']:.4f}, after training {points['trained']['mean_token_kl']:.4f}; "
+          f"exact steps after training (−1/0/+1): {points['trained']['exact_steps']}")
+    print(f"smallest K with ≥99% agreement at both points: {res['smallest_k_with_99pct']}")
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -235,6 +235,11 @@ pub fn session_builder(config: &SessionConfig) -> Result<SessionBuilder, Runtime
             .with_inter_threads(1)
             .map_err(opt)?;
     }
+    if config.device == Device::Cpu {
+        // Batch shapes change from run to run; memory patterns would keep a plan (and its
+        // buffers) per shape. Measured on the bench model: 4.2 → 4.0 GB peak, same speed.
+        builder = builder.with_memory_pattern(false).map_err(opt)?;
+    }
     if let Device::Cuda(id) = config.device {
         builder =
             crate::runtime_cuda::register(builder, id).map_err(|message| RuntimeError::Cuda {

@@ -132,8 +132,8 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyReport, EvalError> {
                     exact: [0.0; 2],
                     sparse: vec![[0.0; 2]; ks.len()],
                 };
-                for t in pair.pair.prompt_ids.len()..t_len {
-                    let y = ids_vec[t] as usize;
+                for (t, &label) in ids_vec.iter().enumerate().skip(pair.pair.prompt_ids.len()) {
+                    let y = label as usize;
                     let p = full_row(&p_out, 0, t, vocab);
                     let q = full_row(&q_out, 0, t, vocab);
                     s.policy += p[y];

@@ -11,7 +11,7 @@ export EDPO_VENV := $(VENV)
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/edpo/target
 EDPO := $(CARGO_TARGET_DIR)/debug/edpo
 
-.PHONY: setup build build-release test test-rust test-python lint demo samples bench bench-prep bench-train
+.PHONY: setup build build-release test test-rust test-python lint demo samples bench bench-prep bench-train study-k
 
 setup:
 	@command -v cargo >/dev/null || { echo "error: cargo not found; install Rust with rustup" >&2; exit 2; }
@@ -49,6 +49,12 @@ bench-prep: build-release
 
 bench-train: build-release
 	$(PY) pipelines/bench_train.py
+
+# The cached-vs-exact ε-step study (issue: top-K agreement): LM-trains the bench model on the
+# Python standard library (cached under ~/.cache/edpo/study), then compares for K = 1…256, V.
+study-k: build-release
+	$(PY) pipelines/study_k.py --pair-kind foreign
+	$(PY) pipelines/study_k.py --pair-kind noisy
 
 # Regenerate data-samples/ (pairs, tokenizer, configs, the tiny bundle); see data-samples/README.md.
 samples: setup

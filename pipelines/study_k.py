@@ -130,8 +130,12 @@ def lm_train(train_texts, heldout_texts, tok_dir, minutes, seq, batch, lr):
     return out
 
 
-def pairs(heldout_texts, tok_dir, n, prompt_tokens, response_tokens):
-    path = CACHE / f"pairs-{n}.jsonl"
+def pairs(heldout_texts, tok_dir, n, prompt_tokens, response_tokens, kind="foreign"):
+    """kind "foreign": rejected = a continuation from another file (an easy preference);
+    kind "noisy": rejected = a continuation from elsewhere in the same file, and 30% of the
+    pairs have chosen and rejected swapped (a hard, partly contradictory preference, so that
+    trained policies end up with decisions on both sides of the step rule)."""
+    path = CACHE / f"pairs-{kind}-{n}.jsonl"
     if path.is_file():
         return path
     from tokenizers import Tokenizer
@@ -143,15 +147,17 @@ def pairs(heldout_texts, tok_dir, n, prompt_tokens, response_tokens):
     rows = []
     while len(rows) < n:
         a, b = rng.sample(range(len(encoded)), 2)
-        ea, eb = encoded[a], encoded[b]
+        ea = encoded[a]
+        eb = ea if kind == "noisy" else encoded[b]
         s = rng.randrange(0, len(ea) - prompt_tokens - response_tokens)
         r = rng.randrange(0, len(eb) - response_tokens)
-        rows.append({
-            "id": f"s{len(rows)}",
-            "prompt": ea[s : s + prompt_tokens],
-            "chosen": ea[s + prompt_tokens : s + prompt_tokens + response_tokens],
-            "rejected": eb[r : r + response_tokens],
-        })  # fmt: skip
+        chosen = ea[s + prompt_tokens : s + prompt_tokens + response_tokens]
+        rejected = eb[r : r + response_tokens]
+        if kind == "noisy" and rng.random() < 0.3:
+            chosen, rejected = rejected, chosen
+        if chosen == rejected:
+            continue
+        rows.append({"id": f"s{len(rows)}", "prompt": ea[s : s + prompt_tokens], "chosen": chosen, "rejected": rejected})
     path.write_text("".join(json.dumps(x) + "\n" for x in rows))
     return path
 
@@ -170,6 +176,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--epsilon", type=float, default=0.01)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pair-kind", choices=["foreign", "noisy"], default="noisy")
     args = ap.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     train_texts, heldout_texts = corpus()
@@ -179,13 +186,20 @@ def main():
     bundle = CACHE / "bundle"
     if not (bundle / "edpo-model.json").is_file():
         subprocess.run([PY, str(ROOT / "pipelines/export.py"), "--model", str(lm), "--out", str(bundle)], check=True)
-    data = pairs(heldout_texts, tok_dir, args.pairs, prompt_tokens=48, response_tokens=32)
-    shards = CACHE / "shards"
-    edpo("--quiet", "--threads", args.threads, "prep", "--model", bundle, "--data", data, "--out", shards, "--topk", "16")
-    run = CACHE / f"run-{args.train_steps}-{args.lr}"
+    # Train on the first half of the pairs, study the decisions on the other half (unseen
+    # pairs, whose z can have either sign).
+    data = pairs(heldout_texts, tok_dir, 2 * args.pairs, prompt_tokens=48, response_tokens=32, kind=args.pair_kind)
+    lines = data.read_text().splitlines(keepends=True)
+    train_data, study_data = data.with_suffix(".train.jsonl"), data.with_suffix(".study.jsonl")
+    train_data.write_text("".join(lines[: args.pairs]))
+    study_data.write_text("".join(lines[args.pairs :]))
+    train_shards, shards = CACHE / f"shards-{args.pair_kind}-train", CACHE / f"shards-{args.pair_kind}-study"
+    for d, out in ((train_data, train_shards), (study_data, shards)):
+        edpo("--quiet", "--threads", args.threads, "prep", "--model", bundle, "--data", d, "--out", out, "--topk", "16")
+    run = CACHE / f"run-{args.pair_kind}-{args.train_steps}-{args.lr}"
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.time()
-    edpo("--quiet", "--threads", args.threads, "train", "--model", bundle, "--shards", shards, "--out", run,
+    edpo("--quiet", "--threads", args.threads, "train", "--model", bundle, "--shards", train_shards, "--out", run,
          "--lr", args.lr, "--beta", "0.1", "--epsilon", args.epsilon, "--batch-size", "8", "--micro-batch", "8",
          "--max-steps", args.train_steps, "--warmup-ratio", "0", "--schedule", "constant",
          "--epochs", math.ceil(args.train_steps * 8 / args.pairs))  # fmt: skip
@@ -198,13 +212,13 @@ def main():
                    "--epsilon", args.epsilon, "--limit", args.pairs, "--json", *extra)  # fmt: skip
         points[name] = json.loads(out)
     lm_stats = json.loads((lm / "lm-stats.json").read_text())
-    res = {"lm": lm_stats, "epsilon": args.epsilon, "pairs": args.pairs, "train_steps": args.train_steps, "lr": args.lr, "points": points}
+    res = {"lm": lm_stats, "pair_kind": args.pair_kind, "epsilon": args.epsilon, "pairs": args.pairs, "train_steps": args.train_steps, "lr": args.lr, "points": points}
     supported = [r["k"] for r, s in zip(points["trained"]["rows"], points["start"]["rows"]) if r["agreement_pct"] >= 99 and s["agreement_pct"] >= 99]
     res["smallest_k_with_99pct"] = min(supported) if supported else None
-    path = write_results("study-k", res)
+    path = write_results(f"study-k-{args.pair_kind}", res)
     print(f"model: 25M params, V = 32000, LM-trained {lm_stats['lm_steps']} steps on Python stdlib source; "
           f"reference top-1 mass {points['start']['ref_top1_mass']:.3f}, top-16 mass {points['start']['ref_top16_mass']:.3f}")
-    print(f"pairs: {args.pairs} (code prefix → true vs foreign continuation), ε = {args.epsilon}")
+    print(f"pairs: {args.pairs} unseen pairs studied, {args.pairs} trained on ({args.pair_kind}: see pairs()), ε = {args.epsilon}, {args.train_steps} steps at lr {args.lr}")
     print("| K | agreement at start | agreement after training | confusion after (exact rows −1/0/+1) | MAE g₊ / g₋ after | bytes/token |")
     print("|---|---|---|---|---|---|")
     for s, t in zip(points["start"]["rows"], points["trained"]["rows"]):

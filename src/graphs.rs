@@ -107,6 +107,24 @@ fn spec_ports(specs: &[crate::bundle::TensorSpec]) -> Vec<Port> {
         .collect()
 }
 
+/// A session output by name as an owned array of element type `T` (`dtype` names it in errors).
+fn output_array<T: ort::value::PrimitiveTensorElementType + Clone + 'static>(
+    outputs: &ort::session::SessionOutputs<'_>,
+    file: &str,
+    name: &str,
+    dtype: &'static str,
+) -> Result<ndarray::ArrayD<T>, GraphError> {
+    outputs
+        .get(name)
+        .and_then(|v| v.try_extract_array::<T>().ok())
+        .map(|a| a.to_owned())
+        .ok_or_else(|| GraphError::Output {
+            file: file.to_string(),
+            name: name.to_string(),
+            dtype,
+        })
+}
+
 /// What the scoring graph returns for a batch of sequences (see export.py).
 #[derive(Debug, Clone)]
 pub struct ScoreOutputs {
@@ -207,28 +225,9 @@ impl ReferenceGraph {
                 "k" => k_value,
             ])
             .map_err(run_err)?;
-        let f32_out = |name: &str| -> Result<ndarray::ArrayD<f32>, GraphError> {
-            outputs
-                .get(name)
-                .and_then(|v| v.try_extract_array::<f32>().ok())
-                .map(|a| a.to_owned())
-                .ok_or_else(|| GraphError::Output {
-                    file: file.clone(),
-                    name: name.to_string(),
-                    dtype: "float32",
-                })
-        };
-        let token_logps = f32_out("token_logps")?;
-        let topk_logps = f32_out("topk_logps")?;
-        let topk_ids = outputs
-            .get("topk_ids")
-            .and_then(|v| v.try_extract_array::<i64>().ok())
-            .map(|a| a.to_owned())
-            .ok_or_else(|| GraphError::Output {
-                file: file.clone(),
-                name: "topk_ids".into(),
-                dtype: "int64",
-            })?;
+        let token_logps = output_array::<f32>(&outputs, &file, "token_logps", "float32")?;
+        let topk_logps = output_array::<f32>(&outputs, &file, "topk_logps", "float32")?;
+        let topk_ids = output_array::<i64>(&outputs, &file, "topk_ids", "int64")?;
         let shape_err = |e: ndarray::ShapeError| GraphError::Run {
             file: file.clone(),
             message: format!("unexpected output rank: {e}"),
@@ -427,34 +426,23 @@ impl TrainGraph {
             inputs.push((graph_name.as_str().into(), view.into()));
         }
         let outputs = self.session.run(inputs).map_err(run_err)?;
-        let f32_array = |name: &str| -> Result<ndarray::ArrayD<f32>, GraphError> {
-            outputs
-                .get(name)
-                .and_then(|v| v.try_extract_array::<f32>().ok())
-                .map(|a| a.to_owned())
-                .ok_or_else(|| GraphError::Output {
-                    file: file.clone(),
-                    name: name.to_string(),
-                    dtype: "float32",
-                })
-        };
         let vec1 = |name: &str| -> Result<Array1<f32>, GraphError> {
-            Ok(Array1::from_iter(f32_array(name)?.iter().copied()))
+            Ok(Array1::from_iter(
+                output_array::<f32>(&outputs, &file, name, "float32")?
+                    .iter()
+                    .copied(),
+            ))
         };
-        let loss = f32_array("loss")?
+        let loss = output_array::<f32>(&outputs, &file, "loss", "float32")?
             .iter()
             .copied()
             .next()
             .unwrap_or(f32::NAN);
-        let steps = outputs
-            .get("steps")
-            .and_then(|v| v.try_extract_array::<i64>().ok())
-            .map(|a| Array1::from_iter(a.iter().copied()))
-            .ok_or_else(|| GraphError::Output {
-                file: file.clone(),
-                name: "steps".into(),
-                dtype: "int64",
-            })?;
+        let steps = Array1::from_iter(
+            output_array::<i64>(&outputs, &file, "steps", "int64")?
+                .iter()
+                .copied(),
+        );
         let mut grads: Vec<Vec<f32>> = params
             .params
             .iter()

@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, BooleanArray, Float32Array, Float32Builder, ListArray, ListBuilder,
-    UInt32Builder, UInt64Array,
+    Array, ArrayRef, BooleanArray, Float32Array, ListArray, ListBuilder, PrimitiveBuilder,
+    UInt64Array,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{
+    ArrowPrimitiveType, DataType, Field, Float32Type, Schema, SchemaRef, UInt32Type,
+};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
@@ -85,8 +87,9 @@ pub fn schema() -> SchemaRef {
     ]))
 }
 
-fn u32_lists<'a>(rows: impl Iterator<Item = &'a [u32]>) -> ArrayRef {
-    let mut b = ListBuilder::new(UInt32Builder::new());
+/// One list per row (e.g. token ids of each pair).
+fn lists<'a, T: ArrowPrimitiveType>(rows: impl Iterator<Item = &'a [T::Native]>) -> ArrayRef {
+    let mut b = ListBuilder::new(PrimitiveBuilder::<T>::new());
     for row in rows {
         b.values().append_slice(row);
         b.append(true);
@@ -94,29 +97,11 @@ fn u32_lists<'a>(rows: impl Iterator<Item = &'a [u32]>) -> ArrayRef {
     Arc::new(b.finish())
 }
 
-fn f32_lists<'a>(rows: impl Iterator<Item = &'a [f32]>) -> ArrayRef {
-    let mut b = ListBuilder::new(Float32Builder::new());
-    for row in rows {
-        b.values().append_slice(row);
-        b.append(true);
-    }
-    Arc::new(b.finish())
-}
-
-fn u32_nested<'a>(rows: impl Iterator<Item = (&'a [u32], usize)>) -> ArrayRef {
-    let mut b = ListBuilder::new(ListBuilder::new(UInt32Builder::new()));
-    for (flat, k) in rows {
-        for token in flat.chunks(k.max(1)) {
-            b.values().values().append_slice(token);
-            b.values().append(true);
-        }
-        b.append(true);
-    }
-    Arc::new(b.finish())
-}
-
-fn f32_nested<'a>(rows: impl Iterator<Item = (&'a [f32], usize)>) -> ArrayRef {
-    let mut b = ListBuilder::new(ListBuilder::new(Float32Builder::new()));
+/// One list of K-lists per row, from token-major flattened values ([len × K]).
+fn nested_lists<'a, T: ArrowPrimitiveType>(
+    rows: impl Iterator<Item = (&'a [T::Native], usize)>,
+) -> ArrayRef {
+    let mut b = ListBuilder::new(ListBuilder::new(PrimitiveBuilder::<T>::new()));
     for (flat, k) in rows {
         for token in flat.chunks(k.max(1)) {
             b.values().values().append_slice(token);
@@ -136,33 +121,33 @@ pub fn to_record_batch(pairs: &[ScoredPair]) -> Result<RecordBatch, arrow::error
         Arc::new(UInt64Array::from_iter_values(
             pairs.iter().map(|p| p.pair.source_row),
         )),
-        u32_lists(pairs.iter().map(|p| p.pair.prompt_ids.as_slice())),
-        u32_lists(pairs.iter().map(|p| p.pair.chosen_ids.as_slice())),
-        u32_lists(pairs.iter().map(|p| p.pair.rejected_ids.as_slice())),
+        lists::<UInt32Type>(pairs.iter().map(|p| p.pair.prompt_ids.as_slice())),
+        lists::<UInt32Type>(pairs.iter().map(|p| p.pair.chosen_ids.as_slice())),
+        lists::<UInt32Type>(pairs.iter().map(|p| p.pair.rejected_ids.as_slice())),
         Arc::new(Float32Array::from_iter_values(
             pairs.iter().map(|p| p.ref_chosen_logps),
         )),
         Arc::new(Float32Array::from_iter_values(
             pairs.iter().map(|p| p.ref_rejected_logps),
         )),
-        f32_lists(pairs.iter().map(|p| p.ref_chosen_token_logps.as_slice())),
-        f32_lists(pairs.iter().map(|p| p.ref_rejected_token_logps.as_slice())),
-        u32_nested(
+        lists::<Float32Type>(pairs.iter().map(|p| p.ref_chosen_token_logps.as_slice())),
+        lists::<Float32Type>(pairs.iter().map(|p| p.ref_rejected_token_logps.as_slice())),
+        nested_lists::<UInt32Type>(
             pairs
                 .iter()
                 .map(|p| (p.ref_chosen_topk_ids.as_slice(), p.k)),
         ),
-        u32_nested(
+        nested_lists::<UInt32Type>(
             pairs
                 .iter()
                 .map(|p| (p.ref_rejected_topk_ids.as_slice(), p.k)),
         ),
-        f32_nested(
+        nested_lists::<Float32Type>(
             pairs
                 .iter()
                 .map(|p| (p.ref_chosen_topk_logps.as_slice(), p.k)),
         ),
-        f32_nested(
+        nested_lists::<Float32Type>(
             pairs
                 .iter()
                 .map(|p| (p.ref_rejected_topk_logps.as_slice(), p.k)),
@@ -249,6 +234,14 @@ pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>, ShardError
         .unwrap_or_default())
 }
 
+/// Column `name` of `batch` as the concrete Arrow array type `A` (None when absent or of
+/// another type).
+pub fn typed_column<A: Array + Clone + 'static>(batch: &RecordBatch, name: &str) -> Option<A> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<A>().cloned())
+}
+
 fn list_values<T: arrow::datatypes::ArrowPrimitiveType>(
     list: &ListArray,
     row: usize,
@@ -302,41 +295,22 @@ pub fn read_shard(path: &Path) -> Result<Vec<ScoredPair>, ShardError> {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        let col = |name: &str| {
-            batch
-                .column_by_name(name)
-                .cloned()
-                .ok_or_else(|| not_shard(format!("no column `{name}`")))
+        let u64_col = |name: &str| {
+            typed_column::<UInt64Array>(&batch, name)
+                .ok_or_else(|| not_shard(format!("no uint64 column `{name}`")))
         };
-        let u64_col = |name: &str| -> Result<UInt64Array, ShardError> {
-            col(name)?
-                .as_any()
-                .downcast_ref::<UInt64Array>()
-                .cloned()
-                .ok_or_else(|| not_shard(format!("`{name}` is not uint64")))
+        let f32_col = |name: &str| {
+            typed_column::<Float32Array>(&batch, name)
+                .ok_or_else(|| not_shard(format!("no float32 column `{name}`")))
         };
-        let f32_col = |name: &str| -> Result<Float32Array, ShardError> {
-            col(name)?
-                .as_any()
-                .downcast_ref::<Float32Array>()
-                .cloned()
-                .ok_or_else(|| not_shard(format!("`{name}` is not float32")))
+        let list_col = |name: &str| {
+            typed_column::<ListArray>(&batch, name)
+                .ok_or_else(|| not_shard(format!("no list column `{name}`")))
         };
-        let list_col = |name: &str| -> Result<ListArray, ShardError> {
-            col(name)?
-                .as_any()
-                .downcast_ref::<ListArray>()
-                .cloned()
-                .ok_or_else(|| not_shard(format!("`{name}` is not a list")))
+        let bool_col = |name: &str| {
+            typed_column::<BooleanArray>(&batch, name)
+                .ok_or_else(|| not_shard(format!("no boolean column `{name}`")))
         };
-        let bool_col = |name: &str| -> Result<BooleanArray, ShardError> {
-            col(name)?
-                .as_any()
-                .downcast_ref::<BooleanArray>()
-                .cloned()
-                .ok_or_else(|| not_shard(format!("`{name}` is not boolean")))
-        };
-        use arrow::datatypes::{Float32Type, UInt32Type};
         let ids = u64_col("pair_id")?;
         let rows = u64_col("source_row")?;
         let (prompt, chosen, rejected) = (

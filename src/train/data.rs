@@ -15,7 +15,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use crate::graphs::{ScoreOutputs, TrainBatch};
-use crate::shards::{list_shards, read_shard, ScoredPair, ShardError, ShardManifest};
+use crate::shards::{list_shards, read_shard, typed_column, ScoredPair, ShardError, ShardManifest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainDataError {
@@ -120,22 +120,10 @@ impl ShardSet {
             let mut row = 0u32;
             for batch in reader {
                 let batch = batch.map_err(|e| read_err(e.to_string()))?;
-                let ids = batch
-                    .column_by_name("pair_id")
-                    .and_then(|c| {
-                        c.as_any()
-                            .downcast_ref::<arrow::array::UInt64Array>()
-                            .cloned()
-                    })
+                let ids = typed_column::<arrow::array::UInt64Array>(&batch, "pair_id")
                     .ok_or_else(|| read_err("pair_id is not uint64".into()))?;
                 let list = |name: &str| {
-                    batch
-                        .column_by_name(name)
-                        .and_then(|c| {
-                            c.as_any()
-                                .downcast_ref::<arrow::array::ListArray>()
-                                .cloned()
-                        })
+                    typed_column::<arrow::array::ListArray>(&batch, name)
                         .ok_or_else(|| read_err(format!("{name} is not a list")))
                 };
                 let (p, c, r) = (

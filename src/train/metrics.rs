@@ -201,9 +201,7 @@ impl RunTable {
             .map_err(|e| err(e.to_string()))?;
         for batch in reader {
             let batch = batch.map_err(|e| err(e.to_string()))?;
-            let steps = batch
-                .column_by_name("step")
-                .and_then(|c| c.as_any().downcast_ref::<UInt64Array>().cloned())
+            let steps = crate::shards::typed_column::<UInt64Array>(&batch, "step")
                 .ok_or_else(|| err("no uint64 `step` column".into()))?;
             let keep = BooleanArray::from_iter(
                 steps

@@ -3,6 +3,7 @@ measured for wall time and peak RSS (os.wait4), and result tables."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -30,9 +31,27 @@ def edpo_release() -> Path:
     return target / "release" / "edpo"
 
 
+def export_sources_tag() -> str:
+    """Short hash of the export pipeline's sources: a changed graph gets a fresh bundle."""
+    digest = hashlib.sha256()
+    for name in ("export.py", "edpo_objective.py"):
+        digest.update((ROOT / "pipelines" / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def bundle_sha256(bundle: Path) -> str:
+    return hashlib.sha256((bundle / "edpo-model.json").read_bytes()).hexdigest()
+
+
+def shards_match(shards: Path, bundle: Path) -> bool:
+    """True when `shards` holds a finished prep made with this very bundle."""
+    manifest = shards / "manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text()).get("bundle_sha256") == bundle_sha256(bundle)
+
+
 def bench_bundle() -> Path:
-    """Exports the bench model once (random init, seed 0) and caches the bundle."""
-    bundle = CACHE / "bundle-25m"
+    """Exports the bench model once per version of the export sources (random init, seed 0)."""
+    bundle = CACHE / f"bundle-25m-{export_sources_tag()}"
     if (bundle / "edpo-model.json").is_file():
         return bundle
     src = CACHE / "model-25m"

@@ -12,7 +12,7 @@ import argparse
 import json
 import shutil
 
-from bench_common import CACHE, PY, ROOT, bench_bundle, bench_pairs, edpo_release, measured, write_results
+from bench_common import CACHE, PY, ROOT, bench_bundle, bench_pairs, edpo_release, measured, shards_match, write_results
 
 
 def main():
@@ -24,9 +24,10 @@ def main():
     args = ap.parse_args()
     bundle = bench_bundle()
     shards = CACHE / "shards-train-bench"
-    if not (shards / "manifest.json").is_file():
+    if not shards_match(shards, bundle):
         measured([str(edpo_release()), "--quiet", "--threads", str(args.threads), "prep", "--model", str(bundle),
-                  "--data", str(bench_pairs(2000)), "--out", str(shards), "--topk", "16", "--limit", "512"])  # fmt: skip
+                  "--data", str(bench_pairs(2000)), "--out", str(shards), "--topk", "16", "--limit", "512",
+                  "--overwrite"])  # fmt: skip
     run = CACHE / "run-bench"
     shutil.rmtree(run, ignore_errors=True)
     common = ["--lr", "1e-5", "--beta", "0.1", "--epsilon", "0.01"]

@@ -84,16 +84,36 @@ def steps_and_loss(
     return steps, losses, z
 
 
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x with `rows` zero rows appended along dim 0 (works with symbolic sizes, unlike F.pad)."""
+    return torch.cat([x, x.new_zeros((rows, *x.shape[1:]))])
+
+
+def loss_grad_wrt_z(z: torch.Tensor, beta_i: torch.Tensor, label_smoothing: torch.Tensor) -> torch.Tensor:
+    """dℓ_i/dz_i of the per-pair loss of objective.md §4 (β_i held constant)."""
+    bz = beta_i * z
+    return beta_i * (-(1.0 - label_smoothing) * torch.sigmoid(-bz) + label_smoothing * torch.sigmoid(bz))
+
+
 class EpsDpoLoss(torch.nn.Module):
     """Wraps a causal LM: batch + cached sparse reference → ε-DPO loss and per-pair outputs.
 
     This is the module traced into `policy.train.onnx`. Outputs, in order: loss (mean over
     pairs; the joint graph differentiates it), logps, logps_plus, logps_minus [N], steps [B].
+
+    `lm_head_chunks = 0` is the dense computation (full [N, T, V] logits; autograd keeps them
+    for the backward pass). `lm_head_chunks = C > 0` never holds more than one [M/C, V] slice
+    of the logits: the output projection, log-softmax and the K+1 gathers run over C slices of
+    the M = N·(T−1) positions, and the gradient of the projection is attached by a surrogate
+    term built from per-token expectations (see `_chunked_surrogate`). The values are the same
+    computation; the gradients are the same up to float rounding (checked by `export.py
+    --verify` against the dense path in eager PyTorch).
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, lm_head_chunks: int = 0):
         super().__init__()
         self.model = model
+        self.lm_head_chunks = lm_head_chunks
 
     def forward(
         self,
@@ -109,19 +129,21 @@ class EpsDpoLoss(torch.nn.Module):
         label_smoothing,
         step_tolerance,
     ):
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        logp_next = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
         labels = input_ids[:, 1:]
+        topk_ids = ref_topk_ids[:, 1:, :]
+        if self.lm_head_chunks > 0:
+            hidden, weight, token_logps, p_topk, lse = self._chunked_logps(input_ids, attention_mask, topk_ids)
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            logp_next = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+            token_logps = label_logps(logp_next, labels)
+            p_topk = logp_next.detach().gather(-1, topk_ids)
         mask = loss_mask[:, 1:] > 0
-        token_logps = label_logps(logp_next, labels)
         zeros = torch.zeros_like(token_logps)
         logps = torch.where(mask, token_logps, zeros).sum(-1)
 
         # ε-step decision signals: no gradient (objective.md §2).
-        p_all = logp_next.detach()
         p_label = token_logps.detach()
-        topk_ids = ref_topk_ids[:, 1:, :]
-        p_topk = p_all.gather(-1, topk_ids)
         q_topk = ref_topk_logps[:, 1:, :]
         q_label = ref_token_logps[:, 1:]
         label_in_topk = (topk_ids == labels.unsqueeze(-1)).any(-1)
@@ -132,10 +154,86 @@ class EpsDpoLoss(torch.nn.Module):
             per_a.append(torch.where(mask, tok, zeros).sum(-1))
         logps_plus, logps_minus = per_a
 
-        steps, losses, _ = steps_and_loss(
+        steps, losses, z = steps_and_loss(
             logps, logps_plus, logps_minus, ref_logps, beta, epsilon, label_smoothing, step_tolerance
         )
-        return losses.mean(), logps.detach(), logps_plus, logps_minus, steps
+        loss = losses.mean()
+        if self.lm_head_chunks > 0:
+            b = z.shape[0]
+            beta_i = beta / (1.0 + epsilon * steps.to(z.dtype))
+            dz = loss_grad_wrt_z(z.detach(), beta_i, label_smoothing) / b
+            coef = torch.cat([dz, -dz]).unsqueeze(-1) * mask.to(z.dtype)  # dL/d token_logps [N, T-1]
+            surrogate = self._chunked_surrogate(hidden, weight, labels, lse, coef)
+            loss = loss.detach() + (surrogate - surrogate.detach())
+        return loss, logps.detach(), logps_plus, logps_minus, steps
+
+    def _chunk_bounds(self, m):
+        """Slice size and padded length so that C slices of equal size cover m positions."""
+        size = (m + self.lm_head_chunks - 1) // self.lm_head_chunks
+        return size, size * self.lm_head_chunks
+
+    def _chunked_logps(self, input_ids, attention_mask, topk_ids):
+        """Label and top-K log-probs without materialising [N, T, V] (values only, no gradient).
+
+        Returns the differentiable final hidden states [M, H], the output projection W [V, H],
+        token log-probs [N, T-1] (detached), policy log-probs at the cached ids [N, T-1, K] and
+        the per-position log-normaliser [M_padded] the surrogate reuses.
+        """
+        base = self.model.get_decoder()
+        weight = self.model.get_output_embeddings().weight
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1, :]
+        n, t1, h = hidden.shape
+        k = topk_ids.shape[-1]
+        m = n * t1
+        hidden = hidden.reshape(m, h)
+        size, padded = self._chunk_bounds(m)
+        pad = padded - m
+        h_pad = pad_rows(hidden.detach(), pad)
+        y_pad = pad_rows(input_ids[:, 1:].reshape(m), pad)
+        ids_pad = pad_rows(topk_ids.reshape(m, k), pad)
+        w = weight.detach()
+        labels_out, topk_out, lse_out = [], [], []
+        for c in range(self.lm_head_chunks):
+            rows = slice(c * size, (c + 1) * size)
+            logits = (h_pad[rows] @ w.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            labels_out.append(logits.gather(-1, y_pad[rows].unsqueeze(-1)).squeeze(-1) - lse)
+            topk_out.append(logits.gather(-1, ids_pad[rows]) - lse.unsqueeze(-1))
+            lse_out.append(lse)
+        token_logps = torch.cat(labels_out)[:m].reshape(n, t1)
+        p_topk = torch.cat(topk_out)[:m].reshape(n, t1, k)
+        return hidden, weight, token_logps, p_topk, torch.cat(lse_out)
+
+    def _chunked_surrogate(self, hidden, weight, labels, lse, coef):
+        """A scalar whose gradient is Σ_t coef_t · ∇ log p(y_t) (its value is discarded).
+
+        With P_t = softmax(W h_t) and E_t = Σ_v P_tv W_v:
+          ∂ log p(y_t)/∂h_t = W[y_t] − E_t,   ∂ log p(y_t)/∂W_v = h_t (1[v = y_t] − P_tv).
+        E_t [M, H] and G = Σ_t coef_t P_t ⊗ h_t [V, H] are computed slice by slice under
+        stop-gradient, so surrogate = Σ_t coef_t h_t·(W[y_t] − E_t) − ⟨W, G⟩ has exactly that
+        gradient. The logits are recomputed here as W·hᵀ (transposed) so that graph optimisers
+        do not merge them with the forward slices and keep those alive.
+        """
+        m, h = hidden.shape
+        size, padded = self._chunk_bounds(m)
+        pad = padded - m
+        h_pad = pad_rows(hidden.detach(), pad)
+        c_pad = pad_rows(coef.reshape(m), pad)
+        w = weight.detach()
+        expect_out = []
+        grad_w = None
+        for c in range(self.lm_head_chunks):
+            rows = slice(c * size, (c + 1) * size)
+            h_c = h_pad[rows]
+            probs_t = torch.exp((w @ h_c.t()).float() - lse[rows].unsqueeze(0))  # [V, size]
+            expect_out.append(probs_t.t() @ w)
+            part = probs_t @ (c_pad[rows].unsqueeze(-1) * h_c)
+            grad_w = part if grad_w is None else grad_w + part
+        expect = torch.cat(expect_out)[:m]
+        y = labels.reshape(m)
+        c_tok = coef.reshape(m)
+        per_token = (hidden * (weight[y] - expect)).sum(-1)
+        return (c_tok * per_token).sum() - (weight * grad_w).sum()
 
 
 def full_logps_next(model, input_ids, attention_mask) -> torch.Tensor:

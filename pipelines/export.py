@@ -217,7 +217,7 @@ def finish_onnx(onnx_program, param_names: set[str], output_names: list[str], op
     return model
 
 
-def export_train_graph(untied, out: Path, optimize: bool, example):
+def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunks: int):
     import torch
     import torch.export.experimental  # noqa: F401  (registers _export_forward_backward)
     import torch.utils._pytree as pytree
@@ -227,7 +227,7 @@ def export_train_graph(untied, out: Path, optimize: bool, example):
 
     from edpo_objective import EpsDpoLoss
 
-    module = EpsDpoLoss(untied)
+    module = EpsDpoLoss(untied, lm_head_chunks)
     b = Dim("B", min=2)
     n, t, k = 2 * b, Dim("T", min=3), Dim("K")
     dynamic = (
@@ -552,7 +552,7 @@ def export(args) -> None:
     export_reference_graph(untied, out / REFERENCE_FILE, out / PARAMS_FILE, args.optimize, (ids[:3], attn[:3]))
     t_ref = time.time() - t0
     t0 = time.time()
-    grad_of = export_train_graph(untied, out / TRAIN_FILE, args.optimize, example)
+    grad_of = export_train_graph(untied, out / TRAIN_FILE, args.optimize, example, args.lm_head_chunks)
     t_train = time.time() - t0
 
     goldens = compute_goldens(model, untied, args.topk_default)
@@ -591,6 +591,7 @@ def export(args) -> None:
         "goldens": {"file": GOLDENS_FILE, "tolerances": TOLERANCES},
         "export": {
             "optimized": bool(args.optimize),
+            "lm_head_chunks": args.lm_head_chunks,
             "seconds_reference": round(t_ref, 2),
             "seconds_train": round(t_train, 2),
             "seconds_total": None,
@@ -694,6 +695,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", help="folder with tokenizer.json if not in --model")
     parser.add_argument("--topk-default", type=int, default=16, help="default K for prep (default 16)")
     parser.add_argument("--random-init", type=int, metavar="SEED", help="ignore weights; initialise from config with SEED")
+    parser.add_argument(
+        "--lm-head-chunks", type=int, default=16, metavar="C",
+        help="slices of the output projection in the training graph (0 = dense [N,T,V] logits; default 16)",
+    )  # fmt: skip
     parser.add_argument("--optimize", action="store_true", help="run the onnxscript optimiser on both graphs (slow for deep models)")
     parser.add_argument("--verify", metavar="BUNDLE", help="run the bundle's graphs in onnxruntime against its goldens")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
@@ -709,6 +714,8 @@ def main(argv=None) -> int:
         parser.error("--model and --out are required (or --verify BUNDLE)")
     if args.topk_default < 1:
         fail("`--topk-default` must be ≥ 1")
+    if args.lm_head_chunks < 0:
+        fail("`--lm-head-chunks` must be ≥ 0 (0 = dense logits)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     export(args)
     return 0

@@ -269,8 +269,6 @@ pub struct TrainOutputs {
     pub logps_plus: Array1<f32>,
     pub logps_minus: Array1<f32>,
     pub steps: Array1<i64>,
-    /// d loss / d θ for every stored parameter, in `ParamStore` order (tied weights summed).
-    pub grads: Vec<Vec<f32>>,
 }
 
 /// The joint forward+backward ε-DPO graph.
@@ -329,11 +327,16 @@ impl TrainGraph {
     }
 
     /// Runs forward + backward for one micro-batch at parameters `params`.
+    /// Runs the joint graph on one micro-batch and adds `weight` · d loss / d θ to `grad_acc`
+    /// (one buffer per stored parameter, in `ParamStore` order; tied weights get both
+    /// gradients). Accumulating in place keeps one gradient-sized buffer alive, not three.
     pub fn run(
         &mut self,
         params: &ParamStore,
         batch: &TrainBatch,
         settings: &LossSettings,
+        grad_acc: &mut [Vec<f32>],
+        weight: f32,
     ) -> Result<TrainOutputs, GraphError> {
         let file = self.file.clone();
         let run_err = |e: ort::Error| GraphError::Run {
@@ -443,11 +446,16 @@ impl TrainGraph {
                 .iter()
                 .copied(),
         );
-        let mut grads: Vec<Vec<f32>> = params
-            .params
-            .iter()
-            .map(|p| vec![0.0; p.data.len()])
-            .collect();
+        if grad_acc.len() != params.params.len() {
+            return Err(GraphError::Batch {
+                file: file.clone(),
+                message: format!(
+                    "{} gradient buffers for {} parameters",
+                    grad_acc.len(),
+                    params.params.len()
+                ),
+            });
+        }
         for (out_name, stored) in &self.grad_outputs {
             let slot = params.position(stored).ok_or_else(|| GraphError::Batch {
                 file: file.clone(),
@@ -461,8 +469,8 @@ impl TrainGraph {
                     name: out_name.clone(),
                     dtype: "float32",
                 })?;
-            for (acc, g) in grads[slot].iter_mut().zip(value.1) {
-                *acc += *g;
+            for (acc, g) in grad_acc[slot].iter_mut().zip(value.1) {
+                *acc += weight * *g;
             }
         }
         Ok(TrainOutputs {
@@ -471,7 +479,6 @@ impl TrainGraph {
             logps_plus: vec1("logps_plus")?,
             logps_minus: vec1("logps_minus")?,
             steps,
-            grads,
         })
     }
 }

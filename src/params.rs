@@ -76,6 +76,14 @@ impl ParamStore {
         self.params.is_empty()
     }
 
+    /// One zero-filled buffer per parameter (gradients, optimiser moments), in store order.
+    pub fn zeros_like(&self) -> Vec<Vec<f32>> {
+        self.params
+            .iter()
+            .map(|p| vec![0.0; p.data.len()])
+            .collect()
+    }
+
     pub fn num_elements(&self) -> usize {
         self.params.iter().map(|p| p.data.len()).sum()
     }

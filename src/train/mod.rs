@@ -205,11 +205,7 @@ impl Trainer<'_> {
             label_smoothing: self.cfg.label_smoothing as f32,
             step_tolerance: self.cfg.step_tolerance as f32,
         };
-        let mut grads: Vec<Vec<f32>> = params
-            .params
-            .iter()
-            .map(|p| vec![0.0; p.data.len()])
-            .collect();
+        let mut grads: Vec<Vec<f32>> = params.zeros_like();
         let mut loss = 0.0f64;
         let mut finite = true;
         let mut records = Vec::with_capacity(plan.num_pairs());
@@ -230,18 +226,14 @@ impl Trainer<'_> {
                     data::online_batch(seq, scores)
                 }
             };
-            let out = self.train.run(params, &batch, &settings)?;
             let weight = mb.len() as f64 / total;
+            let out = self
+                .train
+                .run(params, &batch, &settings, &mut grads, weight as f32)?;
             if !out.loss.is_finite() {
                 finite = false;
             }
             loss += weight * f64::from(out.loss);
-            let w = weight as f32;
-            for (acc, g) in grads.iter_mut().zip(&out.grads) {
-                for (a, v) in acc.iter_mut().zip(g) {
-                    *a += w * v;
-                }
-            }
             let b = pairs.len();
             for (j, pair) in pairs.iter().enumerate() {
                 let k = out.steps[j].clamp(-1, 1) as i8;

@@ -65,16 +65,8 @@ impl AdamW {
         AdamW {
             config,
             step: 0,
-            exp_avg: params
-                .params
-                .iter()
-                .map(|p| vec![0.0; p.data.len()])
-                .collect(),
-            exp_avg_sq: params
-                .params
-                .iter()
-                .map(|p| vec![0.0; p.data.len()])
-                .collect(),
+            exp_avg: params.zeros_like(),
+            exp_avg_sq: params.zeros_like(),
         }
     }
 

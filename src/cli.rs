@@ -31,6 +31,7 @@ pub enum Command {
     /// Score preference data once with the reference model into resumable Parquet shards.
     ///
     /// Rerunning the same command resumes: complete shards are kept, missing ones written.
+    /// Flags override `--config FILE` (TOML, keys named like the flags).
     Prep(PrepArgs),
     /// Train with ε-DPO over prep shards through the bundle's joint graph.
     ///
@@ -48,39 +49,47 @@ pub enum Command {
     Inspect(InspectArgs),
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, Default, clap::Args, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct PrepArgs {
     /// Model bundle folder written by `pipelines/export.py`.
     #[arg(long, env = "EDPO_MODEL")]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
 
     /// Input data: a Parquet or JSONL file, a folder of them, or a glob. May repeat.
-    #[arg(long, required = true)]
+    #[arg(long)]
+    #[serde(default)]
     pub data: Vec<PathBuf>,
 
     /// Output folder for `part-*.parquet` shards and `manifest.json`.
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
 
-    /// Data format: auto-detected from the first row unless given.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub format: edpo::data::Format,
+    /// TOML file with any of these settings (flags win).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
 
-    /// Column holding the prompt (plain text, messages, or token ids).
-    #[arg(long, default_value = "prompt")]
-    pub prompt_column: String,
+    /// Data format: auto-detected from the first row unless given [default: auto].
+    #[arg(long, value_enum)]
+    pub format: Option<edpo::data::Format>,
 
-    /// Column holding the chosen response.
-    #[arg(long, default_value = "chosen")]
-    pub chosen_column: String,
+    /// Column holding the prompt (plain text, messages, or token ids) [default: prompt].
+    #[arg(long)]
+    pub prompt_column: Option<String>,
 
-    /// Column holding the rejected response.
-    #[arg(long, default_value = "rejected")]
-    pub rejected_column: String,
+    /// Column holding the chosen response [default: chosen].
+    #[arg(long)]
+    pub chosen_column: Option<String>,
 
-    /// Optional column with a stable pair id (else the id derives from file name and row).
-    #[arg(long, default_value = "id")]
-    pub id_column: String,
+    /// Column holding the rejected response [default: rejected].
+    #[arg(long)]
+    pub rejected_column: Option<String>,
+
+    /// Optional column with a stable pair id (else the id derives from file name and row)
+    /// [default: id].
+    #[arg(long)]
+    pub id_column: Option<String>,
 
     /// Maximum prompt + response tokens; responses are cut at the end.
     #[arg(long)]
@@ -94,17 +103,17 @@ pub struct PrepArgs {
     #[arg(long)]
     pub topk: Option<usize>,
 
-    /// Where the reference graph runs: `cpu`, `cuda` or `cuda:N`.
-    #[arg(long, default_value = "cpu", env = "EDPO_DEVICE")]
-    pub device: String,
+    /// Where the reference graph runs: `cpu`, `cuda` or `cuda:N` [default: cpu].
+    #[arg(long, env = "EDPO_DEVICE")]
+    pub device: Option<String>,
 
-    /// Token budget of one scoring batch (rows × padded length).
-    #[arg(long, default_value_t = 8192)]
-    pub batch_tokens: usize,
+    /// Token budget of one scoring batch (rows × padded length) [default: 8192].
+    #[arg(long)]
+    pub batch_tokens: Option<usize>,
 
-    /// Input rows per shard.
-    #[arg(long, default_value_t = 2048)]
-    pub shard_size: usize,
+    /// Input rows per shard [default: 2048].
+    #[arg(long)]
+    pub shard_size: Option<usize>,
 
     /// Use only the first N input rows.
     #[arg(long)]
@@ -112,10 +121,12 @@ pub struct PrepArgs {
 
     /// Replace shards in `--out` that were made with other settings or another model.
     #[arg(long)]
+    #[serde(default)]
     pub overwrite: bool,
 
     /// Print the summary as JSON.
     #[arg(long)]
+    #[serde(skip)]
     pub json: bool,
 }
 
@@ -341,6 +352,15 @@ pub struct StudyKArgs {
     /// Use at most this many pairs.
     #[arg(long, default_value_t = 200)]
     pub limit: usize,
+
+    /// Cache estimates to compare, comma-separated: topk (what training uses), sampled,
+    /// head-tail.
+    #[arg(long, value_enum, default_value = "topk", value_delimiter = ',')]
+    pub estimators: Vec<edpo::study::Estimator>,
+
+    /// Seed of the reference draws of the sampled estimators.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 
     /// Print the result as JSON.
     #[arg(long)]

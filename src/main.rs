@@ -131,6 +131,8 @@ fn run(cli: cli::Cli) -> anyhow::Result<u8> {
                 epsilon: args.epsilon,
                 step_tolerance: args.step_tolerance,
                 limit: args.limit,
+                estimators: args.estimators,
+                seed: args.seed,
                 session: SessionConfig {
                     device: Device::Cpu,
                     threads: cli.threads,
@@ -212,33 +214,79 @@ fn verify(args: &cli::VerifyArgs, threads: usize) -> anyhow::Result<u8> {
     Ok(if report.passed() { 0 } else { 1 })
 }
 
-fn prep(args: &cli::PrepArgs, threads: usize, quiet: bool) -> anyhow::Result<u8> {
-    let config = edpo::prep::PrepConfig {
-        model: args.model.clone(),
-        data: args.data.clone(),
-        out: args.out.clone(),
-        format: args.format,
+/// Reads a `--config` TOML file into the command's argument type (keys named like the flags).
+fn read_config<T: serde::de::DeserializeOwned + Default>(
+    path: Option<&std::path::Path>,
+) -> Result<T, ConfigError> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Flags over the TOML file over the defaults, for `edpo prep`.
+fn resolve_prep(
+    args: &cli::PrepArgs,
+    threads: usize,
+    quiet: bool,
+) -> anyhow::Result<edpo::prep::PrepConfig> {
+    let file: cli::PrepArgs = read_config(args.config.as_deref())?;
+    macro_rules! pick {
+        ($field:ident, $default:expr) => {
+            args.$field
+                .clone()
+                .or(file.$field.clone())
+                .unwrap_or($default)
+        };
+        ($field:ident) => {
+            args.$field.clone().or(file.$field.clone())
+        };
+    }
+    let data = if args.data.is_empty() {
+        file.data.clone()
+    } else {
+        args.data.clone()
+    };
+    if data.is_empty() {
+        return Err(ConfigError::Missing("data").into());
+    }
+    Ok(edpo::prep::PrepConfig {
+        model: pick!(model).ok_or(ConfigError::Missing("model"))?,
+        data,
+        out: pick!(out).ok_or(ConfigError::Missing("out"))?,
+        format: pick!(format, edpo::data::Format::Auto),
         columns: edpo::data::Columns {
-            prompt: args.prompt_column.clone(),
-            chosen: args.chosen_column.clone(),
-            rejected: args.rejected_column.clone(),
-            id: args.id_column.clone(),
+            prompt: pick!(prompt_column, "prompt".into()),
+            chosen: pick!(chosen_column, "chosen".into()),
+            rejected: pick!(rejected_column, "rejected".into()),
+            id: pick!(id_column, "id".into()),
         },
         truncation: edpo::data::tokenize::Truncation {
-            max_length: args.max_length,
-            max_prompt_length: args.max_prompt_length,
+            max_length: pick!(max_length),
+            max_prompt_length: pick!(max_prompt_length),
         },
-        topk: args.topk,
+        topk: pick!(topk),
         session: SessionConfig {
-            device: args.device.parse()?,
+            device: pick!(device, "cpu".to_string()).parse()?,
             threads,
         },
-        batch_tokens: args.batch_tokens,
-        shard_size: args.shard_size,
-        limit: args.limit,
-        overwrite: args.overwrite,
+        batch_tokens: pick!(batch_tokens, 8192),
+        shard_size: pick!(shard_size, 2048),
+        limit: pick!(limit),
+        overwrite: args.overwrite || file.overwrite,
         quiet: quiet || args.json,
-    };
+    })
+}
+
+fn prep(args: &cli::PrepArgs, threads: usize, quiet: bool) -> anyhow::Result<u8> {
+    let config = resolve_prep(args, threads, quiet)?;
     if threads > 0 {
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -289,19 +337,7 @@ fn resolve_train(
     threads: usize,
     quiet: bool,
 ) -> anyhow::Result<edpo::train::TrainConfig> {
-    let file: cli::TrainArgs = match &args.config {
-        None => cli::TrainArgs::default(),
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            })?;
-            toml::from_str(&text).map_err(|e| ConfigError::File {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            })?
-        }
-    };
+    let file: cli::TrainArgs = read_config(args.config.as_deref())?;
     macro_rules! pick {
         ($field:ident, $default:expr) => {
             args.$field

@@ -154,3 +154,53 @@ fn inspect_reports_shards_and_plain_parquet() {
     );
     assert!(String::from_utf8_lossy(&table.stdout).contains("1200 rows"));
 }
+
+#[test]
+fn prep_reads_a_config_file_and_flags_win_over_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    let config = tmp.path().join("prep.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = {:?}\ndata = [{:?}]\nout = {:?}\ntopk = 4\nlimit = 12\nshard-size = 6\n",
+            sample_bundle(),
+            repo_root().join("data-samples/prefs/train.plain.jsonl"),
+            shards,
+        ),
+    )
+    .unwrap();
+    // The file alone is a complete command; --limit on the command line wins over its 12.
+    let out = run_ok(
+        edpo()
+            .args(["--quiet", "prep", "--json", "--limit", "8", "--config"])
+            .arg(&config),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["pairs_written"], 8);
+    assert_eq!(v["topk"], 4);
+    assert_eq!(v["shards"], 2);
+
+    // An unknown key is a usage error that names the file and the key.
+    std::fs::write(&config, "modle = \"x\"\n").unwrap();
+    let out = edpo()
+        .args(["prep", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("prep.toml") && err.contains("modle"), "{err}");
+
+    // Without --data anywhere: the message says where it may come from.
+    std::fs::write(&config, "topk = 4\n").unwrap();
+    let out = edpo()
+        .args(["prep", "--out", "x", "--model"])
+        .arg(sample_bundle())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`--data` is required"));
+}

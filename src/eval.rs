@@ -13,8 +13,8 @@ use serde::Serialize;
 use crate::bundle::{Bundle, BundleError};
 use crate::graphs::{GraphError, ReferenceGraph};
 use crate::objective;
-use crate::prep::bucket_batches;
 use crate::runtime::SessionConfig;
+use crate::scoring::score_sequences;
 use crate::shards::{read_shard, ShardError};
 use crate::train::data::{ShardSet, TrainDataError};
 use crate::train::metrics::RunTable;
@@ -94,40 +94,36 @@ pub fn run(cfg: &EvalConfig) -> Result<EvalReport, EvalError> {
     };
     let mut graph = ReferenceGraph::new(&bundle, params.as_ref(), &cfg.session)?;
     let special = &bundle.manifest.special_tokens;
-    let pad = i64::from(special.pad.id.or(special.eos.id).unwrap_or(0));
+    let pad = special.pad.id.or(special.eos.id).unwrap_or(0);
     let mut scores: Vec<PairScore> = Vec::with_capacity(set.pairs.len());
     let (mut ratio_sum, mut ratio_tokens) = (0.0f64, 0u64);
     for file in &set.files {
         let pairs = read_shard(file)?;
-        let seqs: Vec<(Vec<u32>, usize)> = pairs
+        // Sequence 2n is pair n's chosen response, 2n + 1 its rejected one.
+        let seqs: Vec<Vec<u32>> = pairs
             .iter()
             .flat_map(|p| {
                 [&p.pair.chosen_ids, &p.pair.rejected_ids].map(|r| {
                     let mut ids = p.pair.prompt_ids.clone();
                     ids.extend_from_slice(r);
-                    (ids, p.pair.prompt_ids.len())
+                    ids
                 })
             })
             .collect();
-        let lengths: Vec<usize> = seqs.iter().map(|s| s.0.len()).collect();
         let mut seq_token_logps: Vec<Vec<f32>> = vec![Vec::new(); seqs.len()];
-        for batch in bucket_batches(&lengths, cfg.batch_tokens) {
-            let t = batch.iter().map(|&i| lengths[i]).max().unwrap_or(0);
-            let mut ids = ndarray::Array2::<i64>::from_elem((batch.len(), t), pad);
-            let mut mask = ndarray::Array2::<i64>::zeros((batch.len(), t));
-            for (r, &i) in batch.iter().enumerate() {
-                for (j, &tok) in seqs[i].0.iter().enumerate() {
-                    ids[[r, j]] = i64::from(tok);
-                    mask[[r, j]] = 1;
-                }
-            }
-            let out = graph.score(ids.view(), mask.view(), 1)?;
-            for (r, &i) in batch.iter().enumerate() {
-                seq_token_logps[i] = (seqs[i].1..lengths[i])
-                    .map(|t| out.token_logps[[r, t]])
+        score_sequences(
+            &mut graph,
+            &seqs,
+            1,
+            cfg.batch_tokens,
+            pad,
+            |i, out, row| {
+                let prompt_len = pairs[i / 2].pair.prompt_ids.len();
+                seq_token_logps[i] = (prompt_len..seqs[i].len())
+                    .map(|t| out.token_logps[[row, t]])
                     .collect();
-            }
-        }
+            },
+        )?;
         for (n, p) in pairs.iter().enumerate() {
             let chosen_tokens = &seq_token_logps[2 * n];
             let sum = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>();

@@ -17,6 +17,7 @@ pub mod progress;
 pub mod report;
 pub mod runtime;
 mod runtime_cuda;
+pub mod scoring;
 pub mod shards;
 pub mod study;
 pub mod train;

@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ndarray::Array2;
 use serde_json::json;
 
 use crate::bundle::{Bundle, BundleError};
@@ -21,6 +20,7 @@ use crate::data::{DataError, PairInput, SkipReason};
 use crate::graphs::{GraphError, ReferenceGraph};
 use crate::progress::Progress;
 use crate::runtime::SessionConfig;
+use crate::scoring::{score_sequences, BatchStats};
 use crate::shards::{
     list_shards, read_metadata, shard_file_name, write_shard, ScoredPair, ShardError,
     ShardManifest, ShardStats,
@@ -304,45 +304,6 @@ impl ShardReader<'_> {
     }
 }
 
-/// One sequence to score: a pair's prompt + one response.
-struct Sequence {
-    pair: usize,
-    rejected: bool,
-    prompt_len: usize,
-    ids: Vec<u32>,
-}
-
-/// Padding statistics of a set of batches.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct BatchStats {
-    pub sequence_tokens: u64,
-    pub padded_tokens: u64,
-}
-
-/// Groups sequence indices into batches of similar length under a token budget
-/// (rows × longest length ≤ budget; a sequence longer than the budget is batched alone).
-pub fn bucket_batches(lengths: &[usize], budget: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..lengths.len()).collect();
-    order.sort_by_key(|&i| (std::cmp::Reverse(lengths[i]), i));
-    let mut batches = Vec::new();
-    let mut current: Vec<usize> = Vec::new();
-    let mut longest = 0;
-    for i in order {
-        let len = lengths[i];
-        let new_longest = longest.max(len);
-        if !current.is_empty() && (current.len() + 1) * new_longest > budget {
-            batches.push(std::mem::take(&mut current));
-            longest = 0;
-        }
-        longest = longest.max(len);
-        current.push(i);
-    }
-    if !current.is_empty() {
-        batches.push(current);
-    }
-    batches
-}
-
 /// Scores the pairs of one shard with the reference graph.
 fn score_pairs(
     graph: &mut ReferenceGraph,
@@ -351,19 +312,17 @@ fn score_pairs(
     batch_tokens: usize,
     pad_id: u32,
 ) -> Result<(Vec<ScoredPair>, BatchStats), PrepError> {
-    let mut seqs = Vec::with_capacity(pairs.len() * 2);
-    for (i, p) in pairs.iter().enumerate() {
-        for (rejected, response) in [(false, &p.chosen_ids), (true, &p.rejected_ids)] {
-            let mut ids = p.prompt_ids.clone();
-            ids.extend_from_slice(response);
-            seqs.push(Sequence {
-                pair: i,
-                rejected,
-                prompt_len: p.prompt_ids.len(),
-                ids,
-            });
-        }
-    }
+    // Sequence 2i is pair i's chosen response, 2i + 1 its rejected one.
+    let seqs: Vec<Vec<u32>> = pairs
+        .iter()
+        .flat_map(|p| {
+            [&p.chosen_ids, &p.rejected_ids].map(|response| {
+                let mut ids = p.prompt_ids.clone();
+                ids.extend_from_slice(response);
+                ids
+            })
+        })
+        .collect();
     let mut scored: Vec<ScoredPair> = pairs
         .into_iter()
         .map(|pair| ScoredPair {
@@ -379,49 +338,31 @@ fn score_pairs(
             k,
         })
         .collect();
-    let lengths: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
-    let mut stats = BatchStats::default();
-    for batch in bucket_batches(&lengths, batch_tokens) {
-        let t = batch.iter().map(|&i| lengths[i]).max().unwrap_or(0);
-        let n = batch.len();
-        let mut ids = Array2::<i64>::from_elem((n, t), i64::from(pad_id));
-        let mut mask = Array2::<i64>::zeros((n, t));
-        for (row, &si) in batch.iter().enumerate() {
-            for (j, &tok) in seqs[si].ids.iter().enumerate() {
-                ids[[row, j]] = i64::from(tok);
-                mask[[row, j]] = 1;
+    let stats = score_sequences(graph, &seqs, k, batch_tokens, pad_id, |si, out, row| {
+        let target = &mut scored[si / 2];
+        let range = target.pair.prompt_ids.len()..seqs[si].len();
+        let token_logps: Vec<f32> = range.clone().map(|t| out.token_logps[[row, t]]).collect();
+        let mut topk_ids = Vec::with_capacity(range.len() * k);
+        let mut topk_logps = Vec::with_capacity(range.len() * k);
+        for t in range {
+            for j in 0..k {
+                topk_ids.push(out.topk_ids[[row, t, j]] as u32);
+                topk_logps.push(out.topk_logps[[row, t, j]]);
             }
         }
-        stats.sequence_tokens += batch.iter().map(|&i| lengths[i] as u64).sum::<u64>();
-        stats.padded_tokens += (n * t) as u64;
-        let out = graph.score(ids.view(), mask.view(), k as i64)?;
-        for (row, &si) in batch.iter().enumerate() {
-            let seq = &seqs[si];
-            let range = seq.prompt_len..seq.ids.len();
-            let token_logps: Vec<f32> = range.clone().map(|t| out.token_logps[[row, t]]).collect();
-            let mut topk_ids = Vec::with_capacity(range.len() * k);
-            let mut topk_logps = Vec::with_capacity(range.len() * k);
-            for t in range {
-                for j in 0..k {
-                    topk_ids.push(out.topk_ids[[row, t, j]] as u32);
-                    topk_logps.push(out.topk_logps[[row, t, j]]);
-                }
-            }
-            let total = token_logps.iter().map(|&v| f64::from(v)).sum::<f64>() as f32;
-            let target = &mut scored[seq.pair];
-            if seq.rejected {
-                target.ref_rejected_logps = total;
-                target.ref_rejected_token_logps = token_logps;
-                target.ref_rejected_topk_ids = topk_ids;
-                target.ref_rejected_topk_logps = topk_logps;
-            } else {
-                target.ref_chosen_logps = total;
-                target.ref_chosen_token_logps = token_logps;
-                target.ref_chosen_topk_ids = topk_ids;
-                target.ref_chosen_topk_logps = topk_logps;
-            }
+        let total = token_logps.iter().map(|&v| f64::from(v)).sum::<f64>() as f32;
+        if si % 2 == 1 {
+            target.ref_rejected_logps = total;
+            target.ref_rejected_token_logps = token_logps;
+            target.ref_rejected_topk_ids = topk_ids;
+            target.ref_rejected_topk_logps = topk_logps;
+        } else {
+            target.ref_chosen_logps = total;
+            target.ref_chosen_token_logps = token_logps;
+            target.ref_chosen_topk_ids = topk_ids;
+            target.ref_chosen_topk_logps = topk_logps;
         }
-    }
+    })?;
     Ok((scored, stats))
 }
 
@@ -660,24 +601,4 @@ pub fn run(cfg: &PrepConfig) -> Result<PrepSummary, PrepError> {
     summary.pairs_per_second = scored_now.0 as f64 / secs;
     summary.tokens_per_second = scored_now.1 as f64 / secs;
     Ok(summary)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn buckets_respect_the_budget_and_cover_every_sequence() {
-        let lengths = [5, 100, 7, 6, 98, 3, 300];
-        let batches = bucket_batches(&lengths, 200);
-        let mut all: Vec<usize> = batches.iter().flatten().copied().collect();
-        all.sort();
-        assert_eq!(all, (0..lengths.len()).collect::<Vec<_>>());
-        for b in &batches {
-            let longest = b.iter().map(|&i| lengths[i]).max().unwrap();
-            assert!(b.len() == 1 || b.len() * longest <= 200, "{b:?}");
-        }
-        // Similar lengths share batches: the two ~100-token sequences go together.
-        assert!(batches.iter().any(|b| b.contains(&1) && b.contains(&4)));
-    }
 }

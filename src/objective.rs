@@ -66,6 +66,79 @@ pub fn sparse_perturbed_logp(
     a * p_label + (1.0 - a) * q_label - logsumexp(&mixed)
 }
 
+/// log of the sampled estimate of E_{v∼q}[exp(a·(p(v) − q(v)))] from draws v_j of a reference
+/// distribution q (the whole reference, or its restriction to a tail). Plain: the sample mean
+/// (unbiased for the expectation). Self-normalised: the same sum divided by the a = 1 sum
+/// Σ_j exp(p(v_j) − q(v_j)), i.e. the expectation relative to its value at a = 1, which the
+/// caller knows exactly (the policy's own mass); sharing the draws cancels most of the noise.
+fn log_sampled_mix(a: f64, p_samples: &[f64], q_samples: &[f64], self_normalised: bool) -> f64 {
+    let diff: Vec<f64> = p_samples
+        .iter()
+        .zip(q_samples)
+        .map(|(p, q)| p - q)
+        .collect();
+    let scaled: Vec<f64> = diff.iter().map(|d| a * d).collect();
+    if self_normalised {
+        logsumexp(&scaled) - logsumexp(&diff)
+    } else {
+        logsumexp(&scaled) - (diff.len() as f64).ln()
+    }
+}
+
+/// The sampled alternative to §7 (studied by `edpo study-k`, not used in training): the
+/// normaliser Σ_v exp(a·p(v) + (1−a)·q(v)) = E_{v∼π_ref}[exp(a·(p(v) − q(v)))] estimated from
+/// ids drawn from the reference and the policy and reference log-probs at those ids (see
+/// `log_sampled_mix`; self-normalised, the a = 1 value is the policy's total mass, 1).
+pub fn sampled_perturbed_logp(
+    a: f64,
+    p_label: f64,
+    q_label: f64,
+    p_samples: &[f64],
+    q_samples: &[f64],
+    self_normalised: bool,
+) -> f64 {
+    a * p_label + (1.0 - a) * q_label - log_sampled_mix(a, p_samples, q_samples, self_normalised)
+}
+
+/// Head exact, tail sampled (studied by `edpo study-k`, not used in training): S = top ids ∪
+/// {label} is summed exactly as in §7; the rest of the normaliser, Σ_{v∉S} q(v)·exp(a·(p(v) −
+/// q(v))), is estimated from ids drawn from the reference restricted to v ∉ S: R_ref times the
+/// sample mean (plain, unbiased), or R_θ times the self-normalised ratio (`log_sampled_mix`).
+/// No draws: the tail is taken as empty.
+#[allow(clippy::too_many_arguments)]
+pub fn head_tail_perturbed_logp(
+    a: f64,
+    p_label: f64,
+    q_label: f64,
+    p_top: &[f64],
+    q_top: &[f64],
+    label_in_top: bool,
+    p_tail_samples: &[f64],
+    q_tail_samples: &[f64],
+    self_normalised: bool,
+) -> f64 {
+    let mut p_set: Vec<f64> = p_top.to_vec();
+    let mut q_set: Vec<f64> = q_top.to_vec();
+    let mut mixed: Vec<f64> = p_top
+        .iter()
+        .zip(q_top)
+        .map(|(p, q)| a * p + (1.0 - a) * q)
+        .collect();
+    if !label_in_top {
+        p_set.push(p_label);
+        q_set.push(q_label);
+        mixed.push(a * p_label + (1.0 - a) * q_label);
+    }
+    if !p_tail_samples.is_empty() {
+        let set = if self_normalised { &p_set } else { &q_set };
+        let tail_mass = (1.0 - logsumexp(set).exp()).max(TAIL_FLOOR);
+        mixed.push(
+            tail_mass.ln() + log_sampled_mix(a, p_tail_samples, q_tail_samples, self_normalised),
+        );
+    }
+    a * p_label + (1.0 - a) * q_label - logsumexp(&mixed)
+}
+
 /// §3: δ = τ (1 + |s_θ(y_w)| + |s_θ(y_l)|).
 pub fn tolerance(step_tolerance: f64, logps_chosen: f64, logps_rejected: f64) -> f64 {
     step_tolerance * (1.0 + logps_chosen.abs() + logps_rejected.abs())
@@ -217,6 +290,97 @@ mod tests {
             // Tail tokens are equal within each distribution, so the tail is one merged token.
             assert!(sum_p_tail > 0.0 && sum_q_tail > 0.0);
             assert!((exact - sparse).abs() < 1e-9, "{exact} vs {sparse}");
+        }
+    }
+
+    #[test]
+    fn head_tail_estimate_is_exact_with_the_whole_head_and_no_tail() {
+        let mut seed = 11;
+        let v = 40;
+        let pl: Vec<f64> = (0..v).map(|_| 3.0 * lcg(&mut seed)).collect();
+        let ql: Vec<f64> = (0..v).map(|_| 3.0 * lcg(&mut seed)).collect();
+        let (p, q) = (log_softmax(&pl), log_softmax(&ql));
+        for a in [1.2, 0.8] {
+            let exact = exact_perturbed_logp(a, &pl, &ql, 5);
+            let est = head_tail_perturbed_logp(a, p[5], q[5], &p, &q, true, &[], &[], false);
+            assert!((exact - est).abs() < 1e-9, "{exact} vs {est}");
+        }
+    }
+
+    #[test]
+    fn sampled_normalisers_are_unbiased() {
+        // Enumerate the sampling distribution instead of drawing: with one draw, the expected
+        // normaliser estimate equals the exact normaliser, for the pure and the head-tail form.
+        let mut seed = 5;
+        let v = 30;
+        let pl: Vec<f64> = (0..v).map(|_| 2.0 * lcg(&mut seed)).collect();
+        let ql: Vec<f64> = (0..v).map(|_| 2.0 * lcg(&mut seed)).collect();
+        let (p, q) = (log_softmax(&pl), log_softmax(&ql));
+        let (a, label) = (1.3, 7);
+        let exact = exact_perturbed_logp(a, &pl, &ql, label);
+        let numerator = a * p[label] + (1.0 - a) * q[label];
+        let expected_z: f64 = (0..v)
+            .map(|j| {
+                q[j].exp()
+                    * (numerator
+                        - sampled_perturbed_logp(
+                            a,
+                            p[label],
+                            q[label],
+                            &p[j..=j],
+                            &q[j..=j],
+                            false,
+                        ))
+                    .exp()
+            })
+            .sum();
+        assert!((numerator - expected_z.ln() - exact).abs() < 1e-9);
+        // Head = ids 0..4 (label 7 outside it); tail draws ∝ q over the rest.
+        let head = 4;
+        let tail: Vec<usize> = (head..v).filter(|&j| j != label).collect();
+        let tail_mass: f64 = tail.iter().map(|&j| q[j].exp()).sum();
+        let expected_z: f64 = tail
+            .iter()
+            .map(|&j| {
+                let est = head_tail_perturbed_logp(
+                    a,
+                    p[label],
+                    q[label],
+                    &p[..head],
+                    &q[..head],
+                    false,
+                    &p[j..=j],
+                    &q[j..=j],
+                    false,
+                );
+                q[j].exp() / tail_mass * (numerator - est).exp()
+            })
+            .sum();
+        assert!((numerator - expected_z.ln() - exact).abs() < 1e-9);
+    }
+
+    #[test]
+    fn self_normalised_estimates_are_exact_when_the_draws_are_the_whole_tail() {
+        // Drawing every tail id once, weighted by its reference probability, is what the
+        // self-normalised ratio converges to; with equal reference probabilities over the
+        // tail the unweighted sum over all tail ids is that limit exactly.
+        let pl = [2.0, 1.0, 0.3, -0.4, 0.9, -1.2];
+        let ql = [1.0, 2.0, 0.0, -1.0, -1.0, -1.0];
+        let (p, q) = (log_softmax(&pl), log_softmax(&ql));
+        for a in [1.2, 0.8] {
+            let exact = exact_perturbed_logp(a, &pl, &ql, 2);
+            let est = head_tail_perturbed_logp(
+                a,
+                p[2],
+                q[2],
+                &p[..2],
+                &q[..2],
+                false,
+                &p[3..],
+                &q[3..],
+                true,
+            );
+            assert!((exact - est).abs() < 1e-9, "{exact} vs {est}");
         }
     }
 

@@ -6,15 +6,25 @@
 //! sparse estimates for every K are then computed in plain Rust (objective.rs) from the same
 //! numbers. Only the reference's top-K ids (the cache) and its label log-prob enter the sparse
 //! estimate, exactly as in training from shards.
+//!
+//! Two alternatives to the top-K cache can be compared at the same cache size (K ids and
+//! their reference log-probs per token): `sampled` (K ids drawn from the reference, an
+//! unbiased estimate of the normaliser) and `head-tail` (the K/2 most likely ids exact, K − K/2
+//! ids drawn from the rest of the reference); see objective.rs.
 
 use std::path::PathBuf;
 
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::bundle::Bundle;
 use crate::eval::EvalError;
 use crate::graphs::{ReferenceGraph, ScoreOutputs};
-use crate::objective::{logsumexp, sparse_perturbed_logp, step_direction, tolerance};
+use crate::objective::{
+    decision_margin, head_tail_perturbed_logp, logsumexp, sampled_perturbed_logp,
+    sparse_perturbed_logp, step_direction, tolerance,
+};
 use crate::runtime::SessionConfig;
 use crate::shards::read_shard;
 use crate::train::data::ShardSet;
@@ -31,12 +41,46 @@ pub struct StudyConfig {
     pub step_tolerance: f64,
     /// Use at most this many pairs.
     pub limit: usize,
+    /// Which cache estimates to compare with the exact step.
+    pub estimators: Vec<Estimator>,
+    /// Seed of the reference draws of the sampled estimators.
+    pub seed: u64,
     pub session: SessionConfig,
+}
+
+/// How the K cached ids of a token are chosen (and the normaliser estimated from them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Estimator {
+    /// The K most likely reference ids, tail merged (objective.md §7; what training uses).
+    Topk,
+    /// K ids drawn from the reference distribution; plain (unbiased) normaliser estimate.
+    Sampled,
+    /// The same draws, self-normalised by the a = 1 estimate.
+    SampledSn,
+    /// The K/2 most likely ids exact, K − K/2 ids drawn from the rest of the reference
+    /// (plain estimate of the rest).
+    HeadTail,
+    /// The same, with the rest self-normalised.
+    HeadTailSn,
+}
+
+impl Estimator {
+    fn label(self) -> &'static str {
+        match self {
+            Estimator::Topk => "top-K",
+            Estimator::Sampled => "sampled",
+            Estimator::SampledSn => "sampled, self-norm.",
+            Estimator::HeadTail => "head-tail",
+            Estimator::HeadTailSn => "head-tail, self-norm.",
+        }
+    }
 }
 
 /// Agreement of one K with the exact step.
 #[derive(Debug, Clone, Serialize)]
 pub struct KRow {
+    pub estimator: Estimator,
     pub k: usize,
     /// Percentage of pairs whose cached k equals the exact k.
     pub agreement_pct: f64,
@@ -44,6 +88,10 @@ pub struct KRow {
     pub confusion: [[u64; 3]; 3],
     pub mae_g_plus: f64,
     pub mae_g_minus: f64,
+    /// The largest exact decision margin (objective::decision_margin) among the pairs this
+    /// row decides differently from the exact step (0 when it agrees on every pair): how close
+    /// to a tie the pairs it gets wrong are.
+    pub max_disagreeing_margin: f64,
     /// Bytes cached per response token: K ids (u32) + K log-probs (f32) + the label log-prob.
     pub cache_bytes_per_token: usize,
 }
@@ -73,7 +121,28 @@ fn full_row(out: &ScoreOutputs, r: usize, t: usize, vocab: usize) -> Vec<f64> {
     v
 }
 
-/// Per-sequence sums: exact (a = 1+ε, 1−ε) and sparse for every K, plus the policy sum.
+/// Draws one id from the distribution whose cumulative probabilities are `cdf`.
+fn draw(cdf: &[f64], rng: &mut ChaCha8Rng) -> usize {
+    let u = rng.random::<f64>() * cdf[cdf.len() - 1];
+    cdf.partition_point(|&c| c <= u).min(cdf.len() - 1)
+}
+
+/// Up to `n` draws from the reference restricted to ids outside `head` (rejection from the
+/// full distribution; gives up after 64·n tries, when the rest holds almost no mass).
+fn draw_outside(cdf: &[f64], head: &[usize], n: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
+    let mut out = Vec::with_capacity(n);
+    let mut tries = 0;
+    while out.len() < n && tries < 64 * n.max(1) {
+        let v = draw(cdf, rng);
+        if !head.contains(&v) {
+            out.push(v);
+        }
+        tries += 1;
+    }
+    out
+}
+
+/// Per-sequence sums: exact (a = 1+ε, 1−ε) and sparse for every row, plus the policy sum.
 struct SeqSums {
     policy: f64,
     exact: [f64; 2],
@@ -95,17 +164,27 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyReport, EvalError> {
 
     let mut pairs_done = 0usize;
     let (mut kl_sum, mut top1_sum, mut top16_sum, mut tokens) = (0.0, 0.0, 0.0, 0u64);
-    let mut rows: Vec<KRow> = ks
-        .iter()
-        .map(|&k| KRow {
-            k,
-            agreement_pct: 0.0,
-            confusion: [[0; 3]; 3],
-            mae_g_plus: 0.0,
-            mae_g_minus: 0.0,
-            cache_bytes_per_token: k * 8 + 4,
-        })
-        .collect();
+    // Sampled estimators are not exact at K = V, so they get rows only for K < V.
+    let mut rows: Vec<KRow> = Vec::new();
+    for &estimator in &cfg.estimators {
+        for &k in &ks {
+            if estimator != Estimator::Topk && k >= vocab {
+                continue;
+            }
+            rows.push(KRow {
+                estimator,
+                k,
+                agreement_pct: 0.0,
+                confusion: [[0; 3]; 3],
+                mae_g_plus: 0.0,
+                mae_g_minus: 0.0,
+                max_disagreeing_margin: 0.0,
+                cache_bytes_per_token: k * 8 + 4,
+            });
+        }
+    }
+    let max_k = ks.iter().copied().filter(|&k| k < vocab).max().unwrap_or(1);
+    let needs_cdf = cfg.estimators.iter().any(|&e| e != Estimator::Topk);
     let mut exact_steps = [0u64; 3];
     'files: for file in &set.files {
         for pair in read_shard(file)? {
@@ -113,7 +192,15 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyReport, EvalError> {
                 break 'files;
             }
             let mut sums: Vec<SeqSums> = Vec::with_capacity(2);
-            for response in [&pair.pair.chosen_ids, &pair.pair.rejected_ids] {
+            for (side, response) in [&pair.pair.chosen_ids, &pair.pair.rejected_ids]
+                .into_iter()
+                .enumerate()
+            {
+                let mut rng = ChaCha8Rng::seed_from_u64(
+                    cfg.seed
+                        ^ ((pairs_done as u64) << 1 | side as u64)
+                            .wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                );
                 let ids_vec: Vec<i64> = pair
                     .pair
                     .prompt_ids
@@ -130,7 +217,7 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyReport, EvalError> {
                 let mut s = SeqSums {
                     policy: 0.0,
                     exact: [0.0; 2],
-                    sparse: vec![[0.0; 2]; ks.len()],
+                    sparse: vec![[0.0; 2]; rows.len()],
                 };
                 for (t, &label) in ids_vec.iter().enumerate().skip(pair.pair.prompt_ids.len()) {
                     let y = label as usize;
@@ -149,6 +236,42 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyReport, EvalError> {
                         .map(|j| f64::from(q_out.topk_logps[[0, t, j]]).exp())
                         .sum::<f64>();
                     tokens += 1;
+                    // The ids each row caches at this token: (head ids, drawn ids).
+                    let cdf: Vec<f64> = if needs_cdf {
+                        q.iter()
+                            .scan(0.0, |acc, qv| {
+                                *acc += qv.exp();
+                                Some(*acc)
+                            })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let drawn: Vec<usize> = if needs_cdf {
+                        (0..max_k).map(|_| draw(&cdf, &mut rng)).collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let top = |n: usize| -> Vec<usize> {
+                        (0..n).map(|j| q_out.topk_ids[[0, t, j]] as usize).collect()
+                    };
+                    let cached: Vec<(Vec<usize>, Vec<usize>)> = rows
+                        .iter()
+                        .map(|row| match row.estimator {
+                            Estimator::Topk => (top(row.k), Vec::new()),
+                            Estimator::Sampled | Estimator::SampledSn => {
+                                (Vec::new(), drawn[..row.k].to_vec())
+                            }
+                            Estimator::HeadTail | Estimator::HeadTailSn => {
+                                // S = head ∪ {label} is exact; draws come from outside S.
+                                let head = top(row.k / 2);
+                                let mut exact_set = head.clone();
+                                exact_set.push(y);
+                                let n = row.k - row.k / 2;
+                                (head, draw_outside(&cdf, &exact_set, n, &mut rng))
+                            }
+                        })
+                        .collect();
                     for (ai, &a) in alphas.iter().enumerate() {
                         let mixed: Vec<f64> = p
                             .iter()
@@ -156,14 +279,49 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyReport, EvalError> {
                             .map(|(pv, qv)| a * pv + (1.0 - a) * qv)
                             .collect();
                         s.exact[ai] += mixed[y] - logsumexp(&mixed);
-                        for (ki, &k) in ks.iter().enumerate() {
-                            let top_ids: Vec<usize> =
-                                (0..k).map(|j| q_out.topk_ids[[0, t, j]] as usize).collect();
-                            let p_top: Vec<f64> = top_ids.iter().map(|&i| p[i]).collect();
-                            let q_top: Vec<f64> = top_ids.iter().map(|&i| q[i]).collect();
-                            let in_top = top_ids.contains(&y);
-                            s.sparse[ki][ai] +=
-                                sparse_perturbed_logp(a, p[y], q[y], &p_top, &q_top, in_top);
+                        for (ri, row) in rows.iter().enumerate() {
+                            let (head, tail) = &cached[ri];
+                            let at = |ids: &[usize], v: &[f64]| -> Vec<f64> {
+                                ids.iter().map(|&i| v[i]).collect()
+                            };
+                            let in_head = head.contains(&y);
+                            let self_normalised = matches!(
+                                row.estimator,
+                                Estimator::SampledSn | Estimator::HeadTailSn
+                            );
+                            s.sparse[ri][ai] += match row.estimator {
+                                Estimator::Topk => sparse_perturbed_logp(
+                                    a,
+                                    p[y],
+                                    q[y],
+                                    &at(head, &p),
+                                    &at(head, &q),
+                                    in_head,
+                                ),
+                                Estimator::Sampled | Estimator::SampledSn => {
+                                    sampled_perturbed_logp(
+                                        a,
+                                        p[y],
+                                        q[y],
+                                        &at(tail, &p),
+                                        &at(tail, &q),
+                                        self_normalised,
+                                    )
+                                }
+                                Estimator::HeadTail | Estimator::HeadTailSn => {
+                                    head_tail_perturbed_logp(
+                                        a,
+                                        p[y],
+                                        q[y],
+                                        &at(head, &p),
+                                        &at(head, &q),
+                                        in_head,
+                                        &at(tail, &p),
+                                        &at(tail, &q),
+                                        self_normalised,
+                                    )
+                                }
+                            };
                         }
                     }
                 }
@@ -176,10 +334,14 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyReport, EvalError> {
             let gm = c.exact[1] - r.exact[1];
             let k_exact = step_direction(g, gp, gm, delta);
             exact_steps[(k_exact + 1) as usize] += 1;
-            for (ki, row) in rows.iter_mut().enumerate() {
-                let sp = c.sparse[ki][0] - r.sparse[ki][0];
-                let sm = c.sparse[ki][1] - r.sparse[ki][1];
+            for (ri, row) in rows.iter_mut().enumerate() {
+                let sp = c.sparse[ri][0] - r.sparse[ri][0];
+                let sm = c.sparse[ri][1] - r.sparse[ri][1];
                 let k_cached = step_direction(g, sp, sm, delta);
+                if k_cached != k_exact {
+                    row.max_disagreeing_margin =
+                        row.max_disagreeing_margin.max(decision_margin(g, gp, gm));
+                }
                 row.confusion[(k_exact + 1) as usize][(k_cached + 1) as usize] += 1;
                 row.mae_g_plus += (sp - gp).abs();
                 row.mae_g_minus += (sm - gm).abs();
@@ -219,11 +381,12 @@ impl StudyReport {
             self.pairs, self.vocab, self.epsilon, self.params, self.mean_token_kl, self.ref_top1_mass, self.ref_top16_mass,
             self.exact_steps[0], self.exact_steps[1], self.exact_steps[2]
         );
-        s.push_str("| K | agreement % | confusion (rows exact −1/0/+1, cols cached) | MAE g₊ | MAE g₋ | cache bytes/token |\n|---|---|---|---|---|---|\n");
+        s.push_str("| estimator | K | agreement % | confusion (rows exact −1/0/+1, cols cached) | MAE g₊ | MAE g₋ | largest margin missed | cache bytes/token |\n|---|---|---|---|---|---|---|---|\n");
         for r in &self.rows {
             let c = r.confusion;
             s.push_str(&format!(
-                "| {} | {:.1} | {:?} {:?} {:?} | {:.2e} | {:.2e} | {} |\n",
+                "| {} | {} | {:.1} | {:?} {:?} {:?} | {:.2e} | {:.2e} | {:.1e} | {} |\n",
+                r.estimator.label(),
                 if r.k >= self.vocab {
                     format!("V={}", r.k)
                 } else {
@@ -235,6 +398,7 @@ impl StudyReport {
                 c[2],
                 r.mae_g_plus,
                 r.mae_g_minus,
+                r.max_disagreeing_margin,
                 r.cache_bytes_per_token
             ));
         }

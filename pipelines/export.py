@@ -228,6 +228,18 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
     from edpo_objective import EpsDpoLoss
 
     module = EpsDpoLoss(untied, lm_head_chunks)
+    if lm_head_chunks > 0:
+        # The sliced path assumes logits = lm_head(final hidden state); architectures that scale,
+        # soft-cap or bias their logits differently would silently train on other numbers.
+        with torch.no_grad():
+            sliced = module(*example)
+            dense = EpsDpoLoss(untied, 0)(*example)
+        gap = max(float((a.float() - b.float()).abs().max()) for a, b in zip(sliced[:4], dense[:4]))
+        if gap > 1e-3:
+            fail(
+                f"{type(untied).__name__}: the sliced output projection differs from the model's "
+                f"logits (max |Δ| = {gap:.2e}); export with `--lm-head-chunks 0`"
+            )
     b = Dim("B", min=2)
     n, t, k = 2 * b, Dim("T", min=3), Dim("K")
     dynamic = (
@@ -251,7 +263,24 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
             new.meta = node.meta
             node.replace_all_uses_with(new)
             graph.erase_node(node)
+    # `matmul` decomposes into expand + view + bmm; an expand to the shape its input already
+    # has is a full copy in ONNX Runtime (Expand always materialises), and the copy of the
+    # attention probabilities is kept for the backward pass next to the original: one extra
+    # [N, heads, T, T] tensor per layer. Drop those no-op expands.
+    def same_shape(a, b) -> bool:
+        va, vb = a.meta.get("val"), b.meta.get("val")
+        return va is not None and vb is not None and [str(d) for d in va.shape] == [str(d) for d in vb.shape]
+
+    dropped = 0
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target == torch.ops.aten.expand.default:
+            src = node.args[0]
+            if isinstance(src, torch.fx.Node) and same_shape(src, node):
+                node.replace_all_uses_with(src)
+                graph.erase_node(node)
+                dropped += 1
     jep.graph_module.recompile()
+    log(f"joint graph: {dropped} no-op expands dropped")
 
     sig = jep.graph_signature
     output_names = [name for name, _, _ in TRAIN_STAT_OUTPUTS]

@@ -130,3 +130,31 @@ def test_sliced_output_projection_matches_the_dense_loss_and_gradients(samples, 
     for name, g in dense_grads.items():
         rel = ((sliced_grads[name] - g).norm() / g.norm()).item()
         assert rel < 1e-5, f"{name}: relative gradient difference {rel:.2e}"
+
+
+def test_export_refuses_slicing_a_model_whose_logits_are_not_the_plain_projection(samples, tmp_path, capsys):
+    """A model that scales its logits (like soft-capping architectures) must not be exported
+    with the sliced projection: export stops and names `--lm-head-chunks 0`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(samples / "configs" / "llama-tiny")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    plain_forward = model.forward
+
+    def scaled_forward(*args, **kwargs):
+        out = plain_forward(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+    model.forward = scaled_forward
+    ids, attn, loss_mask = export.golden_batch(512, seed=7, pairs=2, length=8, tie_last=False)
+    example = (
+        ids, attn, loss_mask, torch.zeros(4), torch.zeros(4, 8),
+        torch.zeros(4, 8, 4, dtype=torch.int64), torch.zeros(4, 8, 4),
+        torch.tensor(0.1), torch.tensor(0.1), torch.tensor(0.0), torch.tensor(1e-6),
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        export.export_train_graph(model, tmp_path / "t.onnx", False, example, 16)
+    assert exc.value.code == 2
+    assert "--lm-head-chunks 0" in capsys.readouterr().err

@@ -214,6 +214,21 @@ fn verify(args: &cli::VerifyArgs, threads: usize) -> anyhow::Result<u8> {
     Ok(if report.passed() { 0 } else { 1 })
 }
 
+/// A setting from the command line, else from the `--config` file, else the default:
+/// `pick!(args, file, field, default)`, or `pick!(args, file, field)` for an optional one.
+macro_rules! pick {
+    ($args:ident, $file:ident, $field:ident, $default:expr) => {
+        $args
+            .$field
+            .clone()
+            .or($file.$field.clone())
+            .unwrap_or($default)
+    };
+    ($args:ident, $file:ident, $field:ident) => {
+        $args.$field.clone().or($file.$field.clone())
+    };
+}
+
 /// Reads a `--config` TOML file into the command's argument type (keys named like the flags).
 fn read_config<T: serde::de::DeserializeOwned + Default>(
     path: Option<&std::path::Path>,
@@ -238,17 +253,6 @@ fn resolve_prep(
     quiet: bool,
 ) -> anyhow::Result<edpo::prep::PrepConfig> {
     let file: cli::PrepArgs = read_config(args.config.as_deref())?;
-    macro_rules! pick {
-        ($field:ident, $default:expr) => {
-            args.$field
-                .clone()
-                .or(file.$field.clone())
-                .unwrap_or($default)
-        };
-        ($field:ident) => {
-            args.$field.clone().or(file.$field.clone())
-        };
-    }
     let data = if args.data.is_empty() {
         file.data.clone()
     } else {
@@ -258,28 +262,28 @@ fn resolve_prep(
         return Err(ConfigError::Missing("data").into());
     }
     Ok(edpo::prep::PrepConfig {
-        model: pick!(model).ok_or(ConfigError::Missing("model"))?,
+        model: pick!(args, file, model).ok_or(ConfigError::Missing("model"))?,
         data,
-        out: pick!(out).ok_or(ConfigError::Missing("out"))?,
-        format: pick!(format, edpo::data::Format::Auto),
+        out: pick!(args, file, out).ok_or(ConfigError::Missing("out"))?,
+        format: pick!(args, file, format, edpo::data::Format::Auto),
         columns: edpo::data::Columns {
-            prompt: pick!(prompt_column, "prompt".into()),
-            chosen: pick!(chosen_column, "chosen".into()),
-            rejected: pick!(rejected_column, "rejected".into()),
-            id: pick!(id_column, "id".into()),
+            prompt: pick!(args, file, prompt_column, "prompt".into()),
+            chosen: pick!(args, file, chosen_column, "chosen".into()),
+            rejected: pick!(args, file, rejected_column, "rejected".into()),
+            id: pick!(args, file, id_column, "id".into()),
         },
         truncation: edpo::data::tokenize::Truncation {
-            max_length: pick!(max_length),
-            max_prompt_length: pick!(max_prompt_length),
+            max_length: pick!(args, file, max_length),
+            max_prompt_length: pick!(args, file, max_prompt_length),
         },
-        topk: pick!(topk),
+        topk: pick!(args, file, topk),
         session: SessionConfig {
-            device: pick!(device, "cpu".to_string()).parse()?,
+            device: pick!(args, file, device, "cpu".to_string()).parse()?,
             threads,
         },
-        batch_tokens: pick!(batch_tokens, 8192),
-        shard_size: pick!(shard_size, 2048),
-        limit: pick!(limit),
+        batch_tokens: pick!(args, file, batch_tokens, 8192),
+        shard_size: pick!(args, file, shard_size, 2048),
+        limit: pick!(args, file, limit),
         overwrite: args.overwrite || file.overwrite,
         quiet: quiet || args.json,
     })
@@ -338,48 +342,37 @@ fn resolve_train(
     quiet: bool,
 ) -> anyhow::Result<edpo::train::TrainConfig> {
     let file: cli::TrainArgs = read_config(args.config.as_deref())?;
-    macro_rules! pick {
-        ($field:ident, $default:expr) => {
-            args.$field
-                .clone()
-                .or(file.$field.clone())
-                .unwrap_or($default)
-        };
-        ($field:ident) => {
-            args.$field.clone().or(file.$field.clone())
-        };
-    }
     let required =
         |v: Option<std::path::PathBuf>, name: &'static str| v.ok_or(ConfigError::Missing(name));
-    let device: Device = pick!(device, "cpu".to_string()).parse()?;
+    let device: Device = pick!(args, file, device, "cpu".to_string()).parse()?;
     Ok(edpo::train::TrainConfig {
-        model: required(pick!(model), "model")?,
-        shards: required(pick!(shards), "shards")?,
-        out: required(pick!(out), "out")?,
-        beta: pick!(beta, 0.01),
-        epsilon: pick!(epsilon, 0.01),
-        lr: pick!(lr, 3e-7),
-        label_smoothing: pick!(label_smoothing, 0.0),
-        step_tolerance: pick!(step_tolerance, 1e-6),
-        batch_size: pick!(batch_size, 128),
-        micro_batch: pick!(micro_batch, 8),
-        epochs: pick!(epochs, 1),
-        max_steps: pick!(max_steps),
-        seed: pick!(seed, 42),
-        reference: pick!(reference, edpo::train::ReferenceMode::Cached),
-        online_topk: pick!(topk),
-        schedule: pick!(schedule, edpo::train::optim::Schedule::Cosine),
-        warmup_ratio: pick!(warmup_ratio, 0.1),
-        warmup_steps: pick!(warmup_steps),
-        max_grad_norm: pick!(max_grad_norm, 1.0),
+        model: required(pick!(args, file, model), "model")?,
+        shards: required(pick!(args, file, shards), "shards")?,
+        out: required(pick!(args, file, out), "out")?,
+        beta: pick!(args, file, beta, 0.01),
+        epsilon: pick!(args, file, epsilon, 0.01),
+        lr: pick!(args, file, lr, 3e-7),
+        label_smoothing: pick!(args, file, label_smoothing, 0.0),
+        step_tolerance: pick!(args, file, step_tolerance, 1e-6),
+        batch_size: pick!(args, file, batch_size, 128),
+        micro_batch: pick!(args, file, micro_batch, 8),
+        epochs: pick!(args, file, epochs, 1),
+        max_steps: pick!(args, file, max_steps),
+        seed: pick!(args, file, seed, 42),
+        reference: pick!(args, file, reference, edpo::train::ReferenceMode::Cached),
+        online_topk: pick!(args, file, topk),
+        schedule: pick!(args, file, schedule, edpo::train::optim::Schedule::Cosine),
+        warmup_ratio: pick!(args, file, warmup_ratio, 0.1),
+        warmup_steps: pick!(args, file, warmup_steps),
+        max_grad_norm: pick!(args, file, max_grad_norm, 1.0),
         adam: edpo::train::optim::AdamWConfig {
-            beta1: pick!(adam_beta1, 0.9),
-            beta2: pick!(adam_beta2, 0.999),
-            eps: pick!(adam_eps, 1e-8),
-            weight_decay: pick!(weight_decay, 0.0),
+            beta1: pick!(args, file, adam_beta1, 0.9),
+            beta2: pick!(args, file, adam_beta2, 0.999),
+            eps: pick!(args, file, adam_eps, 1e-8),
+            weight_decay: pick!(args, file, weight_decay, 0.0),
         },
-        save_every: pick!(save_every, 0),
-        keep_checkpoints: pick!(keep_checkpoints, 2),
+        save_every: pick!(args, file, save_every, 0),
+        keep_checkpoints: pick!(args, file, keep_checkpoints, 2),
         resume: args.resume || file.resume,
         session: SessionConfig { device, threads },
         quiet,

@@ -37,6 +37,30 @@ pub fn exact_perturbed_logp(
 /// Floor on the tail masses of §7 (same value as the training graph).
 pub const TAIL_FLOOR: f64 = 1e-10;
 
+/// The exactly known set S = cached ids ∪ {label}: policy log-probs, reference log-probs and
+/// the mixed terms a·p + (1−a)·q, the label appended unless it is one of the cached ids.
+fn exact_set(
+    a: f64,
+    p_label: f64,
+    q_label: f64,
+    p_ids: &[f64],
+    q_ids: &[f64],
+    label_in_ids: bool,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let mut p_set: Vec<f64> = p_ids.to_vec();
+    let mut q_set: Vec<f64> = q_ids.to_vec();
+    if !label_in_ids {
+        p_set.push(p_label);
+        q_set.push(q_label);
+    }
+    let mixed = p_set
+        .iter()
+        .zip(&q_set)
+        .map(|(p, q)| a * p + (1.0 - a) * q)
+        .collect();
+    (p_set, q_set, mixed)
+}
+
 /// §7: the tail-merged estimate of log π̂_a(y) from the policy log-probs `p_*` and the cached
 /// reference log-probs `q_*` at the label and the K cached ids. `label_in_topk` marks a label
 /// that is one of the K ids (then it is not counted twice).
@@ -48,18 +72,7 @@ pub fn sparse_perturbed_logp(
     q_topk: &[f64],
     label_in_topk: bool,
 ) -> f64 {
-    let mut p_set: Vec<f64> = p_topk.to_vec();
-    let mut q_set: Vec<f64> = q_topk.to_vec();
-    let mut mixed: Vec<f64> = p_topk
-        .iter()
-        .zip(q_topk)
-        .map(|(p, q)| a * p + (1.0 - a) * q)
-        .collect();
-    if !label_in_topk {
-        p_set.push(p_label);
-        q_set.push(q_label);
-        mixed.push(a * p_label + (1.0 - a) * q_label);
-    }
+    let (p_set, q_set, mut mixed) = exact_set(a, p_label, q_label, p_topk, q_topk, label_in_topk);
     let tail_policy = (1.0 - logsumexp(&p_set).exp()).max(TAIL_FLOOR);
     let tail_ref = (1.0 - logsumexp(&q_set).exp()).max(TAIL_FLOOR);
     mixed.push(a * tail_policy.ln() + (1.0 - a) * tail_ref.ln());
@@ -117,18 +130,7 @@ pub fn head_tail_perturbed_logp(
     q_tail_samples: &[f64],
     self_normalised: bool,
 ) -> f64 {
-    let mut p_set: Vec<f64> = p_top.to_vec();
-    let mut q_set: Vec<f64> = q_top.to_vec();
-    let mut mixed: Vec<f64> = p_top
-        .iter()
-        .zip(q_top)
-        .map(|(p, q)| a * p + (1.0 - a) * q)
-        .collect();
-    if !label_in_top {
-        p_set.push(p_label);
-        q_set.push(q_label);
-        mixed.push(a * p_label + (1.0 - a) * q_label);
-    }
+    let (p_set, q_set, mut mixed) = exact_set(a, p_label, q_label, p_top, q_top, label_in_top);
     if !p_tail_samples.is_empty() {
         let set = if self_normalised { &p_set } else { &q_set };
         let tail_mass = (1.0 - logsumexp(set).exp()).max(TAIL_FLOOR);

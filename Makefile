@@ -52,9 +52,13 @@ bench-train: build-release
 
 # The cached-vs-exact ε-step study (issue: top-K agreement): LM-trains the bench model on the
 # Python standard library (cached under ~/.cache/edpo/study), then compares for K = 1…256, V.
+# Then two more training seeds per pair kind (top-K rows only) and the side-by-side table.
 study-k: build-release
 	$(PY) pipelines/study_k.py --pair-kind foreign
 	$(PY) pipelines/study_k.py --pair-kind noisy
+	for seed in 1 2; do for kind in noisy foreign; do \
+	    $(PY) pipelines/study_k.py --pair-kind $$kind --seed $$seed --estimators topk || exit 1; done; done
+	$(PY) pipelines/study_k.py --summarize
 
 # Regenerate data-samples/ (pairs, tokenizer, configs, the tiny bundle); see data-samples/README.md.
 samples: setup

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from export import TOPK_DEFAULT  # the K the benchmarks measure: export.py's default
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("EDPO_BENCH_CACHE", Path.home() / ".cache" / "edpo" / "bench"))
 PY = sys.executable

@@ -10,15 +10,15 @@ short pairs (~40 tokens per sequence).
 import argparse
 import json
 
-from bench_common import PY, ROOT, bench_bundle, bench_pairs, edpo_release, measured, write_results
+from bench_common import PY, ROOT, TOPK_DEFAULT, bench_bundle, bench_pairs, edpo_release, measured, write_results
 
 
-def edpo_prep(bundle, data, out, threads, batch_tokens):
+def edpo_prep(bundle, data, out, threads, batch_tokens, topk):
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
     r = measured([str(edpo_release()), "--quiet", "--threads", str(threads), "prep", "--model", str(bundle),
-                  "--data", str(data), "--out", str(out), "--topk", "16", "--batch-tokens", str(batch_tokens), "--json"])  # fmt: skip
+                  "--data", str(data), "--out", str(out), "--topk", str(topk), "--batch-tokens", str(batch_tokens), "--json"])  # fmt: skip
     s = json.loads(r["stdout"])
     return {"tokens": s["sequence_tokens"], "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
             "tokens_per_s": s["sequence_tokens"] / r["wall_s"], "scoring_tokens_per_s": s["tokens_per_second"],
@@ -31,15 +31,16 @@ def main():
     ap.add_argument("--batch-tokens", type=int, default=8192)
     ap.add_argument("--pairs", type=int, default=2000)
     ap.add_argument("--rss-pairs", type=int, nargs=2, default=[1000, 20000])
+    ap.add_argument("--topk", type=int, default=TOPK_DEFAULT, help=f"K cached per token (default {TOPK_DEFAULT}, export.py's)")
     args = ap.parse_args()
     bundle = bench_bundle()
     from bench_common import CACHE
 
     data = bench_pairs(args.pairs)
-    res = {"threads": args.threads, "batch_tokens": args.batch_tokens, "pairs": args.pairs}
-    res["edpo"] = edpo_prep(bundle, data, CACHE / "shards-bench", args.threads, args.batch_tokens)
+    res = {"threads": args.threads, "batch_tokens": args.batch_tokens, "pairs": args.pairs, "topk": args.topk}
+    res["edpo"] = edpo_prep(bundle, data, CACHE / "shards-bench", args.threads, args.batch_tokens, args.topk)
     r = measured([PY, str(ROOT / "pipelines/bench_prep_torch.py"), "--bundle", str(bundle), "--data", str(data),
-                  "--threads", str(args.threads), "--batch-tokens", str(args.batch_tokens)])  # fmt: skip
+                  "--threads", str(args.threads), "--batch-tokens", str(args.batch_tokens), "--topk", str(args.topk)])  # fmt: skip
     t = json.loads(r["stdout"])
     res["torch"] = {"tokens": t["tokens"], "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
                     "tokens_per_s": t["tokens"] / r["wall_s"], "scoring_tokens_per_s": t["tokens"] / t["score_s"]}  # fmt: skip
@@ -50,11 +51,11 @@ def main():
     for n in args.rss_pairs:
         # Short pairs (~40 tokens per sequence): memory flatness is about the number of pairs.
         data_n = bench_pairs(n, seed=7, prompt_sentences=2, response_sentences=3)
-        rss[n] = edpo_prep(bundle, data_n, CACHE / f"shards-rss-{n}", args.threads, args.batch_tokens)
+        rss[n] = edpo_prep(bundle, data_n, CACHE / f"shards-rss-{n}", args.threads, args.batch_tokens, args.topk)
     res["rss_flatness"] = {str(n): {"pairs": r["pairs"], "peak_rss_mb": r["peak_rss_mb"], "wall_s": r["wall_s"]} for n, r in rss.items()}
     path = write_results("prep", res)
     e, p = res["edpo"], res["torch"]
-    print(f"bench-prep ({args.pairs} pairs, {args.threads} threads, 25M-param model, V=32000, K=16)")
+    print(f"bench-prep ({args.pairs} pairs, {args.threads} threads, 25M-param model, V=32000, K={args.topk})")
     print("| | tokens/s (end to end) | tokens/s (scoring) | peak RSS MB |")
     print("|---|---|---|---|")
     print(f"| edpo prep | {e['tokens_per_s']:.0f} | {e['scoring_tokens_per_s']:.0f} | {e['peak_rss_mb']:.0f} |")

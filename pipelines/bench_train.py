@@ -5,14 +5,14 @@ forward; pipelines/edpo_torch_train.py), same model, same pairs, same batch and 
 same thread count, in one command.
 
 Model: ≈25M parameters, vocabulary 32,000 (bench_common.BENCH_CONFIG). Data: the bench-prep
-pairs (~60-token prompts, ~150-token responses), prepped with K = 16.
+pairs (~60-token prompts, ~150-token responses), prepped with export.py's default K.
 """
 
 import argparse
 import json
 import shutil
 
-from bench_common import CACHE, PY, ROOT, bench_bundle, bench_pairs, edpo_release, measured, shards_match, write_results
+from bench_common import CACHE, PY, ROOT, TOPK_DEFAULT, bench_bundle, bench_pairs, edpo_release, measured, shards_match, write_results
 
 
 def main():
@@ -21,12 +21,13 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--topk", type=int, default=TOPK_DEFAULT, help=f"K of the cached reference (default {TOPK_DEFAULT}, export.py's)")
     args = ap.parse_args()
     bundle = bench_bundle()
-    shards = CACHE / "shards-train-bench"
+    shards = CACHE / f"shards-train-bench-k{args.topk}"
     if not shards_match(shards, bundle):
         measured([str(edpo_release()), "--quiet", "--threads", str(args.threads), "prep", "--model", str(bundle),
-                  "--data", str(bench_pairs(2000)), "--out", str(shards), "--topk", "16", "--limit", "512",
+                  "--data", str(bench_pairs(2000)), "--out", str(shards), "--topk", str(args.topk), "--limit", "512",
                   "--overwrite"])  # fmt: skip
     run = CACHE / "run-bench"
     shutil.rmtree(run, ignore_errors=True)
@@ -40,7 +41,7 @@ def main():
                   str(args.micro_batch), "--threads", str(args.threads), *common])  # fmt: skip
     ts = json.loads(t["stdout"])
     res = {
-        "threads": args.threads, "steps": args.steps, "batch_size": args.batch_size, "micro_batch": args.micro_batch,
+        "threads": args.threads, "topk": args.topk, "steps": args.steps, "batch_size": args.batch_size, "micro_batch": args.micro_batch,
         "edpo": {"pairs_per_s": es["pairs_per_second"], "wall_s": e["wall_s"], "peak_rss_mb": e["peak_rss_mb"]},
         "torch": {"pairs_per_s": ts["pairs_per_s"], "wall_s": t["wall_s"], "peak_rss_mb": t["peak_rss_mb"]},
     }  # fmt: skip
@@ -50,7 +51,7 @@ def main():
     print(f"bench-train ({args.steps} steps × {args.batch_size} pairs, micro-batch {args.micro_batch}, {args.threads} threads, 25M-param model, V=32000)")
     print("| | pairs/s (training loop) | peak RSS MB |")
     print("|---|---|---|")
-    print(f"| edpo train (cached reference, K=16) | {res['edpo']['pairs_per_s']:.2f} | {res['edpo']['peak_rss_mb']:.0f} |")
+    print(f"| edpo train (cached reference, K={args.topk}) | {res['edpo']['pairs_per_s']:.2f} | {res['edpo']['peak_rss_mb']:.0f} |")
     print(f"| PyTorch ε-DPO step (online full-vocab reference) | {res['torch']['pairs_per_s']:.2f} | {res['torch']['peak_rss_mb']:.0f} |")
     print(f"| ratio | {res['speedup']:.2f}× | {res['rss_ratio']:.2f}× |")
     print(f"results: {path}")

@@ -33,7 +33,10 @@ def main():
     t0 = time.time()
     OUT.mkdir(parents=True, exist_ok=True)
     for split in ("train", "heldout"):
-        edpo("--quiet", "prep", "--model", BUNDLE, "--data", ROOT / f"data-samples/prefs/{split}.plain.jsonl", "--out", OUT / split)
+        # --overwrite: shards of an earlier demo made with another bundle are replaced (the
+        # same settings resume, i.e. are kept).
+        edpo("--quiet", "prep", "--model", BUNDLE, "--data", ROOT / f"data-samples/prefs/{split}.plain.jsonl",
+             "--out", OUT / split, "--overwrite")  # fmt: skip
     before = evaluate()
     results = {}
     for name, eps in (("eps-dpo", None), ("dpo", "0")):

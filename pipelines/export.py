@@ -38,6 +38,10 @@ PARAMS_FILE = "params.safetensors"
 GOLDENS_FILE = "goldens.safetensors"
 # TopK size used while tracing the scoring graph; replaced by the graph input `k` afterwards.
 TRACE_TOPK = 7
+# Default K of the sparse reference cache: the smallest K with ≥ 99% agreement of the cached
+# ε-step with the exact one at both points of every noisy-preference run of `make study-k`
+# (README, "How good is the cached ε-step?").
+TOPK_DEFAULT = 128
 
 TRAIN_BATCH_INPUTS = [
     ("input_ids", "int64", ["N", "T"]),
@@ -722,7 +726,10 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="Hugging Face model folder (config.json, weights, tokenizer)")
     parser.add_argument("--out", help="bundle folder to write")
     parser.add_argument("--tokenizer", help="folder with tokenizer.json if not in --model")
-    parser.add_argument("--topk-default", type=int, default=16, help="default K for prep (default 16)")
+    parser.add_argument(
+        "--topk-default", type=int, default=TOPK_DEFAULT,
+        help=f"default K for prep (default {TOPK_DEFAULT}: see TOPK_DEFAULT)",
+    )  # fmt: skip
     parser.add_argument("--random-init", type=int, metavar="SEED", help="ignore weights; initialise from config with SEED")
     parser.add_argument(
         "--lm-head-chunks", type=int, default=16, metavar="C",

@@ -290,3 +290,30 @@ fn graph_outputs_agree_with_the_rust_oracle() {
     }
     assert!(checked > 0);
 }
+
+#[test]
+fn the_pair_loader_hands_out_every_row_and_rereads_a_row_asked_for_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    prep(&shards, 450); // three shards: 200, 200, 50 rows
+    let bundle = edpo::bundle::Bundle::open(&sample_bundle()).unwrap();
+    let set = edpo::train::data::ShardSet::open(&shards, &bundle.bundle_sha256).unwrap();
+    let mut loader = edpo::train::data::PairLoader::new(&set);
+    // The order of an epoch: shard after shard, so each row leaves the cache once used.
+    let plan = edpo::train::data::epoch_plan(&set, 7, 0, 64, 16);
+    let mut seen = std::collections::HashSet::new();
+    for step in &plan {
+        for &i in step.micro_batches.iter().flatten() {
+            let pair = loader.get(&set.pairs[i]).unwrap();
+            assert_eq!(pair.pair.pair_id, set.pairs[i].pair_id);
+            assert!(seen.insert(i), "row {i} planned twice");
+        }
+    }
+    assert_eq!(seen.len(), set.pairs.len());
+    // A row already handed out comes back from a fresh read of its shard.
+    let again = loader.get(&set.pairs[0]).unwrap();
+    assert_eq!(again.pair.pair_id, set.pairs[0].pair_id);
+    let direct =
+        &read_shard(&set.files[set.pairs[0].shard as usize]).unwrap()[set.pairs[0].row as usize];
+    assert_eq!(again.ref_chosen_topk_ids, direct.ref_chosen_topk_ids);
+}

@@ -213,10 +213,14 @@ pub fn epoch_plan(
         .collect()
 }
 
-/// Reads the shard rows a step needs, keeping at most two shards in memory.
+/// Reads the shard rows a step needs, keeping at most two shards in memory. An epoch uses each
+/// pair once and visits the shards one after another (`epoch_plan`), so a pair is moved out of
+/// the cache when it is used: the shard being consumed shrinks as training proceeds, and while
+/// a step straddles two shards the first one is almost empty. A row asked for again (not done
+/// by the plan) re-reads its shard.
 pub struct PairLoader {
     files: Vec<PathBuf>,
-    cache: Vec<(u32, Vec<ScoredPair>)>,
+    cache: Vec<(u32, Vec<Option<ScoredPair>>)>,
 }
 
 impl PairLoader {
@@ -228,24 +232,35 @@ impl PairLoader {
     }
 
     pub fn get(&mut self, entry: &PairEntry) -> Result<ScoredPair, TrainDataError> {
-        if !self.cache.iter().any(|(s, _)| *s == entry.shard) {
-            let pairs = read_shard(&self.files[entry.shard as usize])?;
-            if self.cache.len() >= 2 {
-                self.cache.remove(0);
-            }
-            self.cache.push((entry.shard, pairs));
-        }
-        let (_, pairs) = self
-            .cache
-            .iter()
-            .find(|(s, _)| *s == entry.shard)
-            .expect("loaded above");
-        pairs.get(entry.row as usize).cloned().ok_or_else(|| {
-            TrainDataError::Shard(ShardError::NotAShard {
-                path: self.files[entry.shard as usize].clone(),
-                message: format!("row {} is missing", entry.row),
+        let row = entry.row as usize;
+        let cached = |cache: &[(u32, Vec<Option<ScoredPair>>)]| {
+            cache.iter().position(|(s, rows)| {
+                *s == entry.shard && rows.get(row).is_some_and(Option::is_some)
             })
-        })
+        };
+        let slot = match cached(&self.cache) {
+            Some(slot) => slot,
+            None => {
+                let pairs = read_shard(&self.files[entry.shard as usize])?;
+                self.cache.retain(|(s, _)| *s != entry.shard);
+                if self.cache.len() >= 2 {
+                    self.cache.remove(0);
+                }
+                self.cache
+                    .push((entry.shard, pairs.into_iter().map(Some).collect()));
+                self.cache.len() - 1
+            }
+        };
+        self.cache[slot]
+            .1
+            .get_mut(row)
+            .and_then(Option::take)
+            .ok_or_else(|| {
+                TrainDataError::Shard(ShardError::NotAShard {
+                    path: self.files[entry.shard as usize].clone(),
+                    message: format!("row {row} is missing"),
+                })
+            })
     }
 }
 

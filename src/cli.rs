@@ -354,7 +354,7 @@ pub struct StudyKArgs {
     pub limit: usize,
 
     /// Cache estimates to compare, comma-separated: topk (what training uses), sampled,
-    /// head-tail.
+    /// sampled-sn, head-tail, head-tail-sn (`-sn`: self-normalised).
     #[arg(long, value_enum, default_value = "topk", value_delimiter = ',')]
     pub estimators: Vec<edpo::study::Estimator>,
 

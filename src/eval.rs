@@ -14,7 +14,7 @@ use crate::bundle::{Bundle, BundleError};
 use crate::graphs::{GraphError, ReferenceGraph};
 use crate::objective;
 use crate::runtime::SessionConfig;
-use crate::scoring::score_sequences;
+use crate::scoring::{pair_sequences, score_sequences};
 use crate::shards::{read_shard, ShardError};
 use crate::train::data::{ShardSet, TrainDataError};
 use crate::train::metrics::RunTable;
@@ -99,17 +99,7 @@ pub fn run(cfg: &EvalConfig) -> Result<EvalReport, EvalError> {
     let (mut ratio_sum, mut ratio_tokens) = (0.0f64, 0u64);
     for file in &set.files {
         let pairs = read_shard(file)?;
-        // Sequence 2n is pair n's chosen response, 2n + 1 its rejected one.
-        let seqs: Vec<Vec<u32>> = pairs
-            .iter()
-            .flat_map(|p| {
-                [&p.pair.chosen_ids, &p.pair.rejected_ids].map(|r| {
-                    let mut ids = p.pair.prompt_ids.clone();
-                    ids.extend_from_slice(r);
-                    ids
-                })
-            })
-            .collect();
+        let seqs = pair_sequences(pairs.iter().map(|p| &p.pair));
         let mut seq_token_logps: Vec<Vec<f32>> = vec![Vec::new(); seqs.len()];
         score_sequences(
             &mut graph,

@@ -326,7 +326,6 @@ impl TrainGraph {
         })
     }
 
-    /// Runs forward + backward for one micro-batch at parameters `params`.
     /// Runs the joint graph on one micro-batch and adds `weight` · d loss / d θ to `grad_acc`
     /// (one buffer per stored parameter, in `ParamStore` order; tied weights get both
     /// gradients). Accumulating in place keeps one gradient-sized buffer alive, not three.

@@ -20,7 +20,7 @@ use crate::data::{DataError, PairInput, SkipReason};
 use crate::graphs::{GraphError, ReferenceGraph};
 use crate::progress::Progress;
 use crate::runtime::SessionConfig;
-use crate::scoring::{score_sequences, BatchStats};
+use crate::scoring::{pair_sequences, score_sequences, BatchStats};
 use crate::shards::{
     list_shards, read_metadata, shard_file_name, write_shard, ScoredPair, ShardError,
     ShardManifest, ShardStats,
@@ -312,17 +312,7 @@ fn score_pairs(
     batch_tokens: usize,
     pad_id: u32,
 ) -> Result<(Vec<ScoredPair>, BatchStats), PrepError> {
-    // Sequence 2i is pair i's chosen response, 2i + 1 its rejected one.
-    let seqs: Vec<Vec<u32>> = pairs
-        .iter()
-        .flat_map(|p| {
-            [&p.chosen_ids, &p.rejected_ids].map(|response| {
-                let mut ids = p.prompt_ids.clone();
-                ids.extend_from_slice(response);
-                ids
-            })
-        })
-        .collect();
+    let seqs = pair_sequences(&pairs);
     let mut scored: Vec<ScoredPair> = pairs
         .into_iter()
         .map(|pair| ScoredPair {

@@ -3,6 +3,7 @@
 
 use ndarray::Array2;
 
+use crate::data::tokenize::TokenizedPair;
 use crate::graphs::{GraphError, ReferenceGraph, ScoreOutputs};
 
 /// Padding statistics of a set of batches.
@@ -34,6 +35,21 @@ pub fn bucket_batches(lengths: &[usize], budget: usize) -> Vec<Vec<usize>> {
         batches.push(current);
     }
     batches
+}
+
+/// Prompt + chosen and prompt + rejected of every pair, interleaved: sequence 2i is pair i's
+/// chosen response, 2i + 1 its rejected one.
+pub fn pair_sequences<'a>(pairs: impl IntoIterator<Item = &'a TokenizedPair>) -> Vec<Vec<u32>> {
+    pairs
+        .into_iter()
+        .flat_map(|p| {
+            [&p.chosen_ids, &p.rejected_ids].map(|response| {
+                let mut ids = p.prompt_ids.clone();
+                ids.extend_from_slice(response);
+                ids
+            })
+        })
+        .collect()
 }
 
 /// Scores every sequence with top-`k` outputs; calls `each(sequence index, outputs, row)` once

@@ -142,6 +142,63 @@ fn draw_outside(cdf: &[f64], head: &[usize], n: usize, rng: &mut ChaCha8Rng) -> 
     out
 }
 
+/// What one row caches at one token, gathered once for both perturbations a = 1 ± ε: policy
+/// and reference log-probs at the head ids (exact) and at the drawn ids.
+struct CachedValues {
+    p_head: Vec<f64>,
+    q_head: Vec<f64>,
+    label_in_head: bool,
+    p_drawn: Vec<f64>,
+    q_drawn: Vec<f64>,
+}
+
+impl CachedValues {
+    fn at(head: &[usize], drawn: &[usize], label: usize, p: &[f64], q: &[f64]) -> Self {
+        let gather = |ids: &[usize], v: &[f64]| ids.iter().map(|&i| v[i]).collect();
+        CachedValues {
+            p_head: gather(head, p),
+            q_head: gather(head, q),
+            label_in_head: head.contains(&label),
+            p_drawn: gather(drawn, p),
+            q_drawn: gather(drawn, q),
+        }
+    }
+
+    /// log π̂_a(label) by `estimator` from these values (objective.rs).
+    fn estimate(&self, estimator: Estimator, a: f64, p_label: f64, q_label: f64) -> f64 {
+        let self_normalised = matches!(estimator, Estimator::SampledSn | Estimator::HeadTailSn);
+        match estimator {
+            Estimator::Topk => sparse_perturbed_logp(
+                a,
+                p_label,
+                q_label,
+                &self.p_head,
+                &self.q_head,
+                self.label_in_head,
+            ),
+            Estimator::Sampled | Estimator::SampledSn => sampled_perturbed_logp(
+                a,
+                p_label,
+                q_label,
+                &self.p_drawn,
+                &self.q_drawn,
+                self_normalised,
+            ),
+            Estimator::HeadTail | Estimator::HeadTailSn => head_tail_perturbed_logp(
+                a,
+                p_label,
+                q_label,
+                &self.p_head,
+                &self.q_head,
+                self.label_in_head,
+                &self.p_drawn,
+                &self.q_drawn,
+                self_normalised,
+            ),
+        }
+    }
+}
+
 /// Per-sequence sums: exact (a = 1+ε, 1−ε) and sparse for every row, plus the policy sum.
 struct SeqSums {
     policy: f64,
@@ -236,7 +293,7 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyReport, EvalError> {
                         .map(|j| f64::from(q_out.topk_logps[[0, t, j]]).exp())
                         .sum::<f64>();
                     tokens += 1;
-                    // The ids each row caches at this token: (head ids, drawn ids).
+                    // The ids each row caches at this token (head and drawn), and their values.
                     let cdf: Vec<f64> = if needs_cdf {
                         q.iter()
                             .scan(0.0, |acc, qv| {
@@ -255,21 +312,24 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyReport, EvalError> {
                     let top = |n: usize| -> Vec<usize> {
                         (0..n).map(|j| q_out.topk_ids[[0, t, j]] as usize).collect()
                     };
-                    let cached: Vec<(Vec<usize>, Vec<usize>)> = rows
+                    let cached: Vec<CachedValues> = rows
                         .iter()
-                        .map(|row| match row.estimator {
-                            Estimator::Topk => (top(row.k), Vec::new()),
-                            Estimator::Sampled | Estimator::SampledSn => {
-                                (Vec::new(), drawn[..row.k].to_vec())
-                            }
-                            Estimator::HeadTail | Estimator::HeadTailSn => {
-                                // S = head ∪ {label} is exact; draws come from outside S.
-                                let head = top(row.k / 2);
-                                let mut exact_set = head.clone();
-                                exact_set.push(y);
-                                let n = row.k - row.k / 2;
-                                (head, draw_outside(&cdf, &exact_set, n, &mut rng))
-                            }
+                        .map(|row| {
+                            let (head, tail) = match row.estimator {
+                                Estimator::Topk => (top(row.k), Vec::new()),
+                                Estimator::Sampled | Estimator::SampledSn => {
+                                    (Vec::new(), drawn[..row.k].to_vec())
+                                }
+                                Estimator::HeadTail | Estimator::HeadTailSn => {
+                                    // S = head ∪ {label} is exact; draws come from outside S.
+                                    let head = top(row.k / 2);
+                                    let mut exact_set = head.clone();
+                                    exact_set.push(y);
+                                    let n = row.k - row.k / 2;
+                                    (head, draw_outside(&cdf, &exact_set, n, &mut rng))
+                                }
+                            };
+                            CachedValues::at(&head, &tail, y, &p, &q)
                         })
                         .collect();
                     for (ai, &a) in alphas.iter().enumerate() {
@@ -279,49 +339,8 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyReport, EvalError> {
                             .map(|(pv, qv)| a * pv + (1.0 - a) * qv)
                             .collect();
                         s.exact[ai] += mixed[y] - logsumexp(&mixed);
-                        for (ri, row) in rows.iter().enumerate() {
-                            let (head, tail) = &cached[ri];
-                            let at = |ids: &[usize], v: &[f64]| -> Vec<f64> {
-                                ids.iter().map(|&i| v[i]).collect()
-                            };
-                            let in_head = head.contains(&y);
-                            let self_normalised = matches!(
-                                row.estimator,
-                                Estimator::SampledSn | Estimator::HeadTailSn
-                            );
-                            s.sparse[ri][ai] += match row.estimator {
-                                Estimator::Topk => sparse_perturbed_logp(
-                                    a,
-                                    p[y],
-                                    q[y],
-                                    &at(head, &p),
-                                    &at(head, &q),
-                                    in_head,
-                                ),
-                                Estimator::Sampled | Estimator::SampledSn => {
-                                    sampled_perturbed_logp(
-                                        a,
-                                        p[y],
-                                        q[y],
-                                        &at(tail, &p),
-                                        &at(tail, &q),
-                                        self_normalised,
-                                    )
-                                }
-                                Estimator::HeadTail | Estimator::HeadTailSn => {
-                                    head_tail_perturbed_logp(
-                                        a,
-                                        p[y],
-                                        q[y],
-                                        &at(head, &p),
-                                        &at(head, &q),
-                                        in_head,
-                                        &at(tail, &p),
-                                        &at(tail, &q),
-                                        self_normalised,
-                                    )
-                                }
-                            };
+                        for (ri, (row, values)) in rows.iter().zip(&cached).enumerate() {
+                            s.sparse[ri][ai] += values.estimate(row.estimator, a, p[y], q[y]);
                         }
                     }
                 }

@@ -233,12 +233,11 @@ impl PairLoader {
 
     pub fn get(&mut self, entry: &PairEntry) -> Result<ScoredPair, TrainDataError> {
         let row = entry.row as usize;
-        let cached = |cache: &[(u32, Vec<Option<ScoredPair>>)]| {
-            cache.iter().position(|(s, rows)| {
-                *s == entry.shard && rows.get(row).is_some_and(Option::is_some)
-            })
-        };
-        let slot = match cached(&self.cache) {
+        let cached = self
+            .cache
+            .iter()
+            .position(|(s, rows)| *s == entry.shard && rows.get(row).is_some_and(Option::is_some));
+        let slot = match cached {
             Some(slot) => slot,
             None => {
                 let pairs = read_shard(&self.files[entry.shard as usize])?;

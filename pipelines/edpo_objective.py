@@ -65,7 +65,7 @@ def steps_and_loss(
     label_smoothing: torch.Tensor,
     step_tolerance: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair step k, per-pair loss and z (objective.md §3–§4). Gradients flow via logps."""
+    """Per-pair step k, loss, z and β_i (objective.md §3–§4). Gradients flow via logps."""
     n = logps.shape[0]
     b = n // 2
     s_w, s_l = logps[:b], logps[b:]
@@ -81,7 +81,7 @@ def steps_and_loss(
     losses = -(1.0 - label_smoothing) * F.logsigmoid(beta_i * z) - label_smoothing * F.logsigmoid(
         -beta_i * z
     )
-    return steps, losses, z
+    return steps, losses, z, beta_i
 
 
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -132,7 +132,7 @@ class EpsDpoLoss(torch.nn.Module):
         labels = input_ids[:, 1:]
         topk_ids = ref_topk_ids[:, 1:, :]
         if self.lm_head_chunks > 0:
-            hidden, weight, token_logps, p_topk, lse = self._chunked_logps(input_ids, attention_mask, topk_ids)
+            hidden, h_pad, weight, token_logps, p_topk, lse = self._chunked_logps(input_ids, attention_mask, topk_ids)
         else:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
             logp_next = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
@@ -154,16 +154,14 @@ class EpsDpoLoss(torch.nn.Module):
             per_a.append(torch.where(mask, tok, zeros).sum(-1))
         logps_plus, logps_minus = per_a
 
-        steps, losses, z = steps_and_loss(
+        steps, losses, z, beta_i = steps_and_loss(
             logps, logps_plus, logps_minus, ref_logps, beta, epsilon, label_smoothing, step_tolerance
         )
         loss = losses.mean()
         if self.lm_head_chunks > 0:
-            b = z.shape[0]
-            beta_i = beta / (1.0 + epsilon * steps.to(z.dtype))
-            dz = loss_grad_wrt_z(z.detach(), beta_i, label_smoothing) / b
+            dz = loss_grad_wrt_z(z.detach(), beta_i, label_smoothing) / z.shape[0]
             coef = torch.cat([dz, -dz]).unsqueeze(-1) * mask.to(z.dtype)  # dL/d token_logps [N, T-1]
-            surrogate = self._chunked_surrogate(hidden, weight, labels, lse, coef)
+            surrogate = self._chunked_surrogate(hidden, h_pad, weight, labels, lse, coef)
             loss = loss.detach() + (surrogate - surrogate.detach())
         return loss, logps.detach(), logps_plus, logps_minus, steps
 
@@ -175,9 +173,10 @@ class EpsDpoLoss(torch.nn.Module):
     def _chunked_logps(self, input_ids, attention_mask, topk_ids):
         """Label and top-K log-probs without materialising [N, T, V] (values only, no gradient).
 
-        Returns the differentiable final hidden states [M, H], the output projection W [V, H],
-        token log-probs [N, T-1] (detached), policy log-probs at the cached ids [N, T-1, K] and
-        the per-position log-normaliser [M_padded] the surrogate reuses.
+        Returns the differentiable final hidden states [M, H], the same detached and padded to
+        C equal slices [M_padded, H], the output projection W [V, H], token log-probs [N, T-1]
+        (detached), policy log-probs at the cached ids [N, T-1, K] and the per-position
+        log-normaliser [M_padded]; the surrogate reuses the padded states and normaliser.
         """
         base = self.model.get_decoder()
         weight = self.model.get_output_embeddings().weight
@@ -202,9 +201,9 @@ class EpsDpoLoss(torch.nn.Module):
             lse_out.append(lse)
         token_logps = torch.cat(labels_out)[:m].reshape(n, t1)
         p_topk = torch.cat(topk_out)[:m].reshape(n, t1, k)
-        return hidden, weight, token_logps, p_topk, torch.cat(lse_out)
+        return hidden, h_pad, weight, token_logps, p_topk, torch.cat(lse_out)
 
-    def _chunked_surrogate(self, hidden, weight, labels, lse, coef):
+    def _chunked_surrogate(self, hidden, h_pad, weight, labels, lse, coef):
         """A scalar whose gradient is Σ_t coef_t · ∇ log p(y_t) (its value is discarded).
 
         With P_t = softmax(W h_t) and E_t = Σ_v P_tv W_v:
@@ -214,11 +213,9 @@ class EpsDpoLoss(torch.nn.Module):
         gradient. The logits are recomputed here as W·hᵀ (transposed) so that graph optimisers
         do not merge them with the forward slices and keep those alive.
         """
-        m, h = hidden.shape
+        m = hidden.shape[0]
         size, padded = self._chunk_bounds(m)
-        pad = padded - m
-        h_pad = pad_rows(hidden.detach(), pad)
-        c_pad = pad_rows(coef.reshape(m), pad)
+        c_pad = pad_rows(coef.reshape(m), padded - m)
         w = weight.detach()
         expect_out = []
         grad_w = None
@@ -268,7 +265,7 @@ def exact_eps_dpo(
             mixed = torch.log_softmax(a * p + (1.0 - a) * ref_logp_next, dim=-1)
             out[name] = (label_logps(mixed, labels) * mask).sum(-1)
     t = lambda v: torch.tensor(v, dtype=policy_logp_next.dtype)  # noqa: E731
-    steps, losses, z = steps_and_loss(
+    steps, losses, z, _ = steps_and_loss(
         logps,
         out["logps_plus"],
         out["logps_minus"],

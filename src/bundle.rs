@@ -7,15 +7,15 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::params::{ParamStore, ParamsError};
+use crate::params::ParamStore;
 
 pub const MANIFEST_FILE: &str = "edpo-model.json";
 pub const FORMAT_VERSION: u32 = 1;
-const REEXPORT: &str = "re-export it with `pipelines/export.py --model HF_DIR --out BUNDLE`";
+const REEXPORT: &str = "re-export it with `python -m edpo_export --model HF_DIR --out BUNDLE`";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
-    #[error("`{0}` is not an edpo model bundle (no `edpo-model.json`); make one with `pipelines/export.py --model HF_DIR --out BUNDLE`")]
+    #[error("`{0}` is not an edpo model bundle (no `edpo-model.json`); make one with `python -m edpo_export --model HF_DIR --out BUNDLE`")]
     NoManifest(PathBuf),
     #[error("cannot read `{path}`: {source}")]
     Io {
@@ -36,14 +36,6 @@ pub enum BundleError {
     },
     #[error("graph `{file}` does not match the bundle manifest: {problems}; {REEXPORT}")]
     Contract { file: PathBuf, problems: String },
-    #[error(transparent)]
-    Params(#[from] ParamsError),
-}
-
-impl BundleError {
-    pub fn exit_code(&self) -> i32 {
-        2
-    }
 }
 
 /// One graph input or output as the manifest declares it.
@@ -100,6 +92,13 @@ pub struct SpecialTokens {
     pub pad: SpecialToken,
 }
 
+impl SpecialTokens {
+    /// The id that pads sequences: the pad token, else EOS, else 0 (padding is masked out).
+    pub fn pad_id(&self) -> u32 {
+        self.pad.id.or(self.eos.id).unwrap_or(0)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FileEntry {
     pub sha256: String,
@@ -112,7 +111,7 @@ pub struct GoldensSpec {
     pub tolerances: BTreeMap<String, f64>,
 }
 
-/// `edpo-model.json`, written by `pipelines/export.py`.
+/// `edpo-model.json`, written by `python -m edpo_export`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub format_version: u32,
@@ -217,12 +216,12 @@ impl Bundle {
     }
 
     /// The initial parameters θ₀ (`params.safetensors`).
-    pub fn load_params(&self) -> Result<ParamStore, BundleError> {
+    pub fn load_params(&self) -> Result<ParamStore, crate::Error> {
         self.load_params_from(&self.path(&self.manifest.params_file))
     }
 
     /// Parameters from any safetensors file with this bundle's names and shapes.
-    pub fn load_params_from(&self, path: &Path) -> Result<ParamStore, BundleError> {
+    pub fn load_params_from(&self, path: &Path) -> Result<ParamStore, crate::Error> {
         Ok(ParamStore::load(path, &self.param_layout())?)
     }
 }

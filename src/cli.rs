@@ -1,16 +1,34 @@
-//! Command-line definitions (clap derive). Doc comments here are the `--help` text.
+//! Command-line definitions (clap derive). Doc comments here are the `--help` text; every
+//! optional setting is an `Option` whose default lives in `config.rs` and is shown in `--help`
+//! as `[default: …]` by [`command`].
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use crate::data::Format;
+use crate::study::Estimator;
+use crate::train::optim::Schedule;
+use crate::train::ReferenceMode;
 
 /// edpo: offline preference optimisation of language models with ε-DPO.
 ///
-/// Stages: `pipelines/export.py` makes a model bundle; `edpo prep` scores preference data
+/// Stages: `python -m edpo_export` makes a model bundle; `edpo prep` scores preference data
 /// once with the reference model into Parquet shards; `edpo train` runs ε-DPO over them.
 #[derive(Debug, Parser)]
 #[command(name = "edpo", version, about, long_about = None, args_override_self = true)]
 pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command accepts.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct GlobalArgs {
     /// No progress bars; only results and errors are printed.
     #[arg(long, global = true, env = "EDPO_QUIET")]
     pub quiet: bool,
@@ -18,9 +36,6 @@ pub struct Cli {
     /// Intra-op threads for ONNX Runtime and data work (0 = one per core).
     #[arg(long, global = true, default_value_t = 0, env = "EDPO_THREADS")]
     pub threads: usize,
-
-    #[command(subcommand)]
-    pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
@@ -49,10 +64,63 @@ pub enum Command {
     Inspect(InspectArgs),
 }
 
-#[derive(Debug, Clone, Default, clap::Args, serde::Deserialize)]
+/// The command-line interface with each setting's default (from `config.rs`) in its help.
+pub fn command() -> clap::Command {
+    let mut cmd = Cli::command();
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    for name in names {
+        let Some(defaults) = crate::config::defaults_of(&name) else {
+            continue;
+        };
+        cmd = cmd.mut_subcommand(&name, |mut sub| {
+            let ids: Vec<String> = sub
+                .get_arguments()
+                .map(|a| a.get_id().to_string())
+                .collect();
+            for id in ids {
+                if let Some(text) = defaults.get(&id.replace('_', "-")).and_then(default_text) {
+                    sub = sub.mut_arg(&id, |arg| {
+                        let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                        arg.help(format!("{help} [default: {text}]"))
+                    });
+                }
+            }
+            sub
+        });
+    }
+    cmd
+}
+
+/// How a default reads in `--help`; None for settings without one (required or optional).
+fn default_text(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::Null | serde_json::Value::Bool(false) => None,
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(items) if items.is_empty() => None,
+        serde_json::Value::Array(items) => Some(
+            items
+                .iter()
+                .filter_map(default_text)
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        other => Some(other.to_string()),
+    }
+}
+
+/// Parses the command line (clap's own error on failure: usage text, `--help`, `--version`).
+pub fn parse() -> Result<Cli, clap::Error> {
+    let matches = command().try_get_matches()?;
+    Cli::from_arg_matches(&matches)
+}
+
+#[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct PrepArgs {
-    /// Model bundle folder written by `pipelines/export.py`.
+    /// Model bundle folder written by `python -m edpo_export`.
     #[arg(long, env = "EDPO_MODEL")]
     pub model: Option<PathBuf>,
 
@@ -70,24 +138,23 @@ pub struct PrepArgs {
     #[serde(skip)]
     pub config: Option<PathBuf>,
 
-    /// Data format: auto-detected from the first row unless given [default: auto].
+    /// Data format: auto-detected from the first row unless given.
     #[arg(long, value_enum)]
-    pub format: Option<edpo::data::Format>,
+    pub format: Option<Format>,
 
-    /// Column holding the prompt (plain text, messages, or token ids) [default: prompt].
+    /// Column holding the prompt (plain text, messages, or token ids).
     #[arg(long)]
     pub prompt_column: Option<String>,
 
-    /// Column holding the chosen response [default: chosen].
+    /// Column holding the chosen response.
     #[arg(long)]
     pub chosen_column: Option<String>,
 
-    /// Column holding the rejected response [default: rejected].
+    /// Column holding the rejected response.
     #[arg(long)]
     pub rejected_column: Option<String>,
 
-    /// Optional column with a stable pair id (else the id derives from file name and row)
-    /// [default: id].
+    /// Optional column with a stable pair id (else the id derives from file name and row).
     #[arg(long)]
     pub id_column: Option<String>,
 
@@ -103,15 +170,15 @@ pub struct PrepArgs {
     #[arg(long)]
     pub topk: Option<usize>,
 
-    /// Where the reference graph runs: `cpu`, `cuda` or `cuda:N` [default: cpu].
+    /// Where the reference graph runs: `cpu`, `cuda` or `cuda:N`.
     #[arg(long, env = "EDPO_DEVICE")]
     pub device: Option<String>,
 
-    /// Token budget of one scoring batch (rows × padded length) [default: 8192].
+    /// Token budget of one scoring batch (rows × padded length).
     #[arg(long)]
     pub batch_tokens: Option<usize>,
 
-    /// Input rows per shard [default: 2048].
+    /// Input rows per shard.
     #[arg(long)]
     pub shard_size: Option<usize>,
 
@@ -140,25 +207,27 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct VerifyArgs {
-    /// Model bundle folder written by `pipelines/export.py`.
-    #[arg(long, env = "EDPO_MODEL")]
-    pub model: PathBuf,
+    /// Model bundle folder written by `python -m edpo_export`.
+    #[arg(long, env = "EDPO_MODEL", required = true)]
+    pub model: Option<PathBuf>,
 
     /// Where the graphs run: `cpu`, `cuda` or `cuda:N`.
-    #[arg(long, default_value = "cpu", env = "EDPO_DEVICE")]
-    pub device: String,
+    #[arg(long, env = "EDPO_DEVICE")]
+    pub device: Option<String>,
 
     /// Print the result as JSON.
     #[arg(long)]
+    #[serde(skip)]
     pub json: bool,
 }
 
-#[derive(Debug, Clone, Default, clap::Args, serde::Deserialize)]
+#[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TrainArgs {
-    /// Model bundle folder written by `pipelines/export.py`.
+    /// Model bundle folder written by `python -m edpo_export`.
     #[arg(long, env = "EDPO_MODEL")]
     pub model: Option<PathBuf>,
 
@@ -175,35 +244,35 @@ pub struct TrainArgs {
     #[serde(skip)]
     pub config: Option<PathBuf>,
 
-    /// Initial KL coefficient β [default: 0.01].
+    /// Initial KL coefficient β.
     #[arg(long)]
     pub beta: Option<f64>,
 
-    /// ε of the per-pair β rule; 0 is plain DPO [default: 0.01].
+    /// ε of the per-pair β rule; 0 is plain DPO.
     #[arg(long)]
     pub epsilon: Option<f64>,
 
-    /// Peak learning rate [default: 3e-7].
+    /// Peak learning rate.
     #[arg(long)]
     pub lr: Option<f64>,
 
-    /// Label smoothing λ (conservative DPO) [default: 0].
+    /// Label smoothing λ (conservative DPO).
     #[arg(long)]
     pub label_smoothing: Option<f64>,
 
-    /// Tolerance τ of the step rule (objective.md §3) [default: 1e-6].
+    /// Tolerance τ of the per-pair step rule (objective.md §3).
     #[arg(long)]
     pub step_tolerance: Option<f64>,
 
-    /// Pairs per optimiser step [default: 128].
+    /// Pairs per optimiser step.
     #[arg(long)]
     pub batch_size: Option<usize>,
 
-    /// Pairs per run of the joint graph (gradient accumulation) [default: 8].
+    /// Pairs per run of the joint graph (gradient accumulation).
     #[arg(long)]
     pub micro_batch: Option<usize>,
 
-    /// Passes over the shards [default: 1].
+    /// Passes over the shards.
     #[arg(long)]
     pub epochs: Option<u64>,
 
@@ -211,23 +280,24 @@ pub struct TrainArgs {
     #[arg(long)]
     pub max_steps: Option<u64>,
 
-    /// Seed of the data order [default: 42].
+    /// Seed of the data order.
     #[arg(long)]
     pub seed: Option<u64>,
 
-    /// `cached` (the shards' top-K) or `online` (the scoring graph during training) [default: cached].
+    /// `cached` (the shards' top-K) or `online` (the scoring graph during training).
     #[arg(long, value_enum)]
-    pub reference: Option<edpo::train::ReferenceMode>,
+    pub reference: Option<ReferenceMode>,
 
-    /// K of the online reference [default: the vocabulary size, i.e. the exact ε-step].
+    /// Top-K size of the online reference (default: the vocabulary size, i.e. the exact
+    /// ε-step).
     #[arg(long)]
     pub topk: Option<usize>,
 
-    /// Learning-rate schedule after warm-up [default: cosine].
+    /// Learning-rate schedule after warm-up.
     #[arg(long, value_enum)]
-    pub schedule: Option<edpo::train::optim::Schedule>,
+    pub schedule: Option<Schedule>,
 
-    /// Warm-up as a fraction of the steps [default: 0.1].
+    /// Warm-up as a fraction of the steps.
     #[arg(long)]
     pub warmup_ratio: Option<f64>,
 
@@ -235,31 +305,31 @@ pub struct TrainArgs {
     #[arg(long)]
     pub warmup_steps: Option<u64>,
 
-    /// Global gradient-norm clip; 0 disables [default: 1.0].
+    /// Global gradient-norm clip; 0 disables.
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
 
-    /// AdamW weight decay (not applied to biases and norms) [default: 0].
+    /// AdamW weight decay (not applied to biases and norms).
     #[arg(long)]
     pub weight_decay: Option<f64>,
 
-    /// AdamW β₁ [default: 0.9].
+    /// AdamW β₁.
     #[arg(long)]
     pub adam_beta1: Option<f64>,
 
-    /// AdamW β₂ [default: 0.999].
+    /// AdamW β₂.
     #[arg(long)]
     pub adam_beta2: Option<f64>,
 
-    /// AdamW ε [default: 1e-8].
+    /// AdamW ε.
     #[arg(long)]
     pub adam_eps: Option<f64>,
 
-    /// Checkpoint every N steps (and always at the end); 0 = only at the end [default: 0].
+    /// Checkpoint every N steps (and always at the end); 0 = only at the end.
     #[arg(long)]
     pub save_every: Option<u64>,
 
-    /// Checkpoints to keep [default: 2].
+    /// Checkpoints to keep.
     #[arg(long)]
     pub keep_checkpoints: Option<usize>,
 
@@ -268,7 +338,7 @@ pub struct TrainArgs {
     #[serde(default)]
     pub resume: bool,
 
-    /// Where the graphs run: `cpu`, `cuda` or `cuda:N` [default: cpu].
+    /// Where the graphs run: `cpu`, `cuda` or `cuda:N`.
     #[arg(long, env = "EDPO_DEVICE")]
     pub device: Option<String>,
 
@@ -278,31 +348,32 @@ pub struct TrainArgs {
     pub json: bool,
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct EvalArgs {
-    /// Model bundle folder written by `pipelines/export.py`.
-    #[arg(long, env = "EDPO_MODEL")]
-    pub model: PathBuf,
+    /// Model bundle folder written by `python -m edpo_export`.
+    #[arg(long, env = "EDPO_MODEL", required = true)]
+    pub model: Option<PathBuf>,
 
     /// Parameters to evaluate (e.g. RUN/final/model.safetensors); default: the reference.
     #[arg(long)]
     pub params: Option<PathBuf>,
 
     /// Shards folder written by `edpo prep` with the same bundle.
-    #[arg(long)]
-    pub shards: PathBuf,
+    #[arg(long, required = true)]
+    pub shards: Option<PathBuf>,
 
     /// β for the reported reward margin.
-    #[arg(long, default_value_t = 0.01)]
-    pub beta: f64,
+    #[arg(long)]
+    pub beta: Option<f64>,
 
     /// Token budget of one scoring batch.
-    #[arg(long, default_value_t = 8192)]
-    pub batch_tokens: usize,
+    #[arg(long)]
+    pub batch_tokens: Option<usize>,
 
     /// Where the scoring graph runs: `cpu`, `cuda` or `cuda:N`.
-    #[arg(long, default_value = "cpu", env = "EDPO_DEVICE")]
-    pub device: String,
+    #[arg(long, env = "EDPO_DEVICE")]
+    pub device: Option<String>,
 
     /// Also write per-pair scores (pair_id, log-probs, z) to this Parquet file.
     #[arg(long)]
@@ -310,6 +381,7 @@ pub struct EvalArgs {
 
     /// Print the result as JSON.
     #[arg(long)]
+    #[serde(skip)]
     pub json: bool,
 }
 
@@ -319,50 +391,48 @@ pub struct ReportArgs {
     pub run: PathBuf,
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct StudyKArgs {
     /// Model bundle folder (its parameters are the reference).
-    #[arg(long, env = "EDPO_MODEL")]
-    pub model: PathBuf,
+    #[arg(long, env = "EDPO_MODEL", required = true)]
+    pub model: Option<PathBuf>,
 
     /// Shards folder (token ids of the pairs to study).
-    #[arg(long)]
-    pub shards: PathBuf,
+    #[arg(long, required = true)]
+    pub shards: Option<PathBuf>,
 
     /// Policy parameters (e.g. a checkpoint's model.safetensors); default: the reference.
     #[arg(long)]
     pub params: Option<PathBuf>,
 
-    /// K values, comma-separated; `V` means the whole vocabulary.
-    #[arg(
-        long,
-        default_value = "1,2,4,8,16,32,64,128,256,V",
-        value_delimiter = ','
-    )]
-    pub ks: Vec<String>,
+    /// Top-K sizes, comma-separated; `V` means the whole vocabulary.
+    #[arg(long, alias = "ks", value_delimiter = ',')]
+    pub topks: Vec<String>,
 
     /// ε of the perturbed policies.
-    #[arg(long, default_value_t = 0.01)]
-    pub epsilon: f64,
+    #[arg(long)]
+    pub epsilon: Option<f64>,
 
-    /// Tolerance τ of the step rule.
-    #[arg(long, default_value_t = 1e-6)]
-    pub step_tolerance: f64,
+    /// Tolerance τ of the per-pair step rule.
+    #[arg(long)]
+    pub step_tolerance: Option<f64>,
 
     /// Use at most this many pairs.
-    #[arg(long, default_value_t = 200)]
-    pub limit: usize,
+    #[arg(long)]
+    pub limit: Option<usize>,
 
     /// Cache estimates to compare, comma-separated: topk (what training uses), sampled,
     /// sampled-sn, head-tail, head-tail-sn (`-sn`: self-normalised).
-    #[arg(long, value_enum, default_value = "topk", value_delimiter = ',')]
-    pub estimators: Vec<edpo::study::Estimator>,
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub estimators: Vec<Estimator>,
 
     /// Seed of the reference draws of the sampled estimators.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[arg(long)]
+    pub seed: Option<u64>,
 
     /// Print the result as JSON.
     #[arg(long)]
+    #[serde(skip)]
     pub json: bool,
 }

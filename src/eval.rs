@@ -5,42 +5,22 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Float64Array, UInt64Array};
+use arrow::array::{ArrayRef, Float64Array, RecordBatch, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
-use arrow::record_batch::RecordBatch;
 use serde::Serialize;
 
-use crate::bundle::{Bundle, BundleError};
-use crate::graphs::{GraphError, ReferenceGraph};
+use crate::batch::pair_of_row;
+use crate::bundle::Bundle;
+use crate::data::tokenize::TokenizedPair;
+use crate::data::Side;
+use crate::graphs::ReferenceGraph;
 use crate::objective;
+use crate::output::Printable;
 use crate::runtime::SessionConfig;
-use crate::scoring::{pair_sequences, score_sequences};
-use crate::shards::{read_shard, ShardError};
-use crate::train::data::{ShardSet, TrainDataError};
-use crate::train::metrics::RunTable;
-
-#[derive(Debug, thiserror::Error)]
-pub enum EvalError {
-    #[error(transparent)]
-    Bundle(#[from] BundleError),
-    #[error(transparent)]
-    Data(#[from] TrainDataError),
-    #[error(transparent)]
-    Graph(#[from] GraphError),
-    #[error(transparent)]
-    Shard(#[from] ShardError),
-}
-
-impl EvalError {
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            EvalError::Bundle(e) => e.exit_code(),
-            EvalError::Data(e) => e.exit_code(),
-            EvalError::Graph(e) => e.exit_code(),
-            EvalError::Shard(e) => e.exit_code(),
-        }
-    }
-}
+use crate::scoring::score_pair_rows;
+use crate::shards::{read_shard, ScoredPair, ShardSet};
+use crate::table::{self, ParquetLayout};
+use crate::Error;
 
 #[derive(Debug, Clone)]
 pub struct EvalConfig {
@@ -85,62 +65,60 @@ struct PairScore {
     z: f64,
 }
 
-pub fn run(cfg: &EvalConfig) -> Result<EvalReport, EvalError> {
-    let bundle = Bundle::open(&cfg.model)?;
-    let set = ShardSet::open(&cfg.shards, &bundle.bundle_sha256)?;
-    let params = match &cfg.params {
-        Some(p) => Some(bundle.load_params_from(p)?),
-        None => None,
-    };
-    let mut graph = ReferenceGraph::new(&bundle, params.as_ref(), &cfg.session)?;
-    let special = &bundle.manifest.special_tokens;
-    let pad = special.pad.id.or(special.eos.id).unwrap_or(0);
-    let mut scores: Vec<PairScore> = Vec::with_capacity(set.pairs.len());
-    let (mut ratio_sum, mut ratio_tokens) = (0.0f64, 0u64);
-    for file in &set.files {
-        let pairs = read_shard(file)?;
-        let seqs = pair_sequences(pairs.iter().map(|p| &p.pair));
-        let mut seq_token_logps: Vec<Vec<f32>> = vec![Vec::new(); seqs.len()];
-        score_sequences(
-            &mut graph,
-            &seqs,
-            1,
-            cfg.batch_tokens,
-            pad,
-            |i, out, row| {
-                let prompt_len = pairs[i / 2].pair.prompt_ids.len();
-                seq_token_logps[i] = (prompt_len..seqs[i].len())
-                    .map(|t| out.token_logps[[row, t]])
-                    .collect();
-            },
-        )?;
-        for (n, p) in pairs.iter().enumerate() {
-            let chosen_tokens = &seq_token_logps[2 * n];
-            let sum = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>();
-            let chosen = sum(chosen_tokens);
-            let rejected = sum(&seq_token_logps[2 * n + 1]);
-            for (a, b) in chosen_tokens.iter().zip(&p.ref_chosen_token_logps) {
-                ratio_sum += f64::from(*a) - f64::from(*b);
-                ratio_tokens += 1;
-            }
-            let (rc, rr) = (
-                f64::from(p.ref_chosen_logps),
-                f64::from(p.ref_rejected_logps),
-            );
-            scores.push(PairScore {
-                pair_id: p.pair.pair_id,
-                chosen,
-                rejected,
-                ref_chosen: rc,
-                ref_rejected: rr,
-                z: (chosen - rejected) - (rc - rr),
-            });
+/// Scores one shard's pairs with `graph` (label log-probs only) and adds the chosen tokens'
+/// log-ratio against the cached reference to `ratio` (sum, tokens).
+fn score_shard(
+    graph: &mut ReferenceGraph,
+    pairs: &[ScoredPair],
+    cfg: &EvalConfig,
+    pad_id: u32,
+    ratio: &mut (f64, u64),
+) -> Result<Vec<PairScore>, Error> {
+    let tokenized: Vec<&TokenizedPair> = pairs.iter().map(|p| &p.pair).collect();
+    let n = pairs.len();
+    let mut row_logps: Vec<Vec<f32>> = vec![Vec::new(); 2 * n];
+    score_pair_rows(
+        graph,
+        &tokenized,
+        1,
+        cfg.batch_tokens,
+        pad_id,
+        |row, out, r| {
+            let (index, side) = pair_of_row(row, n);
+            let start = tokenized[index].prompt_ids.len();
+            let end = start + tokenized[index].response(side).len();
+            row_logps[row] = (start..end).map(|t| out.token_logps[[r, t]]).collect();
+        },
+    )?;
+    let sum = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>();
+    let mut scores = Vec::with_capacity(n);
+    for (index, p) in pairs.iter().enumerate() {
+        let chosen_tokens = &row_logps[crate::batch::row_of(index, Side::Chosen, n)];
+        let chosen = sum(chosen_tokens);
+        let rejected = sum(&row_logps[crate::batch::row_of(index, Side::Rejected, n)]);
+        for (a, b) in chosen_tokens.iter().zip(&p.chosen.token_logps) {
+            ratio.0 += f64::from(*a) - f64::from(*b);
+            ratio.1 += 1;
         }
+        let (rc, rr) = (f64::from(p.chosen.logps), f64::from(p.rejected.logps));
+        scores.push(PairScore {
+            pair_id: p.pair.pair_id,
+            chosen,
+            rejected,
+            ref_chosen: rc,
+            ref_rejected: rr,
+            z: (chosen - rejected) - (rc - rr),
+        });
     }
+    Ok(scores)
+}
+
+/// The report over every pair's score.
+fn summarise(cfg: &EvalConfig, scores: &[PairScore], ratio: (f64, u64)) -> EvalReport {
     let n = scores.len().max(1) as f64;
     let mut preferred = 0usize;
     let mut ties = 0usize;
-    for s in &scores {
+    for s in scores {
         let delta = objective::tolerance(1e-6, s.chosen, s.rejected);
         if s.z > delta {
             preferred += 1;
@@ -149,7 +127,7 @@ pub fn run(cfg: &EvalConfig) -> Result<EvalReport, EvalError> {
         }
     }
     let mean = |f: &dyn Fn(&PairScore) -> f64| scores.iter().map(f).sum::<f64>() / n;
-    let report = EvalReport {
+    EvalReport {
         pairs: scores.len() as u64,
         params: cfg
             .params
@@ -161,17 +139,35 @@ pub fn run(cfg: &EvalConfig) -> Result<EvalReport, EvalError> {
         mean_z: mean(&|s| s.z),
         beta: cfg.beta,
         mean_reward_margin: cfg.beta * mean(&|s| s.z),
-        mean_token_log_ratio_chosen: ratio_sum / (ratio_tokens.max(1) as f64),
+        mean_token_log_ratio_chosen: ratio.0 / (ratio.1.max(1) as f64),
         mean_logps_chosen: mean(&|s| s.chosen),
         mean_logps_rejected: mean(&|s| s.rejected),
+    }
+}
+
+pub fn run(cfg: &EvalConfig) -> Result<EvalReport, Error> {
+    let bundle = Bundle::open(&cfg.model)?;
+    let set = ShardSet::open(&cfg.shards, &bundle.bundle_sha256)?;
+    let params = match &cfg.params {
+        Some(p) => Some(bundle.load_params_from(p)?),
+        None => None,
     };
+    let mut graph = ReferenceGraph::new(&bundle, params.as_ref(), &cfg.session)?;
+    let pad_id = bundle.manifest.special_tokens.pad_id();
+    let mut scores: Vec<PairScore> = Vec::with_capacity(set.pairs.len());
+    let mut ratio = (0.0f64, 0u64);
+    for file in &set.files {
+        let pairs = read_shard(file)?;
+        scores.extend(score_shard(&mut graph, &pairs, cfg, pad_id, &mut ratio)?);
+    }
+    let report = summarise(cfg, &scores, ratio);
     if let Some(path) = &cfg.per_pair {
         write_per_pair(path, &scores)?;
     }
     Ok(report)
 }
 
-fn write_per_pair(path: &Path, scores: &[PairScore]) -> Result<(), ShardError> {
+fn write_per_pair(path: &Path, scores: &[PairScore]) -> Result<(), Error> {
     let f = |name: &str| Field::new(name, DataType::Float64, false);
     let schema = Arc::new(Schema::new(vec![
         Field::new("pair_id", DataType::UInt64, false),
@@ -196,18 +192,17 @@ fn write_per_pair(path: &Path, scores: &[PairScore]) -> Result<(), ShardError> {
             col(&|s| s.ref_rejected),
             col(&|s| s.z),
         ],
-    )
-    .map_err(|e| ShardError::Write {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    let mut table = RunTable::new(schema);
-    table.push(batch);
-    table.save(path)
+    );
+    Ok(table::write_parquet(
+        path,
+        schema,
+        [batch],
+        &ParquetLayout::default(),
+    )?)
 }
 
-impl EvalReport {
-    pub fn to_table(&self) -> String {
+impl Printable for EvalReport {
+    fn to_table(&self) -> String {
         format!(
             "eval: {} pairs scored with {}\n\
              \x20 preference accuracy (z > 0)     {:.4}   (ties {:.4})\n\

@@ -5,8 +5,13 @@ use std::collections::BTreeMap;
 use ndarray::{ArrayD, Ix1, Ix2, Ix3};
 use safetensors::tensor::{Dtype, SafeTensors};
 
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
 use crate::bundle::{Bundle, BundleError};
-use crate::graphs::{GraphError, LossSettings, ReferenceGraph, TrainBatch, TrainGraph};
+use crate::graphs::{LossSettings, ReferenceGraph, TrainBatch, TrainGraph};
+use crate::output::Printable;
 use crate::params::{f32_from_le_bytes, i64_from_le_bytes};
 use crate::runtime::SessionConfig;
 
@@ -19,24 +24,10 @@ pub enum Golden {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GoldensError {
-    #[error("the bundle has no goldens (export it with pipelines/export.py to get them)")]
+    #[error("the bundle has no goldens (export it with `python -m edpo_export` to get them)")]
     Absent,
     #[error("`{file}`: {message}")]
     Format { file: String, message: String },
-    #[error(transparent)]
-    Bundle(#[from] BundleError),
-    #[error(transparent)]
-    Graph(#[from] GraphError),
-}
-
-impl GoldensError {
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            GoldensError::Graph(e) => e.exit_code(),
-            GoldensError::Bundle(e) => e.exit_code(),
-            _ => 2,
-        }
-    }
 }
 
 pub struct Goldens {
@@ -46,7 +37,7 @@ pub struct Goldens {
 }
 
 impl Goldens {
-    pub fn load(bundle: &Bundle) -> Result<Self, GoldensError> {
+    pub fn load(bundle: &Bundle) -> Result<Self, crate::Error> {
         let spec = bundle
             .manifest
             .goldens
@@ -74,7 +65,7 @@ impl Goldens {
                     ArrayD::from_shape_vec(shape, i64_from_le_bytes(view.data()))
                         .map_err(|e| format(e.to_string()))?,
                 ),
-                other => return Err(format(format!("tensor `{name}` has dtype {other:?}"))),
+                other => return Err(format(format!("tensor `{name}` has dtype {other:?}")).into()),
             };
             tensors.insert(name, golden);
         }
@@ -115,22 +106,33 @@ impl Goldens {
 }
 
 /// One comparison of a Rust-computed output with its golden.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Check {
+    #[serde(rename = "check")]
     pub label: String,
-    pub ok: bool,
     pub detail: String,
+    pub ok: bool,
 }
 
-/// Every comparison of a goldens run.
-#[derive(Debug, Clone, Default)]
+/// Every comparison of a goldens run, and which bundle it was.
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct VerifyReport {
+    pub bundle: PathBuf,
+    pub bundle_sha256: String,
+    #[serde(skip)]
+    pub architecture: String,
+    #[serde(skip)]
+    pub num_parameters: u64,
+    #[serde(skip)]
+    pub vocab_size: usize,
     pub checks: Vec<Check>,
+    pub passed: bool,
 }
 
 impl VerifyReport {
+    /// Whether every check passed.
     pub fn passed(&self) -> bool {
-        self.checks.iter().all(|c| c.ok)
+        self.passed
     }
 
     fn push(&mut self, label: impl Into<String>, ok: bool, detail: impl Into<String>) {
@@ -139,6 +141,33 @@ impl VerifyReport {
             ok,
             detail: detail.into(),
         });
+        self.passed = self.checks.iter().all(|c| c.ok);
+    }
+}
+
+impl Printable for VerifyReport {
+    fn to_table(&self) -> String {
+        let mut s = format!(
+            "bundle {} ({}, {} parameters, vocab {})\n",
+            self.bundle.display(),
+            self.architecture,
+            self.num_parameters,
+            self.vocab_size
+        );
+        for c in &self.checks {
+            s.push_str(&format!(
+                "  {} {:<48} {}\n",
+                if c.ok { "ok  " } else { "FAIL" },
+                c.label,
+                c.detail
+            ));
+        }
+        s.push_str(if self.passed {
+            "goldens reproduced\n"
+        } else {
+            "goldens NOT reproduced\n"
+        });
+        s
     }
 }
 
@@ -163,39 +192,54 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     diff / norm.max(1e-30)
 }
 
-/// Runs both graphs on the golden batch and compares with PyTorch's outputs.
-pub fn verify_bundle(
+impl Goldens {
+    /// A golden tensor of rank `D` (an error names it when its rank differs).
+    fn array<T: Clone, D: ndarray::Dimension>(
+        &self,
+        tensor: &ArrayD<T>,
+    ) -> Result<ndarray::Array<T, D>, GoldensError> {
+        tensor
+            .clone()
+            .into_dimensionality::<D>()
+            .map_err(|e| GoldensError::Format {
+                file: self.file.clone(),
+                message: e.to_string(),
+            })
+    }
+
+    /// The golden micro-batch of the joint graph.
+    fn train_batch(&self) -> Result<TrainBatch, GoldensError> {
+        Ok(TrainBatch {
+            input_ids: self.array::<_, Ix2>(self.i64("train.in.input_ids")?)?,
+            attention_mask: self.array::<_, Ix2>(self.i64("train.in.attention_mask")?)?,
+            loss_mask: self.array::<_, Ix2>(self.i64("train.in.loss_mask")?)?,
+            ref_logps: self.array::<_, Ix1>(self.f32("train.in.ref_logps")?)?,
+            ref_token_logps: self.array::<_, Ix2>(self.f32("train.in.ref_token_logps")?)?,
+            ref_topk_ids: self.array::<_, Ix3>(self.i64("train.in.ref_topk_ids")?)?,
+            ref_topk_logps: self.array::<_, Ix3>(self.f32("train.in.ref_topk_logps")?)?,
+        })
+    }
+}
+
+/// Reference graph on the golden batch: label and top-K log-probs, top-K ids where the
+/// values are not tied.
+fn verify_reference(
     bundle: &Bundle,
     config: &SessionConfig,
-) -> Result<VerifyReport, GoldensError> {
-    let goldens = Goldens::load(bundle)?;
+    goldens: &Goldens,
+    report: &mut VerifyReport,
+) -> Result<(), crate::Error> {
     let logps_tol = goldens.tolerance("logps_abs", 1e-4);
-    let loss_tol = goldens.tolerance("loss_abs", 1e-5);
-    let grad_tol = goldens.tolerance("grad_rel", 1e-4);
-    let mut report = VerifyReport::default();
-    let shape = |e: ndarray::ShapeError| GoldensError::Format {
-        file: goldens.file.clone(),
-        message: e.to_string(),
-    };
-
     let mut reference = ReferenceGraph::new(bundle, None, config)?;
-    let ids = goldens
-        .i64("reference.in.input_ids")?
-        .clone()
-        .into_dimensionality::<Ix2>()
-        .map_err(shape)?;
-    let mask = goldens
-        .i64("reference.in.attention_mask")?
-        .clone()
-        .into_dimensionality::<Ix2>()
-        .map_err(shape)?;
-    let k = goldens
+    let ids = goldens.array::<_, Ix2>(goldens.i64("reference.in.input_ids")?)?;
+    let mask = goldens.array::<_, Ix2>(goldens.i64("reference.in.attention_mask")?)?;
+    let topk = goldens
         .i64("reference.in.k")?
         .iter()
         .copied()
         .next()
         .unwrap_or(1);
-    let scored = reference.score(ids.view(), mask.view(), k)?;
+    let scored = reference.score(ids.view(), mask.view(), topk)?;
     let err = max_abs_diff(
         &scored.token_logps.into_dyn(),
         goldens.f32("reference.out.token_logps")?,
@@ -212,24 +256,17 @@ pub fn verify_bundle(
         err <= logps_tol,
         format!("max |Δ| = {err:.2e}"),
     );
-    let want_ids = goldens
-        .i64("reference.out.topk_ids")?
-        .clone()
-        .into_dimensionality::<Ix3>()
-        .map_err(shape)?;
-    let want_vals = want_topk
-        .clone()
-        .into_dimensionality::<Ix3>()
-        .map_err(shape)?;
+    let want_ids = goldens.array::<_, Ix3>(goldens.i64("reference.out.topk_ids")?)?;
+    let want_vals = goldens.array::<_, Ix3>(want_topk)?;
     let (mut differ, mut untied_differ) = (0usize, 0usize);
     for ((idx, got), want) in scored.topk_ids.indexed_iter().zip(want_ids.iter()) {
         if got != want {
             differ += 1;
             let (n, t, j) = idx;
-            let kk = want_vals.dim().2;
+            let width = want_vals.dim().2;
             let v = want_vals[[n, t, j]];
             let tied = (j > 0 && (want_vals[[n, t, j - 1]] - v).abs() < 1e-5)
-                || (j + 1 < kk && (want_vals[[n, t, j + 1]] - v).abs() < 1e-5);
+                || (j + 1 < width && (want_vals[[n, t, j + 1]] - v).abs() < 1e-5);
             if !tied {
                 untied_differ += 1;
             }
@@ -240,46 +277,22 @@ pub fn verify_bundle(
         untied_differ == 0,
         format!("{differ} differ, {untied_differ} of them at untied values"),
     );
+    Ok(())
+}
 
+/// Joint graph on the golden batch: loss, log-probs, per-pair steps and every gradient.
+fn verify_train(
+    bundle: &Bundle,
+    config: &SessionConfig,
+    goldens: &Goldens,
+    report: &mut VerifyReport,
+) -> Result<(), crate::Error> {
+    let logps_tol = goldens.tolerance("logps_abs", 1e-4);
+    let loss_tol = goldens.tolerance("loss_abs", 1e-5);
+    let grad_tol = goldens.tolerance("grad_rel", 1e-4);
     let mut train = TrainGraph::new(bundle, config)?;
     let params = bundle.load_params()?;
-    let batch = TrainBatch {
-        input_ids: goldens
-            .i64("train.in.input_ids")?
-            .clone()
-            .into_dimensionality::<Ix2>()
-            .map_err(shape)?,
-        attention_mask: goldens
-            .i64("train.in.attention_mask")?
-            .clone()
-            .into_dimensionality::<Ix2>()
-            .map_err(shape)?,
-        loss_mask: goldens
-            .i64("train.in.loss_mask")?
-            .clone()
-            .into_dimensionality::<Ix2>()
-            .map_err(shape)?,
-        ref_logps: goldens
-            .f32("train.in.ref_logps")?
-            .clone()
-            .into_dimensionality::<Ix1>()
-            .map_err(shape)?,
-        ref_token_logps: goldens
-            .f32("train.in.ref_token_logps")?
-            .clone()
-            .into_dimensionality::<Ix2>()
-            .map_err(shape)?,
-        ref_topk_ids: goldens
-            .i64("train.in.ref_topk_ids")?
-            .clone()
-            .into_dimensionality::<Ix3>()
-            .map_err(shape)?,
-        ref_topk_logps: goldens
-            .f32("train.in.ref_topk_logps")?
-            .clone()
-            .into_dimensionality::<Ix3>()
-            .map_err(shape)?,
-    };
+    let batch = goldens.train_batch()?;
     let settings = LossSettings {
         beta: goldens.scalar("train.in.beta")?,
         epsilon: goldens.scalar("train.in.epsilon")?,
@@ -311,7 +324,7 @@ pub fn verify_bundle(
         );
     }
     let want_steps: Vec<i64> = goldens.i64("train.out.steps")?.iter().copied().collect();
-    let got_steps = out.steps.to_vec();
+    let got_steps = out.pair_steps.to_vec();
     report.push(
         "train steps (identical)",
         got_steps == want_steps,
@@ -319,8 +332,11 @@ pub fn verify_bundle(
     );
     let mut worst = (0.0f64, String::new());
     for (p, grad) in params.params.iter().zip(&grads) {
-        let want = goldens.f32(&format!("train.out.grad.{}", p.name))?;
-        let want: Vec<f32> = want.iter().copied().collect();
+        let want: Vec<f32> = goldens
+            .f32(&format!("train.out.grad.{}", p.name))?
+            .iter()
+            .copied()
+            .collect();
         let rel = rel_l2(grad, &want);
         if rel > worst.0 || worst.1.is_empty() {
             worst = (rel, p.name.clone());
@@ -331,5 +347,30 @@ pub fn verify_bundle(
         worst.0 <= grad_tol,
         format!("{:.2e} ({})", worst.0, worst.1),
     );
+    Ok(())
+}
+
+/// Runs both graphs on the golden batch and compares with PyTorch's outputs.
+pub fn verify_bundle(
+    bundle: &Bundle,
+    config: &SessionConfig,
+) -> Result<VerifyReport, crate::Error> {
+    let goldens = Goldens::load(bundle)?;
+    let mut report = VerifyReport {
+        bundle: bundle.dir.clone(),
+        bundle_sha256: bundle.bundle_sha256.clone(),
+        architecture: bundle.manifest.architecture.clone(),
+        num_parameters: bundle.manifest.num_parameters,
+        vocab_size: bundle.manifest.vocab_size,
+        ..VerifyReport::default()
+    };
+    verify_reference(bundle, config, &goldens, &mut report)?;
+    verify_train(bundle, config, &goldens, &mut report)?;
     Ok(report)
+}
+
+/// `edpo verify`: opens the bundle folder `model` (manifest, file hashes) and replays its
+/// goldens.
+pub fn verify(model: &Path, config: &SessionConfig) -> Result<VerifyReport, crate::Error> {
+    verify_bundle(&Bundle::open(model)?, config)
 }

@@ -3,22 +3,19 @@
 //! Sessions are built once, their inputs/outputs are checked against the manifest, and outputs
 //! are read by name.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use ndarray::{Array1, Array2, Array3, ArrayView2};
-use ort::session::Session;
+use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 
 use crate::bundle::{contract_problems, Bundle, BundleError, Port};
 use crate::params::ParamStore;
-use crate::runtime::{session_builder, RuntimeError, SessionConfig};
+use crate::runtime::{session_builder, SessionConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GraphError {
-    #[error(transparent)]
-    Bundle(#[from] BundleError),
-    #[error(transparent)]
-    Runtime(#[from] RuntimeError),
     #[error("ONNX Runtime could not load `{file}`: {message}")]
     Load { file: String, message: String },
     #[error("running `{file}` failed: {message}")]
@@ -31,17 +28,6 @@ pub enum GraphError {
     },
     #[error("batch for `{file}` is malformed: {message}")]
     Batch { file: String, message: String },
-}
-
-impl GraphError {
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            GraphError::Bundle(e) => e.exit_code(),
-            GraphError::Runtime(e) => e.exit_code(),
-            GraphError::Batch { .. } => 2,
-            _ => 1,
-        }
-    }
 }
 
 fn element_name(ty: TensorElementType) -> String {
@@ -148,17 +134,17 @@ impl ReferenceGraph {
         bundle: &Bundle,
         params: Option<&ParamStore>,
         config: &SessionConfig,
-    ) -> Result<Self, GraphError> {
+    ) -> Result<Self, crate::Error> {
         let spec = &bundle.manifest.graphs.reference;
         let mut builder = session_builder(config)?;
         if let Some(params) = params {
             for (graph_name, stored) in &spec.weights {
-                let p = params.get(stored).ok_or_else(|| {
-                    GraphError::Bundle(BundleError::Params(crate::params::ParamsError::Missing {
+                let p = params
+                    .get(stored)
+                    .ok_or_else(|| crate::params::ParamsError::Missing {
                         path: bundle.path(&bundle.manifest.params_file),
                         name: stored.clone(),
-                    }))
-                })?;
+                    })?;
                 let value: DynValue = Tensor::from_array((p.shape.clone(), p.data.clone()))
                     .map_err(|e| GraphError::Load {
                         file: spec.file.clone(),
@@ -268,7 +254,8 @@ pub struct TrainOutputs {
     pub logps: Array1<f32>,
     pub logps_plus: Array1<f32>,
     pub logps_minus: Array1<f32>,
-    pub steps: Array1<i64>,
+    /// The per-pair step k of each pair (objective.md §3; the graph output `steps`).
+    pub pair_steps: Array1<i64>,
 }
 
 /// The joint forward+backward ε-DPO graph.
@@ -282,7 +269,7 @@ pub struct TrainGraph {
 }
 
 impl TrainGraph {
-    pub fn new(bundle: &Bundle, config: &SessionConfig) -> Result<Self, GraphError> {
+    pub fn new(bundle: &Bundle, config: &SessionConfig) -> Result<Self, crate::Error> {
         let spec = &bundle.manifest.graphs.train;
         let session = session_builder(config)?
             .commit_from_file(bundle.path(&spec.file))
@@ -326,68 +313,55 @@ impl TrainGraph {
         })
     }
 
-    /// Runs the joint graph on one micro-batch and adds `weight` · d loss / d θ to `grad_acc`
-    /// (one buffer per stored parameter, in `ParamStore` order; tied weights get both
-    /// gradients). Accumulating in place keeps one gradient-sized buffer alive, not three.
-    pub fn run(
-        &mut self,
-        params: &ParamStore,
-        batch: &TrainBatch,
-        settings: &LossSettings,
-        grad_acc: &mut [Vec<f32>],
-        weight: f32,
-    ) -> Result<TrainOutputs, GraphError> {
-        let file = self.file.clone();
-        let run_err = |e: ort::Error| GraphError::Run {
-            file: file.clone(),
-            message: e.to_string(),
+    /// Checks a micro-batch's shapes against each other (2·B rows, one T, one top-K size).
+    fn check_batch(&self, batch: &TrainBatch) -> Result<(), GraphError> {
+        let batch_err = |message: String| GraphError::Batch {
+            file: self.file.clone(),
+            message,
         };
         let (n, t) = batch.input_ids.dim();
         if n == 0 || n % 2 != 0 {
-            return Err(GraphError::Batch {
-                file: file.clone(),
-                message: format!(
-                    "{n} rows; the joint graph needs 2·B rows (chosen, then rejected)"
-                ),
-            });
+            return Err(batch_err(format!(
+                "{n} rows; the joint graph needs 2·B rows (chosen, then rejected)"
+            )));
         }
-        let k = batch.ref_topk_ids.dim().2;
-        let checks: [(&str, Vec<usize>, Vec<usize>); 6] = [
-            (
-                "attention_mask",
-                batch.attention_mask.shape().to_vec(),
-                vec![n, t],
-            ),
-            ("loss_mask", batch.loss_mask.shape().to_vec(), vec![n, t]),
-            ("ref_logps", batch.ref_logps.shape().to_vec(), vec![n]),
-            (
-                "ref_token_logps",
-                batch.ref_token_logps.shape().to_vec(),
-                vec![n, t],
-            ),
-            (
-                "ref_topk_ids",
-                batch.ref_topk_ids.shape().to_vec(),
-                vec![n, t, k],
-            ),
+        let topk = batch.ref_topk_ids.dim().2;
+        let checks: [(&str, &[usize], Vec<usize>); 6] = [
+            ("attention_mask", batch.attention_mask.shape(), vec![n, t]),
+            ("loss_mask", batch.loss_mask.shape(), vec![n, t]),
+            ("ref_logps", batch.ref_logps.shape(), vec![n]),
+            ("ref_token_logps", batch.ref_token_logps.shape(), vec![n, t]),
+            ("ref_topk_ids", batch.ref_topk_ids.shape(), vec![n, t, topk]),
             (
                 "ref_topk_logps",
-                batch.ref_topk_logps.shape().to_vec(),
-                vec![n, t, k],
+                batch.ref_topk_logps.shape(),
+                vec![n, t, topk],
             ),
         ];
         for (name, got, want) in checks {
-            if got != want {
-                return Err(GraphError::Batch {
-                    file: file.clone(),
-                    message: format!("`{name}` has shape {got:?}, expected {want:?}"),
-                });
+            if got != want.as_slice() {
+                return Err(batch_err(format!(
+                    "`{name}` has shape {got:?}, expected {want:?}"
+                )));
             }
         }
-        let mut inputs: Vec<(
-            std::borrow::Cow<'_, str>,
-            ort::session::SessionInputValue<'_>,
-        )> = Vec::with_capacity(11 + self.param_inputs.len());
+        Ok(())
+    }
+
+    /// The graph's inputs: the batch tensors, the loss settings and every parameter (views,
+    /// no copies).
+    fn inputs<'a>(
+        &self,
+        params: &'a ParamStore,
+        batch: &'a TrainBatch,
+        settings: &LossSettings,
+    ) -> Result<Vec<(Cow<'a, str>, SessionInputValue<'a>)>, GraphError> {
+        let run_err = |e: ort::Error| GraphError::Run {
+            file: self.file.clone(),
+            message: e.to_string(),
+        };
+        let mut inputs: Vec<(Cow<'a, str>, SessionInputValue<'a>)> =
+            Vec::with_capacity(11 + self.param_inputs.len());
         macro_rules! push_view {
             ($name:expr, $arr:expr) => {
                 inputs.push((
@@ -411,43 +385,36 @@ impl TrainGraph {
             ("label_smoothing", settings.label_smoothing),
             ("step_tolerance", settings.step_tolerance),
         ] {
-            inputs.push((
-                name.into(),
-                Tensor::from_array(ndarray::arr0(value))
-                    .map_err(run_err)?
-                    .into(),
-            ));
+            let scalar = Tensor::from_array(ndarray::arr0(value)).map_err(run_err)?;
+            inputs.push((name.into(), scalar.into()));
         }
         for (graph_name, stored) in &self.param_inputs {
             let p = params.get(stored).ok_or_else(|| GraphError::Batch {
-                file: file.clone(),
+                file: self.file.clone(),
                 message: format!("parameter `{stored}` is not in the parameter set"),
             })?;
             let view = TensorRef::from_array_view((p.shape.clone(), p.data.as_slice()))
                 .map_err(run_err)?;
-            inputs.push((graph_name.as_str().into(), view.into()));
+            inputs.push((graph_name.clone().into(), view.into()));
         }
-        let outputs = self.session.run(inputs).map_err(run_err)?;
-        let vec1 = |name: &str| -> Result<Array1<f32>, GraphError> {
-            Ok(Array1::from_iter(
-                output_array::<f32>(&outputs, &file, name, "float32")?
-                    .iter()
-                    .copied(),
-            ))
-        };
-        let loss = output_array::<f32>(&outputs, &file, "loss", "float32")?
-            .iter()
-            .copied()
-            .next()
-            .unwrap_or(f32::NAN);
-        let steps = Array1::from_iter(
-            output_array::<i64>(&outputs, &file, "steps", "int64")?
-                .iter()
-                .copied(),
-        );
+        Ok(inputs)
+    }
+
+    /// Runs the joint graph on one micro-batch and adds `weight` · d loss / d θ to `grad_acc`
+    /// (one buffer per stored parameter, in `ParamStore` order; tied weights get both
+    /// gradients). Accumulating in place keeps one gradient-sized buffer alive, not three.
+    pub fn run(
+        &mut self,
+        params: &ParamStore,
+        batch: &TrainBatch,
+        settings: &LossSettings,
+        grad_acc: &mut [Vec<f32>],
+        weight: f32,
+    ) -> Result<TrainOutputs, GraphError> {
+        self.check_batch(batch)?;
         if grad_acc.len() != params.params.len() {
             return Err(GraphError::Batch {
-                file: file.clone(),
+                file: self.file.clone(),
                 message: format!(
                     "{} gradient buffers for {} parameters",
                     grad_acc.len(),
@@ -455,6 +422,12 @@ impl TrainGraph {
                 ),
             });
         }
+        let inputs = self.inputs(params, batch, settings)?;
+        let file = self.file.clone();
+        let outputs = self.session.run(inputs).map_err(|e| GraphError::Run {
+            file: file.clone(),
+            message: e.to_string(),
+        })?;
         for (out_name, stored) in &self.grad_outputs {
             let slot = params.position(stored).ok_or_else(|| GraphError::Batch {
                 file: file.clone(),
@@ -472,12 +445,37 @@ impl TrainGraph {
                 *acc += weight * *g;
             }
         }
-        Ok(TrainOutputs {
-            loss,
-            logps: vec1("logps")?,
-            logps_plus: vec1("logps_plus")?,
-            logps_minus: vec1("logps_minus")?,
-            steps,
-        })
+        train_outputs(&outputs, &file)
     }
+}
+
+/// The per-batch outputs of a joint-graph run (everything but the gradients).
+fn train_outputs(
+    outputs: &ort::session::SessionOutputs<'_>,
+    file: &str,
+) -> Result<TrainOutputs, GraphError> {
+    let vec1 = |name: &str| -> Result<Array1<f32>, GraphError> {
+        Ok(Array1::from_iter(
+            output_array::<f32>(outputs, file, name, "float32")?
+                .iter()
+                .copied(),
+        ))
+    };
+    let loss = output_array::<f32>(outputs, file, "loss", "float32")?
+        .iter()
+        .copied()
+        .next()
+        .unwrap_or(f32::NAN);
+    let steps = Array1::from_iter(
+        output_array::<i64>(outputs, file, "steps", "int64")?
+            .iter()
+            .copied(),
+    );
+    Ok(TrainOutputs {
+        loss,
+        logps: vec1("logps")?,
+        logps_plus: vec1("logps_plus")?,
+        logps_minus: vec1("logps_minus")?,
+        pair_steps: steps,
+    })
 }

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use polars::prelude::*;
 use serde::Serialize;
 
-use crate::shards::{list_shards, read_metadata, ShardManifest};
+use crate::output::Printable;
+use crate::shards::metadata::keys;
+use crate::shards::{list_shards, ShardManifest};
+use crate::table::read_metadata;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
@@ -17,12 +20,6 @@ pub enum InspectError {
     Empty(PathBuf),
     #[error("cannot read `{path}` as Parquet: {message}")]
     Read { path: PathBuf, message: String },
-}
-
-impl InspectError {
-    pub fn exit_code(&self) -> i32 {
-        2
-    }
 }
 
 /// Statistics of one column.
@@ -80,32 +77,126 @@ fn is_numeric(dtype: &DataType) -> bool {
     dtype.is_float()
 }
 
-/// Builds the report for a Parquet file or a folder of them.
-pub fn inspect(path: &Path) -> Result<InspectReport, InspectError> {
+/// The Parquet files `path` names: the file itself, a folder's shards, or (a folder without
+/// shards) every Parquet file in it.
+fn parquet_files(path: &Path) -> Result<Vec<PathBuf>, crate::Error> {
     if !path.exists() {
-        return Err(InspectError::NotFound(path.to_path_buf()));
+        return Err(InspectError::NotFound(path.to_path_buf()).into());
     }
-    let files: Vec<PathBuf> = if path.is_dir() {
-        let shards = list_shards(path).map_err(|e| InspectError::Read {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        if shards.is_empty() {
-            let mut any: Vec<PathBuf> = std::fs::read_dir(path)
-                .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-                .unwrap_or_default();
-            any.retain(|p| p.extension().is_some_and(|e| e == "parquet"));
-            any.sort();
-            any
-        } else {
-            shards
-        }
-    } else {
-        vec![path.to_path_buf()]
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let shards = list_shards(path)?;
+    if !shards.is_empty() {
+        return Ok(shards);
+    }
+    let mut any: Vec<PathBuf> = std::fs::read_dir(path)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    any.retain(|p| p.extension().is_some_and(|e| e == "parquet"));
+    any.sort();
+    if any.is_empty() {
+        return Err(InspectError::Empty(path.to_path_buf()).into());
+    }
+    Ok(any)
+}
+
+/// The polars expressions that compute one column's statistics.
+fn stats_exprs(name: &PlSmallStr, dtype: &DataType) -> Vec<Expr> {
+    let explode = ExplodeOptions {
+        empty_as_null: false,
+        keep_nulls: false,
     };
-    if files.is_empty() {
-        return Err(InspectError::Empty(path.to_path_buf()));
+    let c = || col(name.clone());
+    let mut exprs = vec![c().null_count().alias("nulls")];
+    let mut values: Option<Expr> = None;
+    match dtype {
+        DataType::List(inner) => {
+            let lens = c().list().len().cast(DataType::Float64);
+            for (q, alias) in [
+                (0.0, "q0"),
+                (0.5, "q50"),
+                (0.9, "q90"),
+                (0.99, "q99"),
+                (1.0, "q100"),
+            ] {
+                exprs.push(
+                    lens.clone()
+                        .quantile(lit(q), QuantileMethod::Nearest)
+                        .alias(alias),
+                );
+            }
+            match inner.as_ref() {
+                DataType::List(leaf) => {
+                    let tokens = c().explode(explode);
+                    let inner_len = tokens.clone().list().len().cast(DataType::Float64);
+                    exprs.push(inner_len.clone().min().alias("inner_min"));
+                    exprs.push(inner_len.max().alias("inner_max"));
+                    if is_numeric(leaf) {
+                        values = Some(tokens.explode(explode));
+                    }
+                }
+                leaf if is_numeric(leaf) => values = Some(c().explode(explode)),
+                _ => {}
+            }
+        }
+        DataType::Boolean => exprs.push(c().cast(DataType::UInt64).sum().alias("trues")),
+        d if is_numeric(d) => values = Some(c()),
+        _ => {}
     }
+    if let Some(v) = values {
+        let v = v.cast(DataType::Float64);
+        exprs.push(v.clone().mean().alias("mean"));
+        exprs.push(v.clone().min().alias("min"));
+        exprs.push(v.max().alias("max"));
+    }
+    exprs
+}
+
+/// One column's statistics from the one-row frame `stats_exprs` computed.
+fn column_stats(name: &str, dtype: &DataType, df: &DataFrame) -> ColumnStats {
+    let get = |alias: &str| first_f64(df, alias);
+    let quantiles = ["q0", "q50", "q90", "q99", "q100"].map(get);
+    ColumnStats {
+        name: name.to_string(),
+        dtype: dtype.to_string(),
+        length_quantiles: quantiles
+            .iter()
+            .all(Option::is_some)
+            .then(|| quantiles.map(|q| q.unwrap_or_default())),
+        inner_length_range: get("inner_min").zip(get("inner_max")).map(|(a, b)| [a, b]),
+        mean: get("mean"),
+        min: get("min"),
+        max: get("max"),
+        true_count: get("trues").map(|v| v as u64),
+        null_count: get("nulls").unwrap_or(0.0) as u64,
+    }
+}
+
+/// Prep settings: from a shards folder's manifest, else from the file's own metadata.
+fn prep_settings(path: &Path, metadata: &BTreeMap<String, String>) -> Option<serde_json::Value> {
+    let manifest = if path.is_dir() {
+        ShardManifest::read(path).ok().flatten()
+    } else {
+        None
+    };
+    match manifest {
+        Some(m) => Some(serde_json::json!({
+            "settings": m.settings,
+            "complete": m.complete,
+            "shards": m.shards.len(),
+            "bundle_sha256": m.bundle_sha256,
+            "topk": m.topk,
+        })),
+        None => metadata
+            .get(keys::SETTINGS)
+            .and_then(|s| serde_json::from_str(s).ok()),
+    }
+}
+
+/// Builds the report for a Parquet file or a folder of them.
+pub fn inspect(path: &Path) -> Result<InspectReport, crate::Error> {
+    let files = parquet_files(path)?;
     let err = polars_err(path);
     let sources: Vec<PlRefPath> = files
         .iter()
@@ -122,99 +213,18 @@ pub fn inspect(path: &Path) -> Result<InspectReport, InspectError> {
         .collect()
         .map_err(&err)?;
     let rows = first_f64(&rows, "rows").unwrap_or(0.0) as u64;
-    let explode = ExplodeOptions {
-        empty_as_null: false,
-        keep_nulls: false,
-    };
     let mut columns = Vec::new();
     for (name, dtype) in schema.iter() {
-        let mut stats = ColumnStats {
-            name: name.to_string(),
-            dtype: dtype.to_string(),
-            ..ColumnStats::default()
-        };
-        let c = || col(name.clone());
-        let mut exprs = vec![c().null_count().alias("nulls")];
-        let mut values: Option<Expr> = None;
-        match dtype {
-            DataType::List(inner) => {
-                let lens = c().list().len().cast(DataType::Float64);
-                for (q, alias) in [
-                    (0.0, "q0"),
-                    (0.5, "q50"),
-                    (0.9, "q90"),
-                    (0.99, "q99"),
-                    (1.0, "q100"),
-                ] {
-                    exprs.push(
-                        lens.clone()
-                            .quantile(lit(q), QuantileMethod::Nearest)
-                            .alias(alias),
-                    );
-                }
-                match inner.as_ref() {
-                    DataType::List(leaf) => {
-                        let tokens = c().explode(explode);
-                        let inner_len = tokens.clone().list().len().cast(DataType::Float64);
-                        exprs.push(inner_len.clone().min().alias("inner_min"));
-                        exprs.push(inner_len.max().alias("inner_max"));
-                        if is_numeric(leaf) {
-                            values = Some(tokens.explode(explode));
-                        }
-                    }
-                    leaf if is_numeric(leaf) => values = Some(c().explode(explode)),
-                    _ => {}
-                }
-            }
-            DataType::Boolean => exprs.push(c().cast(DataType::UInt64).sum().alias("trues")),
-            d if is_numeric(d) => values = Some(c()),
-            _ => {}
-        }
-        if let Some(v) = values {
-            let v = v.cast(DataType::Float64);
-            exprs.push(v.clone().mean().alias("mean"));
-            exprs.push(v.clone().min().alias("min"));
-            exprs.push(v.max().alias("max"));
-        }
-        let df = lf.clone().select(exprs).collect().map_err(&err)?;
-        stats.null_count = first_f64(&df, "nulls").unwrap_or(0.0) as u64;
-        if let (Some(a), Some(b), Some(cq), Some(d), Some(e)) = (
-            first_f64(&df, "q0"),
-            first_f64(&df, "q50"),
-            first_f64(&df, "q90"),
-            first_f64(&df, "q99"),
-            first_f64(&df, "q100"),
-        ) {
-            stats.length_quantiles = Some([a, b, cq, d, e]);
-        }
-        if let (Some(a), Some(b)) = (first_f64(&df, "inner_min"), first_f64(&df, "inner_max")) {
-            stats.inner_length_range = Some([a, b]);
-        }
-        stats.mean = first_f64(&df, "mean");
-        stats.min = first_f64(&df, "min");
-        stats.max = first_f64(&df, "max");
-        stats.true_count = first_f64(&df, "trues").map(|v| v as u64);
-        columns.push(stats);
+        let df = lf
+            .clone()
+            .select(stats_exprs(name, dtype))
+            .collect()
+            .map_err(&err)?;
+        columns.push(column_stats(name, dtype, &df));
     }
     let mut metadata = read_metadata(&files[0]).unwrap_or_default();
-    let manifest = if path.is_dir() {
-        ShardManifest::read(path).ok().flatten()
-    } else {
-        None
-    };
-    let prep = match manifest {
-        Some(m) => Some(serde_json::json!({
-            "settings": m.settings,
-            "complete": m.complete,
-            "shards": m.shards.len(),
-            "bundle_sha256": m.bundle_sha256,
-            "topk": m.topk,
-        })),
-        None => metadata
-            .get("edpo.settings")
-            .and_then(|s| serde_json::from_str(s).ok()),
-    };
-    metadata.retain(|k, _| k != "edpo.settings" && k != "ARROW:schema");
+    let prep = prep_settings(path, &metadata);
+    metadata.retain(|k, _| k != keys::SETTINGS && k != "ARROW:schema");
     Ok(InspectReport {
         path: path.to_path_buf(),
         files: files.len(),
@@ -233,9 +243,9 @@ fn num(v: Option<f64>) -> String {
     }
 }
 
-impl InspectReport {
+impl Printable for InspectReport {
     /// A human-readable table.
-    pub fn to_table(&self) -> String {
+    fn to_table(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!(
             "{}: {} rows in {} file(s)\n\n",

@@ -1,16 +1,23 @@
 //! edpo: offline preference optimisation of language models with ε-DPO over ONNX Runtime.
 //!
-//! Stages and modules follow `architecture.md`: a model *bundle* (exported by
-//! `pipelines/export.py`) holds a reference scoring graph and a joint training graph;
-//! `runtime` loads ONNX Runtime, `bundle` checks the bundle, `graphs` runs both graphs.
+//! `ARCHITECTURE.md` maps the modules and the data flow. In short: a model *bundle* (made by
+//! `python -m edpo_export`) holds a reference scoring graph and a joint training graph;
+//! `prep` scores preference pairs once into Parquet `shards`; `train` runs ε-DPO over them;
+//! `eval`, `study`, `inspect` and `report` look at the results. `config` turns flags and
+//! TOML files into each stage's checked configuration; `error` is the one error type.
 
+pub mod batch;
 pub mod bundle;
+pub mod cli;
+pub mod config;
 pub mod data;
+pub mod error;
 pub mod eval;
 pub mod goldens;
 pub mod graphs;
 pub mod inspect;
 pub mod objective;
+pub mod output;
 pub mod params;
 pub mod prep;
 pub mod progress;
@@ -20,4 +27,7 @@ mod runtime_cuda;
 pub mod scoring;
 pub mod shards;
 pub mod study;
+pub mod table;
 pub mod train;
+
+pub use error::Error;

@@ -11,33 +11,28 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use crate::bundle::{Bundle, BundleError};
+use crate::batch::pair_of_row;
+use crate::bundle::Bundle;
 use crate::data::chat::ChatTemplate;
 use crate::data::pairs::{detect, Columns, Format, RowOutcome, RowParser};
 use crate::data::source::{self, RowStream, SourceFile};
 use crate::data::tokenize::{EncodeOutcome, Encoder, TokenizedPair, Truncation};
 use crate::data::{DataError, PairInput, SkipReason};
-use crate::graphs::{GraphError, ReferenceGraph};
+use crate::graphs::ReferenceGraph;
+use crate::output::Printable;
 use crate::progress::Progress;
 use crate::runtime::SessionConfig;
-use crate::scoring::{pair_sequences, score_sequences, BatchStats};
+use crate::scoring::{score_pair_rows, BatchStats};
 use crate::shards::{
-    list_shards, read_metadata, shard_file_name, write_shard, ScoredPair, ShardError,
-    ShardManifest, ShardStats,
+    list_shards, shard_file_name, write_shard, ResponseScores, ScoredPair, ShardManifest,
+    ShardMetadata, ShardStats,
 };
+use crate::Error;
 
 pub const EDPO_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrepError {
-    #[error(transparent)]
-    Bundle(#[from] BundleError),
-    #[error(transparent)]
-    Data(#[from] DataError),
-    #[error(transparent)]
-    Graph(#[from] GraphError),
-    #[error(transparent)]
-    Shard(#[from] ShardError),
     #[error("`{flag}`: {message}")]
     Flag { flag: &'static str, message: String },
     #[error("the tokenizer has {tokenizer} tokens but the model's vocabulary is {model}; the bundle's tokenizer.json does not belong to its model — re-export with the right `--tokenizer`")]
@@ -52,18 +47,6 @@ pub enum PrepError {
         why: String,
         columns: String,
     },
-}
-
-impl PrepError {
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            PrepError::Bundle(e) => e.exit_code(),
-            PrepError::Data(e) => e.exit_code(),
-            PrepError::Graph(e) => e.exit_code(),
-            PrepError::Shard(e) => e.exit_code(),
-            _ => 2,
-        }
-    }
 }
 
 /// Checked prep settings.
@@ -108,6 +91,54 @@ pub struct PrepSummary {
     pub tokens_per_second: f64,
 }
 
+impl PrepSummary {
+    /// Adds one shard's statistics.
+    fn add(&mut self, stats: &ShardStats) {
+        self.rows_read += stats.rows_in;
+        self.pairs_written += stats.pairs;
+        for (reason, n) in &stats.skipped {
+            *self.skipped.entry(reason.clone()).or_default() += n;
+        }
+        self.response_tokens += stats.response_tokens;
+        self.sequence_tokens += stats.sequence_tokens;
+        self.padded_tokens += stats.padded_tokens;
+    }
+}
+
+impl Printable for PrepSummary {
+    fn to_table(&self) -> String {
+        let mut s = format!(
+            "prep: {} pairs written to {} ({} shards, {} reused)\n  format {}, top-K {}, rows read {}\n",
+            self.pairs_written,
+            self.out.display(),
+            self.shards,
+            self.shards_reused,
+            self.format,
+            self.topk,
+            self.rows_read
+        );
+        if self.skipped.is_empty() {
+            s.push_str("  skipped: none\n");
+        }
+        for (reason, n) in &self.skipped {
+            let why = SkipReason::from_name(reason)
+                .map(|r| r.describe())
+                .unwrap_or("");
+            s.push_str(&format!("  skipped {n:>6} {reason}: {why}\n"));
+        }
+        s.push_str(&format!(
+            "  tokens scored {} (response tokens {}), padding {:.1}%\n  wall {:.1}s, {:.1} pairs/s, {:.0} tokens/s\n",
+            self.sequence_tokens,
+            self.response_tokens,
+            100.0 * self.padding_fraction,
+            self.wall_seconds,
+            self.pairs_per_second,
+            self.tokens_per_second
+        ));
+        s
+    }
+}
+
 /// Everything fixed before the first row is read.
 struct Plan {
     bundle: Bundle,
@@ -115,44 +146,38 @@ struct Plan {
     format: Format,
     encoder: Encoder,
     topk: usize,
+    pad_id: u32,
     fingerprint: String,
     settings: serde_json::Value,
 }
 
-fn plan(cfg: &PrepConfig) -> Result<Plan, PrepError> {
+fn check_flags(cfg: &PrepConfig) -> Result<(), PrepError> {
+    let flag = |flag, message: &str| {
+        Err(PrepError::Flag {
+            flag,
+            message: message.to_string(),
+        })
+    };
     if cfg.shard_size == 0 {
-        return Err(PrepError::Flag {
-            flag: "--shard-size",
-            message: "must be at least 1".into(),
-        });
+        return flag("--shard-size", "must be at least 1");
     }
     if cfg.batch_tokens < 2 {
-        return Err(PrepError::Flag {
-            flag: "--batch-tokens",
-            message: "must be at least 2".into(),
-        });
+        return flag("--batch-tokens", "must be at least 2");
     }
     if cfg.truncation.max_length == Some(0) || cfg.truncation.max_length == Some(1) {
-        return Err(PrepError::Flag {
-            flag: "--max-length",
-            message: "must be at least 2 (one prompt and one response token)".into(),
-        });
+        return flag(
+            "--max-length",
+            "must be at least 2 (one prompt and one response token)",
+        );
     }
     if cfg.truncation.max_prompt_length == Some(0) {
-        return Err(PrepError::Flag {
-            flag: "--max-prompt-length",
-            message: "must be at least 1".into(),
-        });
+        return flag("--max-prompt-length", "must be at least 1");
     }
-    let bundle = Bundle::open(&cfg.model)?;
-    let vocab = bundle.manifest.vocab_size;
-    let topk = cfg.topk.unwrap_or(bundle.manifest.topk_default);
-    if topk == 0 || topk > vocab {
-        return Err(PrepError::Flag {
-            flag: "--topk",
-            message: format!("K = {topk} must be between 1 and the vocabulary size {vocab}"),
-        });
-    }
+    Ok(())
+}
+
+/// The tokenizer (and chat template) of the bundle, checked against its vocabulary.
+fn open_encoder(bundle: &Bundle, truncation: Truncation) -> Result<Encoder, Error> {
     let template = ChatTemplate::from_tokenizer_config(&bundle.path("tokenizer_config.json"))?;
     let special = &bundle.manifest.special_tokens;
     let encoder = Encoder::new(
@@ -160,48 +185,75 @@ fn plan(cfg: &PrepConfig) -> Result<Plan, PrepError> {
         template,
         special.eos.id,
         special.bos.id,
-        cfg.truncation,
+        truncation,
     )?;
+    let vocab = bundle.manifest.vocab_size;
     if encoder.vocab_size() > vocab {
         return Err(PrepError::VocabMismatch {
             tokenizer: encoder.vocab_size(),
             model: vocab,
-        });
-    }
-    let files = source::resolve(&cfg.data)?;
-    let format = match cfg.format {
-        Format::Auto => {
-            let mut stream = RowStream::new(files.clone());
-            let first = stream.next_row()?.ok_or_else(|| DataError::EmptyFile {
-                path: files[0].path.clone(),
-            })?;
-            detect(&first.fields, &cfg.columns).ok_or_else(|| {
-                let mut cols: Vec<&str> = first.fields.keys().map(String::as_str).collect();
-                cols.sort();
-                let why = match first.fields.get(&cfg.columns.chosen) {
-                    None => format!("no column `{}`", cfg.columns.chosen),
-                    Some(v) => format!(
-                        "column `{}` is {}, expected a string, a list of messages or a list of token ids",
-                        cfg.columns.chosen,
-                        match v {
-                            serde_json::Value::Null => "null",
-                            serde_json::Value::Bool(_) => "a boolean",
-                            serde_json::Value::Number(_) => "a number",
-                            serde_json::Value::String(_) => "a string",
-                            serde_json::Value::Array(_) => "an empty or mixed list",
-                            serde_json::Value::Object(_) => "an object",
-                        }
-                    ),
-                };
-                PrepError::UnknownFormat {
-                    at: format!("`{}` first row", files[0].path.display()),
-                    why,
-                    columns: cols.join(", "),
-                }
-            })?
         }
-        f => f,
+        .into());
+    }
+    Ok(encoder)
+}
+
+fn value_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an empty or mixed list",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// The data format: as given, or detected from the first row.
+fn detect_format(files: &[SourceFile], cfg: &PrepConfig) -> Result<Format, Error> {
+    if cfg.format != Format::Auto {
+        return Ok(cfg.format);
+    }
+    let mut stream = RowStream::new(files.to_vec());
+    let first = stream.next_row()?.ok_or_else(|| DataError::EmptyFile {
+        path: files[0].path.clone(),
+    })?;
+    if let Some(format) = detect(&first.fields, &cfg.columns) {
+        return Ok(format);
+    }
+    let mut cols: Vec<&str> = first.fields.keys().map(String::as_str).collect();
+    cols.sort();
+    let chosen = &cfg.columns.chosen;
+    let why = match first.fields.get(chosen) {
+        None => format!("no column `{chosen}`"),
+        Some(v) => format!(
+            "column `{chosen}` is {}, expected a string, a list of messages or a list of token ids",
+            value_kind(v)
+        ),
     };
+    Err(PrepError::UnknownFormat {
+        at: format!("`{}` first row", files[0].path.display()),
+        why,
+        columns: cols.join(", "),
+    }
+    .into())
+}
+
+fn plan(cfg: &PrepConfig) -> Result<Plan, Error> {
+    check_flags(cfg)?;
+    let bundle = Bundle::open(&cfg.model)?;
+    let vocab = bundle.manifest.vocab_size;
+    let topk = cfg.topk.unwrap_or(bundle.manifest.topk_default);
+    if topk == 0 || topk > vocab {
+        return Err(PrepError::Flag {
+            flag: "--topk",
+            message: format!("K = {topk} must be between 1 and the vocabulary size {vocab}"),
+        }
+        .into());
+    }
+    let encoder = open_encoder(&bundle, cfg.truncation)?;
+    let files = source::resolve(&cfg.data)?;
+    let format = detect_format(&files, cfg)?;
     if matches!(format, Format::Chat) && !encoder.has_template() {
         return Err(DataError::NoChatTemplate.into());
     }
@@ -222,6 +274,7 @@ fn plan(cfg: &PrepConfig) -> Result<Plan, PrepError> {
     });
     let fingerprint = crate::bundle::sha256_hex(settings.to_string().as_bytes());
     Ok(Plan {
+        pad_id: bundle.manifest.special_tokens.pad_id(),
         bundle,
         files,
         format,
@@ -252,7 +305,7 @@ struct ShardInput {
 }
 
 impl ShardReader<'_> {
-    fn next_shard(&mut self, tokenize: bool) -> Result<Option<ShardInput>, PrepError> {
+    fn next_shard(&mut self, tokenize: bool) -> Result<Option<ShardInput>, Error> {
         let first = self.next_row;
         let mut inputs: Vec<PairInput> = Vec::new();
         let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
@@ -308,51 +361,44 @@ impl ShardReader<'_> {
 fn score_pairs(
     graph: &mut ReferenceGraph,
     pairs: Vec<TokenizedPair>,
-    k: usize,
+    topk: usize,
     batch_tokens: usize,
     pad_id: u32,
-) -> Result<(Vec<ScoredPair>, BatchStats), PrepError> {
-    let seqs = pair_sequences(&pairs);
-    let mut scored: Vec<ScoredPair> = pairs
-        .into_iter()
-        .map(|pair| ScoredPair {
-            pair,
-            ref_chosen_logps: 0.0,
-            ref_rejected_logps: 0.0,
-            ref_chosen_token_logps: Vec::new(),
-            ref_rejected_token_logps: Vec::new(),
-            ref_chosen_topk_ids: Vec::new(),
-            ref_rejected_topk_ids: Vec::new(),
-            ref_chosen_topk_logps: Vec::new(),
-            ref_rejected_topk_logps: Vec::new(),
-            k,
-        })
-        .collect();
-    let stats = score_sequences(graph, &seqs, k, batch_tokens, pad_id, |si, out, row| {
-        let target = &mut scored[si / 2];
-        let range = target.pair.prompt_ids.len()..seqs[si].len();
-        let token_logps: Vec<f32> = range.clone().map(|t| out.token_logps[[row, t]]).collect();
-        let mut topk_ids = Vec::with_capacity(range.len() * k);
-        let mut topk_logps = Vec::with_capacity(range.len() * k);
-        for t in range {
-            for j in 0..k {
-                topk_ids.push(out.topk_ids[[row, t, j]] as u32);
-                topk_logps.push(out.topk_logps[[row, t, j]]);
+) -> Result<(Vec<ScoredPair>, BatchStats), Error> {
+    let n = pairs.len();
+    let refs: Vec<&TokenizedPair> = pairs.iter().collect();
+    let mut rows: Vec<ResponseScores> = vec![ResponseScores::default(); 2 * n];
+    let stats = score_pair_rows(graph, &refs, topk, batch_tokens, pad_id, |row, out, r| {
+        let (index, side) = pair_of_row(row, n);
+        let start = refs[index].prompt_ids.len();
+        let end = start + refs[index].response(side).len();
+        let token_logps: Vec<f32> = (start..end).map(|t| out.token_logps[[r, t]]).collect();
+        let mut topk_ids = Vec::with_capacity((end - start) * topk);
+        let mut topk_logps = Vec::with_capacity((end - start) * topk);
+        for t in start..end {
+            for j in 0..topk {
+                topk_ids.push(out.topk_ids[[r, t, j]] as u32);
+                topk_logps.push(out.topk_logps[[r, t, j]]);
             }
         }
-        let total = token_logps.iter().map(|&v| f64::from(v)).sum::<f64>() as f32;
-        if si % 2 == 1 {
-            target.ref_rejected_logps = total;
-            target.ref_rejected_token_logps = token_logps;
-            target.ref_rejected_topk_ids = topk_ids;
-            target.ref_rejected_topk_logps = topk_logps;
-        } else {
-            target.ref_chosen_logps = total;
-            target.ref_chosen_token_logps = token_logps;
-            target.ref_chosen_topk_ids = topk_ids;
-            target.ref_chosen_topk_logps = topk_logps;
-        }
+        rows[row] = ResponseScores {
+            logps: token_logps.iter().map(|&v| f64::from(v)).sum::<f64>() as f32,
+            token_logps,
+            topk_ids,
+            topk_logps,
+        };
     })?;
+    let rejected = rows.split_off(n);
+    let scored = pairs
+        .into_iter()
+        .zip(rows.into_iter().zip(rejected))
+        .map(|(pair, (chosen, rejected))| ScoredPair {
+            pair,
+            topk,
+            chosen,
+            rejected,
+        })
+        .collect();
     Ok((scored, stats))
 }
 
@@ -376,7 +422,7 @@ enum Existing {
     Foreign { what: String, files: Vec<PathBuf> },
 }
 
-fn existing_shards(dir: &Path, plan: &Plan) -> Result<Existing, PrepError> {
+fn existing_shards(dir: &Path, plan: &Plan) -> Result<Existing, Error> {
     let manifest = ShardManifest::read(dir)?;
     let files = list_shards(dir)?;
     let foreign = match &manifest {
@@ -397,17 +443,11 @@ fn existing_shards(dir: &Path, plan: &Plan) -> Result<Existing, PrepError> {
     for f in files {
         // A shard is complete when it was renamed into place; its own metadata says which
         // run and which input rows it holds.
-        let Ok(meta) = read_metadata(&f) else {
+        let Ok(meta) = ShardMetadata::read(&f) else {
             continue;
         };
-        if meta.get("edpo.fingerprint") != Some(&plan.fingerprint) {
-            continue;
-        }
-        if let Some(stats) = meta
-            .get("edpo.shard")
-            .and_then(|s| serde_json::from_str::<ShardStats>(s).ok())
-        {
-            done.insert(stats.index, stats);
+        if meta.fingerprint == plan.fingerprint {
+            done.insert(meta.shard.index, meta.shard);
         }
     }
     Ok(Existing::Resumable(done))
@@ -417,57 +457,124 @@ fn short(hash: &str) -> &str {
     &hash[..hash.len().min(12)]
 }
 
-/// Runs prep end to end.
-pub fn run(cfg: &PrepConfig) -> Result<PrepSummary, PrepError> {
-    let started = Instant::now();
-    let plan = plan(cfg)?;
+/// The shards of this run already complete in `--out`, and the foreign files `--overwrite`
+/// will replace (refused without it).
+fn claim_output(
+    cfg: &PrepConfig,
+    plan: &Plan,
+) -> Result<(BTreeMap<usize, ShardStats>, Vec<PathBuf>), Error> {
     check_writable(&cfg.out)?;
-    let existing = existing_shards(&cfg.out, &plan)?;
-    let (done, replace) = match existing {
-        Existing::Resumable(done) => (done, Vec::new()),
-        Existing::Foreign { what, files } => {
-            if !cfg.overwrite {
-                return Err(PrepError::OtherSettings {
-                    dir: cfg.out.clone(),
-                    what,
-                });
-            }
-            (BTreeMap::new(), files)
+    match existing_shards(&cfg.out, plan)? {
+        Existing::Resumable(done) => Ok((done, Vec::new())),
+        Existing::Foreign { what, .. } if !cfg.overwrite => Err(PrepError::OtherSettings {
+            dir: cfg.out.clone(),
+            what,
         }
-    };
-    let parser = RowParser {
-        columns: &cfg.columns,
-        format: plan.format,
-        vocab_size: plan.bundle.manifest.vocab_size,
-    };
+        .into()),
+        Existing::Foreign { files, .. } => Ok((BTreeMap::new(), files)),
+    }
+}
 
-    // Pass 1: read, parse and tokenise everything (no scoring) so that a bad row stops the
-    // run before hours of scoring; also counts the pairs for the progress bar.
-    let mut reader = ShardReader {
-        stream: RowStream::new(plan.files.clone()),
-        parser: RowParser { ..parser },
-        encoder: &plan.encoder,
-        seen: HashSet::new(),
-        next_row: 0,
-        limit: cfg.limit,
-        shard_size: cfg.shard_size,
-    };
-    let mut total_pairs = 0u64;
-    let mut total_shards = 0usize;
-    while let Some(shard) = reader.next_shard(!done.contains_key(&total_shards))? {
-        total_pairs += done
-            .get(&total_shards)
-            .map_or(shard.pairs.len() as u64, |s| s.pairs);
-        total_shards += 1;
+impl Plan {
+    /// A reader of the input, shard by shard, from the first row.
+    fn reader<'a>(&'a self, cfg: &'a PrepConfig) -> ShardReader<'a> {
+        ShardReader {
+            stream: RowStream::new(self.files.clone()),
+            parser: RowParser {
+                columns: &cfg.columns,
+                format: self.format,
+                vocab_size: self.bundle.manifest.vocab_size,
+            },
+            encoder: &self.encoder,
+            seen: HashSet::new(),
+            next_row: 0,
+            limit: cfg.limit,
+            shard_size: cfg.shard_size,
+        }
     }
 
+    /// The metadata of a shard of this run.
+    fn shard_metadata(&self, stats: &ShardStats) -> ShardMetadata {
+        ShardMetadata {
+            version: EDPO_VERSION.to_string(),
+            bundle_sha256: self.bundle.bundle_sha256.clone(),
+            fingerprint: self.fingerprint.clone(),
+            topk: self.topk,
+            template_sha256: self.encoder.template_sha256().unwrap_or("").to_string(),
+            settings: self.settings.clone(),
+            shard: stats.clone(),
+        }
+    }
+}
+
+/// Pass 1: reads, parses and tokenises every shard not done yet (no scoring), so that a bad
+/// row stops the run before hours of scoring; returns the number of pairs, for progress.
+fn count_pairs(
+    cfg: &PrepConfig,
+    plan: &Plan,
+    done: &BTreeMap<usize, ShardStats>,
+) -> Result<u64, Error> {
+    let mut reader = plan.reader(cfg);
+    let (mut pairs, mut index) = (0u64, 0usize);
+    while let Some(shard) = reader.next_shard(!done.contains_key(&index))? {
+        pairs += done
+            .get(&index)
+            .map_or(shard.pairs.len() as u64, |s| s.pairs);
+        index += 1;
+    }
+    Ok(pairs)
+}
+
+/// Scores one shard's pairs and writes its file and the updated manifest.
+fn write_scored_shard(
+    cfg: &PrepConfig,
+    plan: &Plan,
+    graph: &mut ReferenceGraph,
+    index: usize,
+    shard: ShardInput,
+    manifest: &mut ShardManifest,
+) -> Result<ShardStats, Error> {
+    let n_pairs = shard.pairs.len() as u64;
+    let (scored, batch_stats) =
+        score_pairs(graph, shard.pairs, plan.topk, cfg.batch_tokens, plan.pad_id)?;
+    let stats = ShardStats {
+        file: shard_file_name(index),
+        index,
+        first_source_row: shard.first_source_row,
+        rows_in: shard.rows_in,
+        pairs: n_pairs,
+        skipped: shard.skipped,
+        response_tokens: scored
+            .iter()
+            .map(|p| (p.pair.chosen_ids.len() + p.pair.rejected_ids.len()) as u64)
+            .sum(),
+        sequence_tokens: batch_stats.sequence_tokens,
+        padded_tokens: batch_stats.padded_tokens,
+    };
+    write_shard(
+        &cfg.out.join(&stats.file),
+        &scored,
+        &plan.shard_metadata(&stats),
+    )?;
+    manifest.shards.retain(|s| s.index != index);
+    manifest.shards.push(stats.clone());
+    manifest.shards.sort_by_key(|s| s.index);
+    manifest.write(&cfg.out)?;
+    Ok(stats)
+}
+
+/// Runs prep end to end.
+pub fn run(cfg: &PrepConfig) -> Result<PrepSummary, Error> {
+    let started = Instant::now();
+    let plan = plan(cfg)?;
+    let (done, replace) = claim_output(cfg, &plan)?;
+    let total_pairs = count_pairs(cfg, &plan, &done)?;
     for f in &replace {
         std::fs::remove_file(f).map_err(|e| PrepError::Unwritable {
             dir: cfg.out.clone(),
             message: e.to_string(),
         })?;
     }
-
     let mut manifest = ShardManifest {
         edpo_version: EDPO_VERSION.into(),
         bundle_sha256: plan.bundle.bundle_sha256.clone(),
@@ -480,32 +587,15 @@ pub fn run(cfg: &PrepConfig) -> Result<PrepSummary, PrepError> {
     manifest.write(&cfg.out)?;
 
     let mut graph: Option<ReferenceGraph> = None;
-    let pad_id = plan
-        .bundle
-        .manifest
-        .special_tokens
-        .pad
-        .id
-        .or(plan.bundle.manifest.special_tokens.eos.id)
-        .unwrap_or(0);
     let progress = Progress::new(total_pairs, "pairs", cfg.quiet);
-    let mut reader = ShardReader {
-        stream: RowStream::new(plan.files.clone()),
-        parser,
-        encoder: &plan.encoder,
-        seen: HashSet::new(),
-        next_row: 0,
-        limit: cfg.limit,
-        shard_size: cfg.shard_size,
-    };
+    let mut reader = plan.reader(cfg);
     let mut summary = PrepSummary {
         out: cfg.out.clone(),
         format: plan.format.name().into(),
         topk: plan.topk,
         ..PrepSummary::default()
     };
-    let mut index = 0usize;
-    let mut scored_now = (0u64, 0u64); // pairs, tokens scored in this process
+    let (mut index, mut scored_pairs, mut scored_tokens) = (0usize, 0u64, 0u64);
     let scoring_started = Instant::now();
     while let Some(shard) = reader.next_shard(!done.contains_key(&index))? {
         let stats = if let Some(stats) = done.get(&index) {
@@ -516,65 +606,19 @@ pub fn run(cfg: &PrepConfig) -> Result<PrepSummary, PrepError> {
                 Some(g) => g,
                 None => graph.insert(ReferenceGraph::new(&plan.bundle, None, &cfg.session)?),
             };
-            let n_pairs = shard.pairs.len() as u64;
-            let (scored, batch_stats) =
-                score_pairs(graph, shard.pairs, plan.topk, cfg.batch_tokens, pad_id)?;
-            let response_tokens: u64 = scored
-                .iter()
-                .map(|p| (p.pair.chosen_ids.len() + p.pair.rejected_ids.len()) as u64)
-                .sum();
-            let stats = ShardStats {
-                file: shard_file_name(index),
-                index,
-                first_source_row: shard.first_source_row,
-                rows_in: shard.rows_in,
-                pairs: n_pairs,
-                skipped: shard.skipped,
-                response_tokens,
-                sequence_tokens: batch_stats.sequence_tokens,
-                padded_tokens: batch_stats.padded_tokens,
-            };
-            let mut meta = BTreeMap::new();
-            meta.insert("edpo.version".to_string(), EDPO_VERSION.to_string());
-            meta.insert(
-                "edpo.bundle_sha256".to_string(),
-                plan.bundle.bundle_sha256.clone(),
-            );
-            meta.insert("edpo.fingerprint".to_string(), plan.fingerprint.clone());
-            meta.insert("edpo.topk".to_string(), plan.topk.to_string());
-            meta.insert(
-                "edpo.template_sha256".to_string(),
-                plan.encoder.template_sha256().unwrap_or("").to_string(),
-            );
-            meta.insert("edpo.settings".to_string(), plan.settings.to_string());
-            meta.insert(
-                "edpo.shard".to_string(),
-                serde_json::to_string(&stats).expect("stats serialise"),
-            );
-            write_shard(&cfg.out.join(&stats.file), &scored, &meta)?;
-            scored_now.0 += n_pairs;
-            scored_now.1 += batch_stats.sequence_tokens;
-            manifest.shards.retain(|s| s.index != index);
-            manifest.shards.push(stats.clone());
-            manifest.shards.sort_by_key(|s| s.index);
-            manifest.write(&cfg.out)?;
+            let stats = write_scored_shard(cfg, &plan, graph, index, shard, &mut manifest)?;
+            scored_pairs += stats.pairs;
+            scored_tokens += stats.sequence_tokens;
             stats
         };
         progress.inc(stats.pairs);
         let secs = scoring_started.elapsed().as_secs_f64().max(1e-9);
         progress.set_message(format!(
             "{:.1} pairs/s, {:.0} tokens/s",
-            scored_now.0 as f64 / secs,
-            scored_now.1 as f64 / secs
+            scored_pairs as f64 / secs,
+            scored_tokens as f64 / secs
         ));
-        summary.rows_read += stats.rows_in;
-        summary.pairs_written += stats.pairs;
-        for (reason, n) in &stats.skipped {
-            *summary.skipped.entry(reason.clone()).or_default() += n;
-        }
-        summary.response_tokens += stats.response_tokens;
-        summary.sequence_tokens += stats.sequence_tokens;
-        summary.padded_tokens += stats.padded_tokens;
+        summary.add(&stats);
         index += 1;
     }
     progress.finish();
@@ -588,7 +632,7 @@ pub fn run(cfg: &PrepConfig) -> Result<PrepSummary, PrepError> {
     };
     summary.wall_seconds = started.elapsed().as_secs_f64();
     let secs = scoring_started.elapsed().as_secs_f64().max(1e-9);
-    summary.pairs_per_second = scored_now.0 as f64 / secs;
-    summary.tokens_per_second = scored_now.1 as f64 / secs;
+    summary.pairs_per_second = scored_pairs as f64 / secs;
+    summary.tokens_per_second = scored_tokens as f64 / secs;
     Ok(summary)
 }

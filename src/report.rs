@@ -3,15 +3,16 @@
 //! Reads `metrics.parquet` and `pairs.parquet`; writes `RUN/report/*.png` and
 //! `RUN/report/index.html` (images embedded, so the page can be mailed or archived alone).
 
-use std::fs::File;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use arrow::array::{Array, Float64Array};
-use arrow::datatypes::DataType;
 use base64::Engine;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use plotters::prelude::*;
+
+use crate::output::Printable;
+use crate::table;
+use crate::train::metrics;
 
 static FONT: Once = Once::new();
 const FONT_BYTES: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
@@ -20,54 +21,8 @@ const FONT_BYTES: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
 pub enum ReportError {
     #[error("`{0}` has no metrics.parquet; is it a run folder written by `edpo train`?")]
     NoMetrics(PathBuf),
-    #[error("cannot read `{path}`: {message}")]
-    Read { path: PathBuf, message: String },
     #[error("cannot draw `{path}`: {message}")]
     Draw { path: PathBuf, message: String },
-}
-
-impl ReportError {
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            ReportError::Draw { .. } => 1,
-            _ => 2,
-        }
-    }
-}
-
-/// Named float columns of a Parquet file.
-fn read_columns(path: &Path, names: &[&str]) -> Result<Vec<Vec<f64>>, ReportError> {
-    let err = |m: String| ReportError::Read {
-        path: path.to_path_buf(),
-        message: m,
-    };
-    let file = File::open(path).map_err(|e| err(e.to_string()))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .and_then(|b| b.build())
-        .map_err(|e| err(e.to_string()))?;
-    let mut out = vec![Vec::new(); names.len()];
-    for batch in reader {
-        let batch = batch.map_err(|e| err(e.to_string()))?;
-        for (i, name) in names.iter().enumerate() {
-            let col = batch
-                .column_by_name(name)
-                .ok_or_else(|| err(format!("no column `{name}`")))?;
-            let col =
-                arrow::compute::cast(col, &DataType::Float64).map_err(|e| err(e.to_string()))?;
-            let col = col
-                .as_any()
-                .downcast_ref::<Float64Array>()
-                .ok_or_else(|| err(format!("`{name}` is not numeric")))?;
-            out[i].extend((0..col.len()).map(|j| {
-                if col.is_null(j) {
-                    f64::NAN
-                } else {
-                    col.value(j)
-                }
-            }));
-        }
-    }
-    Ok(out)
 }
 
 /// One line of a chart.
@@ -223,154 +178,88 @@ pub struct ReportFiles {
     pub pngs: Vec<PathBuf>,
 }
 
+impl Printable for ReportFiles {
+    fn to_table(&self) -> String {
+        format!(
+            "report: {} plots and {}\n",
+            self.pngs.len(),
+            self.html.display()
+        )
+    }
+}
+
 const BLUE_: RGBColor = RGBColor(49, 104, 178);
 const ORANGE: RGBColor = RGBColor(230, 120, 20);
 const GREEN_: RGBColor = RGBColor(40, 150, 70);
 const RED_: RGBColor = RGBColor(200, 40, 40);
 
-/// Draws every plot of `run` and the HTML page.
-pub fn write_report(run: &Path) -> Result<ReportFiles, ReportError> {
-    FONT.call_once(|| {
-        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT_BYTES);
-    });
-    let metrics = run.join("metrics.parquet");
-    if !metrics.is_file() {
-        return Err(ReportError::NoMetrics(run.to_path_buf()));
-    }
-    let names = [
-        "step",
-        "loss",
-        "kl/beta",
-        "kl/p_epsilon_steps",
-        "kl/n_epsilon_steps",
-        "rewards/margins",
-        "rewards/chosen",
-        "rewards/rejected",
-        "rewards/accuracies",
-        "learning_rate",
-        "grad_norm",
-    ];
-    let m = read_columns(&metrics, &names)?;
-    let beta_i = if run.join("pairs.parquet").is_file() {
-        read_columns(&run.join("pairs.parquet"), &["beta_i"])?.remove(0)
-    } else {
-        Vec::new()
-    };
-    let dir = run.join("report");
-    std::fs::create_dir_all(&dir).map_err(|e| draw_err(&dir)(e.to_string()))?;
-    let steps = &m[0];
-    let mut pngs = Vec::new();
-    let mut add = |name: &str| {
-        let p = dir.join(name);
-        pngs.push(p.clone());
-        p
-    };
-    line_chart(
-        &add("loss.png"),
-        "ε-DPO loss (mean over the step's pairs)",
-        "loss",
-        steps,
-        &[Series {
-            label: "loss",
-            values: &m[1],
-            color: BLUE_,
-        }],
-    )?;
-    line_chart(
-        &add("beta.png"),
-        "Global β (used by each step; objective.md §5)",
-        "β",
-        steps,
-        &[Series {
-            label: "β",
-            values: &m[2],
-            color: BLUE_,
-        }],
-    )?;
-    line_chart(
-        &add("steps.png"),
-        "Per-pair steps: fraction of pairs with k = +1 / k = −1",
-        "fraction of pairs",
-        steps,
-        &[
-            Series {
-                label: "k = +1 (relax KL)",
-                values: &m[3],
-                color: GREEN_,
-            },
-            Series {
-                label: "k = −1 (tighten KL)",
-                values: &m[4],
-                color: RED_,
-            },
+/// One line chart of `metrics.parquet` columns against the step.
+struct Chart {
+    file: &'static str,
+    title: &'static str,
+    y_label: &'static str,
+    /// (legend, column, colour) of each line.
+    lines: &'static [(&'static str, &'static str, RGBColor)],
+}
+
+const CHARTS: [Chart; 7] = [
+    Chart {
+        file: "loss.png",
+        title: "ε-DPO loss (mean over the step's pairs)",
+        y_label: "loss",
+        lines: &[("loss", metrics::LOSS, BLUE_)],
+    },
+    Chart {
+        file: "beta.png",
+        title: "Global β (used by each step; objective.md §5)",
+        y_label: "β",
+        lines: &[("β", metrics::BETA, BLUE_)],
+    },
+    Chart {
+        file: "steps.png",
+        title: "Per-pair steps: fraction of pairs with k = +1 / k = −1",
+        y_label: "fraction of pairs",
+        lines: &[
+            ("k = +1 (relax KL)", metrics::P_EPSILON_STEPS, GREEN_),
+            ("k = −1 (tighten KL)", metrics::N_EPSILON_STEPS, RED_),
         ],
-    )?;
-    line_chart(
-        &add("rewards.png"),
-        "Implicit rewards β_i (log π − log π_ref), means per step",
-        "reward (nats × β)",
-        steps,
-        &[
-            Series {
-                label: "chosen",
-                values: &m[6],
-                color: GREEN_,
-            },
-            Series {
-                label: "rejected",
-                values: &m[7],
-                color: RED_,
-            },
-            Series {
-                label: "margin",
-                values: &m[5],
-                color: BLUE_,
-            },
+    },
+    Chart {
+        file: "rewards.png",
+        title: "Implicit rewards β_i (log π − log π_ref), means per step",
+        y_label: "reward (nats × β)",
+        lines: &[
+            ("chosen", metrics::REWARDS_CHOSEN, GREEN_),
+            ("rejected", metrics::REWARDS_REJECTED, RED_),
+            ("margin", metrics::REWARDS_MARGINS, BLUE_),
         ],
-    )?;
-    line_chart(
-        &add("accuracy.png"),
-        "Reward accuracy (chosen reward > rejected reward)",
-        "fraction of pairs",
-        steps,
-        &[Series {
-            label: "accuracy",
-            values: &m[8],
-            color: BLUE_,
-        }],
-    )?;
-    line_chart(
-        &add("learning_rate.png"),
-        "Learning rate",
-        "learning rate",
-        steps,
-        &[Series {
-            label: "lr",
-            values: &m[9],
-            color: ORANGE,
-        }],
-    )?;
-    line_chart(
-        &add("grad_norm.png"),
-        "Gradient norm (before clipping)",
-        "global L2 norm",
-        steps,
-        &[Series {
-            label: "‖g‖",
-            values: &m[10],
-            color: ORANGE,
-        }],
-    )?;
-    if !beta_i.is_empty() {
-        histogram(
-            &add("beta_i_hist.png"),
-            "Per-pair β_i over all pair-steps",
-            "β_i",
-            &beta_i,
-            40,
-        )?;
-    }
-    let html = dir.join("index.html");
+    },
+    Chart {
+        file: "accuracy.png",
+        title: "Reward accuracy (chosen reward > rejected reward)",
+        y_label: "fraction of pairs",
+        lines: &[("accuracy", metrics::REWARDS_ACCURACIES, BLUE_)],
+    },
+    Chart {
+        file: "learning_rate.png",
+        title: "Learning rate",
+        y_label: "learning rate",
+        lines: &[("lr", metrics::LEARNING_RATE, ORANGE)],
+    },
+    Chart {
+        file: "grad_norm.png",
+        title: "Gradient norm (before clipping)",
+        y_label: "global L2 norm",
+        lines: &[("‖g‖", metrics::GRAD_NORM, ORANGE)],
+    },
+];
+
+/// The self-contained HTML page: the final values and every plot inline.
+fn html_page(
+    run: &Path,
+    m: &BTreeMap<String, Vec<f64>>,
+    pngs: &[PathBuf],
+) -> Result<String, ReportError> {
     let mut page = String::new();
     page.push_str("<!doctype html><html><head><meta charset=\"utf-8\"><title>edpo report</title>");
     page.push_str("<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}img{width:100%;border:1px solid #ddd;margin:.5em 0 1.5em}table{border-collapse:collapse}td,th{padding:.2em .8em;border-bottom:1px solid #eee;text-align:left}</style></head><body>");
@@ -378,17 +267,17 @@ pub fn write_report(run: &Path) -> Result<ReportFiles, ReportError> {
         "<h1>edpo run report</h1><p>Run folder: <code>{}</code></p>",
         escape(&run.display().to_string())
     ));
-    let last = |i: usize| m[i].last().copied().unwrap_or(f64::NAN);
+    let last = |name: &str| m[name].last().copied().unwrap_or(f64::NAN);
     page.push_str("<table><tr><th>steps</th><th>final loss</th><th>final β</th><th>final reward accuracy</th><th>final reward margin</th></tr>");
     page.push_str(&format!(
         "<tr><td>{}</td><td>{:.5}</td><td>{:.6}</td><td>{:.3}</td><td>{:.5}</td></tr></table>",
-        steps.len(),
-        last(1),
-        last(2),
-        last(8),
-        last(5)
+        m[metrics::STEP].len(),
+        last(metrics::LOSS),
+        last(metrics::BETA),
+        last(metrics::REWARDS_ACCURACIES),
+        last(metrics::REWARDS_MARGINS)
     ));
-    for p in &pngs {
+    for p in pngs {
         let bytes = std::fs::read(p).map_err(|e| draw_err(p)(e.to_string()))?;
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
         page.push_str(&format!(
@@ -398,6 +287,65 @@ pub fn write_report(run: &Path) -> Result<ReportFiles, ReportError> {
         ));
     }
     page.push_str("</body></html>\n");
+    Ok(page)
+}
+
+/// Draws every plot of `run` and the HTML page.
+pub fn write_report(run: &Path) -> Result<ReportFiles, crate::Error> {
+    FONT.call_once(|| {
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT_BYTES);
+    });
+    let metrics_path = run.join(metrics::METRICS_FILE);
+    if !metrics_path.is_file() {
+        return Err(ReportError::NoMetrics(run.to_path_buf()).into());
+    }
+    let mut names = vec![metrics::STEP];
+    names.extend(CHARTS.iter().flat_map(|c| c.lines.iter().map(|l| l.1)));
+    let m = table::read_f64_columns(&metrics_path, &names)?;
+    let pairs_path = run.join(metrics::PAIRS_FILE);
+    let beta_i = if pairs_path.is_file() {
+        table::read_f64_columns(&pairs_path, &[metrics::BETA_I])?
+            .remove(metrics::BETA_I)
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let dir = run.join("report");
+    std::fs::create_dir_all(&dir).map_err(|e| draw_err(&dir)(e.to_string()))?;
+    let mut pngs = Vec::new();
+    for chart in &CHARTS {
+        let series: Vec<Series> = chart
+            .lines
+            .iter()
+            .map(|&(label, column, color)| Series {
+                label,
+                values: &m[column],
+                color,
+            })
+            .collect();
+        let path = dir.join(chart.file);
+        line_chart(
+            &path,
+            chart.title,
+            chart.y_label,
+            &m[metrics::STEP],
+            &series,
+        )?;
+        pngs.push(path);
+    }
+    if !beta_i.is_empty() {
+        let path = dir.join("beta_i_hist.png");
+        histogram(
+            &path,
+            "Per-pair β_i over all pair-steps",
+            "β_i",
+            &beta_i,
+            40,
+        )?;
+        pngs.push(path);
+    }
+    let html = dir.join("index.html");
+    let page = html_page(run, &m, &pngs)?;
     std::fs::write(&html, page).map_err(|e| draw_err(&html)(e.to_string()))?;
     Ok(ReportFiles { html, pngs })
 }

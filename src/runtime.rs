@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 
-/// The onnxruntime version the project pins (pipelines/requirements.txt).
+/// The onnxruntime version the project pins (python/requirements.txt).
 pub const ORT_PINNED_VERSION: &str = "1.31.1";
 
 #[derive(Debug, thiserror::Error)]
@@ -36,16 +36,6 @@ pub enum RuntimeError {
     Cuda { device: String, message: String },
     #[error("ONNX Runtime session options: {0}")]
     Options(String),
-}
-
-impl RuntimeError {
-    /// 2 for problems the user fixes (installation, flags), 1 otherwise.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            RuntimeError::Options(_) => 1,
-            _ => 2,
-        }
-    }
 }
 
 /// Where a graph runs.

@@ -16,18 +16,20 @@ use std::path::PathBuf;
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::bundle::Bundle;
-use crate::eval::EvalError;
+use crate::data::tokenize::TokenizedPair;
+use crate::data::Side;
 use crate::graphs::{ReferenceGraph, ScoreOutputs};
 use crate::objective::{
     decision_margin, head_tail_perturbed_logp, logsumexp, sampled_perturbed_logp,
     sparse_perturbed_logp, step_direction, tolerance,
 };
+use crate::output::Printable;
 use crate::runtime::SessionConfig;
-use crate::shards::read_shard;
-use crate::train::data::ShardSet;
+use crate::shards::{read_shard, ShardSet};
+use crate::Error;
 
 #[derive(Debug, Clone)]
 pub struct StudyConfig {
@@ -35,8 +37,8 @@ pub struct StudyConfig {
     pub shards: PathBuf,
     /// Policy parameters; None = the reference (policy = reference).
     pub params: Option<PathBuf>,
-    /// K values to compare (values ≥ V mean the whole vocabulary).
-    pub ks: Vec<usize>,
+    /// Top-K sizes to compare (values ≥ V mean the whole vocabulary).
+    pub topks: Vec<usize>,
     pub epsilon: f64,
     pub step_tolerance: f64,
     /// Use at most this many pairs.
@@ -49,7 +51,7 @@ pub struct StudyConfig {
 }
 
 /// How the K cached ids of a token are chosen (and the normaliser estimated from them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Estimator {
     /// The K most likely reference ids, tail merged (objective.md §7; what training uses).
@@ -81,7 +83,9 @@ impl Estimator {
 #[derive(Debug, Clone, Serialize)]
 pub struct KRow {
     pub estimator: Estimator,
-    pub k: usize,
+    /// Top-K size of the cache (JSON key `k`, as the published study files have it).
+    #[serde(rename = "k")]
+    pub topk: usize,
     /// Percentage of pairs whose cached k equals the exact k.
     pub agreement_pct: f64,
     /// confusion[exact][cached] with index 0 = −1, 1 = 0, 2 = +1.
@@ -206,7 +210,237 @@ struct SeqSums {
     sparse: Vec<[f64; 2]>,
 }
 
-pub fn run(cfg: &StudyConfig) -> Result<StudyReport, EvalError> {
+/// Sums over every studied response token: KL and reference peakedness.
+#[derive(Default)]
+struct TokenTotals {
+    kl: f64,
+    top1: f64,
+    top16: f64,
+    tokens: u64,
+}
+
+/// A study in progress: both scoring graphs, the rows (estimator × top-K) and the totals.
+struct Study<'a> {
+    cfg: &'a StudyConfig,
+    vocab: usize,
+    alphas: [f64; 2],
+    policy: ReferenceGraph,
+    reference: ReferenceGraph,
+    rows: Vec<KRow>,
+    /// The largest top-K below the vocabulary (how many reference draws a token needs).
+    max_topk: usize,
+    needs_cdf: bool,
+    totals: TokenTotals,
+    exact_steps: [u64; 3],
+}
+
+/// One row per estimator and top-K size; sampled estimators are not exact at K = V, so they
+/// get rows only for K < V.
+fn study_rows(cfg: &StudyConfig, topks: &[usize], vocab: usize) -> Vec<KRow> {
+    let mut rows = Vec::new();
+    for &estimator in &cfg.estimators {
+        for &topk in topks {
+            if estimator != Estimator::Topk && topk >= vocab {
+                continue;
+            }
+            rows.push(KRow {
+                estimator,
+                topk,
+                agreement_pct: 0.0,
+                confusion: [[0; 3]; 3],
+                mae_g_plus: 0.0,
+                mae_g_minus: 0.0,
+                max_disagreeing_margin: 0.0,
+                cache_bytes_per_token: topk * 8 + 4,
+            });
+        }
+    }
+    rows
+}
+
+/// Cumulative reference probabilities of a token (for drawing ids from the reference).
+fn cumulative(q: &[f64]) -> Vec<f64> {
+    q.iter()
+        .scan(0.0, |acc, qv| {
+            *acc += qv.exp();
+            Some(*acc)
+        })
+        .collect()
+}
+
+impl Study<'_> {
+    /// What each row caches at one token (head ids exact, drawn ids), and their values.
+    fn cached_values(
+        &self,
+        q_out: &ScoreOutputs,
+        t: usize,
+        y: usize,
+        (p, q): (&[f64], &[f64]),
+        rng: &mut ChaCha8Rng,
+    ) -> Vec<CachedValues> {
+        let cdf = if self.needs_cdf {
+            cumulative(q)
+        } else {
+            Vec::new()
+        };
+        let drawn: Vec<usize> = if self.needs_cdf {
+            (0..self.max_topk).map(|_| draw(&cdf, rng)).collect()
+        } else {
+            Vec::new()
+        };
+        let top = |n: usize| -> Vec<usize> {
+            (0..n).map(|j| q_out.topk_ids[[0, t, j]] as usize).collect()
+        };
+        self.rows
+            .iter()
+            .map(|row| {
+                let (head, tail) = match row.estimator {
+                    Estimator::Topk => (top(row.topk), Vec::new()),
+                    Estimator::Sampled | Estimator::SampledSn => {
+                        (Vec::new(), drawn[..row.topk].to_vec())
+                    }
+                    Estimator::HeadTail | Estimator::HeadTailSn => {
+                        // S = head ∪ {label} is exact; draws come from outside S.
+                        let head = top(row.topk / 2);
+                        let mut exact_set = head.clone();
+                        exact_set.push(y);
+                        let n = row.topk - row.topk / 2;
+                        (head, draw_outside(&cdf, &exact_set, n, rng))
+                    }
+                };
+                CachedValues::at(&head, &tail, y, p, q)
+            })
+            .collect()
+    }
+
+    /// Adds one response token's KL, peakedness, exact and sparse perturbed log-probs.
+    fn token(
+        &mut self,
+        (p_out, q_out): (&ScoreOutputs, &ScoreOutputs),
+        t: usize,
+        y: usize,
+        sums: &mut SeqSums,
+        rng: &mut ChaCha8Rng,
+    ) {
+        let p = full_row(p_out, 0, t, self.vocab);
+        let q = full_row(q_out, 0, t, self.vocab);
+        sums.policy += p[y];
+        // KL(π_θ ‖ π_ref) and reference peakedness at this token.
+        self.totals.kl += p
+            .iter()
+            .zip(&q)
+            .filter(|(pv, _)| pv.is_finite())
+            .map(|(pv, qv)| pv.exp() * (pv - qv))
+            .sum::<f64>();
+        self.totals.top1 += f64::from(q_out.topk_logps[[0, t, 0]]).exp();
+        self.totals.top16 += (0..16.min(self.vocab))
+            .map(|j| f64::from(q_out.topk_logps[[0, t, j]]).exp())
+            .sum::<f64>();
+        self.totals.tokens += 1;
+        let cached = self.cached_values(q_out, t, y, (&p, &q), rng);
+        for (ai, &a) in self.alphas.iter().enumerate() {
+            let mixed: Vec<f64> = p
+                .iter()
+                .zip(&q)
+                .map(|(pv, qv)| a * pv + (1.0 - a) * qv)
+                .collect();
+            sums.exact[ai] += mixed[y] - logsumexp(&mixed);
+            for (ri, (row, values)) in self.rows.iter().zip(&cached).enumerate() {
+                sums.sparse[ri][ai] += values.estimate(row.estimator, a, p[y], q[y]);
+            }
+        }
+    }
+
+    /// Scores prompt + `response` with both graphs at K = V and sums its response tokens.
+    fn sequence(
+        &mut self,
+        prompt: &[u32],
+        response: &[u32],
+        rng: &mut ChaCha8Rng,
+    ) -> Result<SeqSums, Error> {
+        let ids: Vec<i64> = prompt
+            .iter()
+            .chain(response)
+            .map(|&x| i64::from(x))
+            .collect();
+        let len = ids.len();
+        let input = ndarray::Array2::from_shape_vec((1, len), ids.clone()).expect("shape");
+        let mask = ndarray::Array2::<i64>::ones((1, len));
+        let all = self.vocab as i64;
+        let p_out = self.policy.score(input.view(), mask.view(), all)?;
+        let q_out = self.reference.score(input.view(), mask.view(), all)?;
+        let mut sums = SeqSums {
+            policy: 0.0,
+            exact: [0.0; 2],
+            sparse: vec![[0.0; 2]; self.rows.len()],
+        };
+        for (t, &label) in ids.iter().enumerate().skip(prompt.len()) {
+            self.token((&p_out, &q_out), t, label as usize, &mut sums, rng);
+        }
+        Ok(sums)
+    }
+
+    /// Studies one pair: the exact step, and each row's cached step against it.
+    fn pair(&mut self, pair: &TokenizedPair, index: usize) -> Result<(), Error> {
+        let mut sums: Vec<SeqSums> = Vec::with_capacity(2);
+        for (side_index, side) in Side::BOTH.into_iter().enumerate() {
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                self.cfg.seed
+                    ^ ((index as u64) << 1 | side_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+            sums.push(self.sequence(&pair.prompt_ids, pair.response(side), &mut rng)?);
+        }
+        let (c, r) = (&sums[0], &sums[1]);
+        let g = c.policy - r.policy;
+        let delta = tolerance(self.cfg.step_tolerance, c.policy, r.policy);
+        let gp = c.exact[0] - r.exact[0];
+        let gm = c.exact[1] - r.exact[1];
+        let step_exact = step_direction(g, gp, gm, delta);
+        self.exact_steps[(step_exact + 1) as usize] += 1;
+        for (ri, row) in self.rows.iter_mut().enumerate() {
+            let sp = c.sparse[ri][0] - r.sparse[ri][0];
+            let sm = c.sparse[ri][1] - r.sparse[ri][1];
+            let step_cached = step_direction(g, sp, sm, delta);
+            if step_cached != step_exact {
+                row.max_disagreeing_margin =
+                    row.max_disagreeing_margin.max(decision_margin(g, gp, gm));
+            }
+            row.confusion[(step_exact + 1) as usize][(step_cached + 1) as usize] += 1;
+            row.mae_g_plus += (sp - gp).abs();
+            row.mae_g_minus += (sm - gm).abs();
+        }
+        Ok(())
+    }
+
+    fn report(mut self, pairs: usize) -> StudyReport {
+        let n = pairs.max(1) as f64;
+        for row in &mut self.rows {
+            let agree: u64 = (0..3).map(|i| row.confusion[i][i]).sum();
+            row.agreement_pct = 100.0 * agree as f64 / n;
+            row.mae_g_plus /= n;
+            row.mae_g_minus /= n;
+        }
+        let tok = self.totals.tokens.max(1) as f64;
+        StudyReport {
+            pairs,
+            vocab: self.vocab,
+            epsilon: self.cfg.epsilon,
+            params: self
+                .cfg
+                .params
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "reference".into()),
+            mean_token_kl: self.totals.kl / tok,
+            ref_top1_mass: self.totals.top1 / tok,
+            ref_top16_mass: self.totals.top16 / tok,
+            exact_steps: self.exact_steps,
+            rows: self.rows,
+        }
+    }
+}
+
+pub fn run(cfg: &StudyConfig) -> Result<StudyReport, Error> {
     let bundle = Bundle::open(&cfg.model)?;
     let vocab = bundle.manifest.vocab_size;
     let set = ShardSet::open(&cfg.shards, &bundle.bundle_sha256)?;
@@ -214,187 +448,39 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyReport, EvalError> {
         Some(p) => Some(bundle.load_params_from(p)?),
         None => None,
     };
-    let mut policy = ReferenceGraph::new(&bundle, params.as_ref(), &cfg.session)?;
-    let mut reference = ReferenceGraph::new(&bundle, None, &cfg.session)?;
-    let ks: Vec<usize> = cfg.ks.iter().map(|&k| k.min(vocab)).collect();
-    let alphas = [1.0 + cfg.epsilon, 1.0 - cfg.epsilon];
-
+    let topks: Vec<usize> = cfg.topks.iter().map(|&k| k.min(vocab)).collect();
+    let mut study = Study {
+        cfg,
+        vocab,
+        alphas: [1.0 + cfg.epsilon, 1.0 - cfg.epsilon],
+        policy: ReferenceGraph::new(&bundle, params.as_ref(), &cfg.session)?,
+        reference: ReferenceGraph::new(&bundle, None, &cfg.session)?,
+        rows: study_rows(cfg, &topks, vocab),
+        max_topk: topks
+            .iter()
+            .copied()
+            .filter(|&k| k < vocab)
+            .max()
+            .unwrap_or(1),
+        needs_cdf: cfg.estimators.iter().any(|&e| e != Estimator::Topk),
+        totals: TokenTotals::default(),
+        exact_steps: [0; 3],
+    };
     let mut pairs_done = 0usize;
-    let (mut kl_sum, mut top1_sum, mut top16_sum, mut tokens) = (0.0, 0.0, 0.0, 0u64);
-    // Sampled estimators are not exact at K = V, so they get rows only for K < V.
-    let mut rows: Vec<KRow> = Vec::new();
-    for &estimator in &cfg.estimators {
-        for &k in &ks {
-            if estimator != Estimator::Topk && k >= vocab {
-                continue;
-            }
-            rows.push(KRow {
-                estimator,
-                k,
-                agreement_pct: 0.0,
-                confusion: [[0; 3]; 3],
-                mae_g_plus: 0.0,
-                mae_g_minus: 0.0,
-                max_disagreeing_margin: 0.0,
-                cache_bytes_per_token: k * 8 + 4,
-            });
-        }
-    }
-    let max_k = ks.iter().copied().filter(|&k| k < vocab).max().unwrap_or(1);
-    let needs_cdf = cfg.estimators.iter().any(|&e| e != Estimator::Topk);
-    let mut exact_steps = [0u64; 3];
     'files: for file in &set.files {
         for pair in read_shard(file)? {
             if pairs_done >= cfg.limit {
                 break 'files;
             }
-            let mut sums: Vec<SeqSums> = Vec::with_capacity(2);
-            for (side, response) in [&pair.pair.chosen_ids, &pair.pair.rejected_ids]
-                .into_iter()
-                .enumerate()
-            {
-                let mut rng = ChaCha8Rng::seed_from_u64(
-                    cfg.seed
-                        ^ ((pairs_done as u64) << 1 | side as u64)
-                            .wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                );
-                let ids_vec: Vec<i64> = pair
-                    .pair
-                    .prompt_ids
-                    .iter()
-                    .chain(response.iter())
-                    .map(|&x| i64::from(x))
-                    .collect();
-                let t_len = ids_vec.len();
-                let ids =
-                    ndarray::Array2::from_shape_vec((1, t_len), ids_vec.clone()).expect("shape");
-                let mask = ndarray::Array2::<i64>::ones((1, t_len));
-                let p_out = policy.score(ids.view(), mask.view(), vocab as i64)?;
-                let q_out = reference.score(ids.view(), mask.view(), vocab as i64)?;
-                let mut s = SeqSums {
-                    policy: 0.0,
-                    exact: [0.0; 2],
-                    sparse: vec![[0.0; 2]; rows.len()],
-                };
-                for (t, &label) in ids_vec.iter().enumerate().skip(pair.pair.prompt_ids.len()) {
-                    let y = label as usize;
-                    let p = full_row(&p_out, 0, t, vocab);
-                    let q = full_row(&q_out, 0, t, vocab);
-                    s.policy += p[y];
-                    // KL(π_θ ‖ π_ref) and reference peakedness at this token.
-                    kl_sum += p
-                        .iter()
-                        .zip(&q)
-                        .filter(|(pv, _)| pv.is_finite())
-                        .map(|(pv, qv)| pv.exp() * (pv - qv))
-                        .sum::<f64>();
-                    top1_sum += f64::from(q_out.topk_logps[[0, t, 0]]).exp();
-                    top16_sum += (0..16.min(vocab))
-                        .map(|j| f64::from(q_out.topk_logps[[0, t, j]]).exp())
-                        .sum::<f64>();
-                    tokens += 1;
-                    // The ids each row caches at this token (head and drawn), and their values.
-                    let cdf: Vec<f64> = if needs_cdf {
-                        q.iter()
-                            .scan(0.0, |acc, qv| {
-                                *acc += qv.exp();
-                                Some(*acc)
-                            })
-                            .collect()
-                    } else {
-                        Vec::new()
-                    };
-                    let drawn: Vec<usize> = if needs_cdf {
-                        (0..max_k).map(|_| draw(&cdf, &mut rng)).collect()
-                    } else {
-                        Vec::new()
-                    };
-                    let top = |n: usize| -> Vec<usize> {
-                        (0..n).map(|j| q_out.topk_ids[[0, t, j]] as usize).collect()
-                    };
-                    let cached: Vec<CachedValues> = rows
-                        .iter()
-                        .map(|row| {
-                            let (head, tail) = match row.estimator {
-                                Estimator::Topk => (top(row.k), Vec::new()),
-                                Estimator::Sampled | Estimator::SampledSn => {
-                                    (Vec::new(), drawn[..row.k].to_vec())
-                                }
-                                Estimator::HeadTail | Estimator::HeadTailSn => {
-                                    // S = head ∪ {label} is exact; draws come from outside S.
-                                    let head = top(row.k / 2);
-                                    let mut exact_set = head.clone();
-                                    exact_set.push(y);
-                                    let n = row.k - row.k / 2;
-                                    (head, draw_outside(&cdf, &exact_set, n, &mut rng))
-                                }
-                            };
-                            CachedValues::at(&head, &tail, y, &p, &q)
-                        })
-                        .collect();
-                    for (ai, &a) in alphas.iter().enumerate() {
-                        let mixed: Vec<f64> = p
-                            .iter()
-                            .zip(&q)
-                            .map(|(pv, qv)| a * pv + (1.0 - a) * qv)
-                            .collect();
-                        s.exact[ai] += mixed[y] - logsumexp(&mixed);
-                        for (ri, (row, values)) in rows.iter().zip(&cached).enumerate() {
-                            s.sparse[ri][ai] += values.estimate(row.estimator, a, p[y], q[y]);
-                        }
-                    }
-                }
-                sums.push(s);
-            }
-            let (c, r) = (&sums[0], &sums[1]);
-            let g = c.policy - r.policy;
-            let delta = tolerance(cfg.step_tolerance, c.policy, r.policy);
-            let gp = c.exact[0] - r.exact[0];
-            let gm = c.exact[1] - r.exact[1];
-            let k_exact = step_direction(g, gp, gm, delta);
-            exact_steps[(k_exact + 1) as usize] += 1;
-            for (ri, row) in rows.iter_mut().enumerate() {
-                let sp = c.sparse[ri][0] - r.sparse[ri][0];
-                let sm = c.sparse[ri][1] - r.sparse[ri][1];
-                let k_cached = step_direction(g, sp, sm, delta);
-                if k_cached != k_exact {
-                    row.max_disagreeing_margin =
-                        row.max_disagreeing_margin.max(decision_margin(g, gp, gm));
-                }
-                row.confusion[(k_exact + 1) as usize][(k_cached + 1) as usize] += 1;
-                row.mae_g_plus += (sp - gp).abs();
-                row.mae_g_minus += (sm - gm).abs();
-            }
+            study.pair(&pair.pair, pairs_done)?;
             pairs_done += 1;
         }
     }
-    let n = pairs_done.max(1) as f64;
-    for row in &mut rows {
-        let agree: u64 = (0..3).map(|i| row.confusion[i][i]).sum();
-        row.agreement_pct = 100.0 * agree as f64 / n;
-        row.mae_g_plus /= n;
-        row.mae_g_minus /= n;
-    }
-    let tok = tokens.max(1) as f64;
-    Ok(StudyReport {
-        pairs: pairs_done,
-        vocab,
-        epsilon: cfg.epsilon,
-        params: cfg
-            .params
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "reference".into()),
-        mean_token_kl: kl_sum / tok,
-        ref_top1_mass: top1_sum / tok,
-        ref_top16_mass: top16_sum / tok,
-        exact_steps,
-        rows,
-    })
+    Ok(study.report(pairs_done))
 }
 
-impl StudyReport {
-    pub fn to_table(&self) -> String {
+impl Printable for StudyReport {
+    fn to_table(&self) -> String {
         let mut s = format!(
             "study-k: {} pairs, V = {}, ε = {}, params {}\n  mean per-token KL(π‖π_ref) {:.4}; reference top-1 mass {:.3}, top-16 mass {:.3}\n  exact steps: k=−1 {}, k=0 {}, k=+1 {}\n\n",
             self.pairs, self.vocab, self.epsilon, self.params, self.mean_token_kl, self.ref_top1_mass, self.ref_top16_mass,
@@ -406,10 +492,10 @@ impl StudyReport {
             s.push_str(&format!(
                 "| {} | {} | {:.1} | {:?} {:?} {:?} | {:.2e} | {:.2e} | {:.1e} | {} |\n",
                 r.estimator.label(),
-                if r.k >= self.vocab {
-                    format!("V={}", r.k)
+                if r.topk >= self.vocab {
+                    format!("V={}", r.topk)
                 } else {
-                    r.k.to_string()
+                    r.topk.to_string()
                 },
                 r.agreement_pct,
                 c[0],

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use edpo::bundle::{Bundle, BundleError};
-use edpo::graphs::{GraphError, ReferenceGraph};
+use edpo::graphs::ReferenceGraph;
 use edpo::runtime::SessionConfig;
 
 fn config() -> SessionConfig {
@@ -42,7 +42,7 @@ fn missing_file_is_named() {
     assert!(matches!(err, BundleError::MissingFile { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(
-        msg.contains("policy.train.onnx") && msg.contains("export.py"),
+        msg.contains("policy.train.onnx") && msg.contains("python -m edpo_export"),
         "{msg}"
     );
 }
@@ -53,7 +53,7 @@ fn missing_manifest_says_how_to_make_a_bundle() {
     std::fs::remove_file(bundle.join("edpo-model.json")).unwrap();
     let msg = Bundle::open(&bundle).unwrap_err().to_string();
     assert!(
-        msg.contains("edpo-model.json") && msg.contains("export.py"),
+        msg.contains("edpo-model.json") && msg.contains("python -m edpo_export"),
         "{msg}"
     );
 }
@@ -97,7 +97,7 @@ fn renamed_graph_input_is_refused_with_both_names() {
     };
     let msg = err.to_string();
     assert!(
-        matches!(err, GraphError::Bundle(BundleError::Contract { .. })),
+        matches!(err, edpo::Error::Bundle(BundleError::Contract { .. })),
         "{err:?}"
     );
     assert!(msg.contains("missing input `attention_mask`"), "{msg}");

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use edpo::shards::{list_shards, read_metadata, read_shard, write_shard};
+use edpo::shards::{list_shards, read_shard, write_shard, ShardMetadata};
 
 fn prep(out: &Path, limit: u32) {
     run_ok(
@@ -194,12 +194,12 @@ fn shards_of_another_bundle_are_refused_naming_both_hashes() {
 /// Rewrites every shard with `poison` applied to its pairs (keeping its metadata).
 fn poison_shards(shards: &Path, poison: impl Fn(usize, &mut edpo::shards::ScoredPair)) {
     for f in list_shards(shards).unwrap() {
-        let meta = read_metadata(&f).unwrap();
+        let meta = ShardMetadata::read(&f).unwrap();
         let mut pairs = read_shard(&f).unwrap();
         for (i, p) in pairs.iter_mut().enumerate() {
             poison(i, p);
         }
-        write_shard(&f, &pairs, &meta.into_iter().collect()).unwrap();
+        write_shard(&f, &pairs, &meta).unwrap();
     }
 }
 
@@ -211,7 +211,7 @@ fn non_finite_steps_are_skipped_and_three_in_a_row_stop_the_run() {
     // One poisoned pair in the first 16 rows: exactly the steps that contain it are skipped.
     poison_shards(&shards, |i, p| {
         if i == 3 {
-            p.ref_chosen_logps = f32::NAN;
+            p.chosen.logps = f32::NAN;
         }
     });
     let run = tmp.path().join("some");
@@ -226,7 +226,7 @@ fn non_finite_steps_are_skipped_and_three_in_a_row_stop_the_run() {
     let skipped = column_f64(&run.join("metrics.parquet"), "skipped_nonfinite");
     assert_eq!(skipped.iter().filter(|v| **v > 0.0).count(), 1);
 
-    poison_shards(&shards, |_, p| p.ref_rejected_logps = f32::INFINITY);
+    poison_shards(&shards, |_, p| p.rejected.logps = f32::INFINITY);
     let run: PathBuf = tmp.path().join("all");
     let out = train_cmd(&shards, &run, &["--max-steps", "4", "--save-every", "1"])
         .output()
@@ -297,10 +297,10 @@ fn the_pair_loader_hands_out_every_row_and_rereads_a_row_asked_for_again() {
     let shards = tmp.path().join("shards");
     prep(&shards, 450); // three shards: 200, 200, 50 rows
     let bundle = edpo::bundle::Bundle::open(&sample_bundle()).unwrap();
-    let set = edpo::train::data::ShardSet::open(&shards, &bundle.bundle_sha256).unwrap();
-    let mut loader = edpo::train::data::PairLoader::new(&set);
+    let set = edpo::shards::ShardSet::open(&shards, &bundle.bundle_sha256).unwrap();
+    let mut loader = edpo::shards::PairLoader::new(&set);
     // The order of an epoch: shard after shard, so each row leaves the cache once used.
-    let plan = edpo::train::data::epoch_plan(&set, 7, 0, 64, 16);
+    let plan = edpo::train::plan::epoch_plan(&set, 7, 0, 64, 16);
     let mut seen = std::collections::HashSet::new();
     for step in &plan {
         for &i in step.micro_batches.iter().flatten() {
@@ -315,5 +315,5 @@ fn the_pair_loader_hands_out_every_row_and_rereads_a_row_asked_for_again() {
     assert_eq!(again.pair.pair_id, set.pairs[0].pair_id);
     let direct =
         &read_shard(&set.files[set.pairs[0].shard as usize]).unwrap()[set.pairs[0].row as usize];
-    assert_eq!(again.ref_chosen_topk_ids, direct.ref_chosen_topk_ids);
+    assert_eq!(again.chosen.topk_ids, direct.chosen.topk_ids);
 }

@@ -105,6 +105,18 @@ impl DataError {
     }
 }
 
+/// One response of a preference pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    Chosen,
+    Rejected,
+}
+
+impl Side {
+    /// Both sides, chosen first (the batch layout's order).
+    pub const BOTH: [Side; 2] = [Side::Chosen, Side::Rejected];
+}
+
 /// Why a row was left out (counted and reported, never silent).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SkipReason {

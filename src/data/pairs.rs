@@ -162,7 +162,114 @@ pub struct RowParser<'a> {
     pub vocab_size: usize,
 }
 
+/// A row's field that the format needs, with the flag that names its column.
+struct Required<'a> {
+    column: &'a str,
+    flag: &'static str,
+}
+
 impl RowParser<'_> {
+    /// The columns this format reads.
+    fn required(&self) -> Vec<Required<'_>> {
+        let cols = self.columns;
+        let mut out = Vec::with_capacity(3);
+        if !matches!(self.format, Format::Implicit) {
+            out.push(Required {
+                column: &cols.prompt,
+                flag: "--prompt-column",
+            });
+        }
+        out.push(Required {
+            column: &cols.chosen,
+            flag: "--chosen-column",
+        });
+        out.push(Required {
+            column: &cols.rejected,
+            flag: "--rejected-column",
+        });
+        out
+    }
+
+    /// A missing column is an error on a table's schema (Parquet) or a file's first row, and a
+    /// counted skip on a later JSONL row (as is a null value); None when every field is there.
+    fn check_fields(&self, row: &SourceRow, at: &RowRef) -> Result<Option<SkipReason>, DataError> {
+        for Required { column, flag } in self.required() {
+            match row.fields.get(column) {
+                None if row.line.is_none() || row.file_row == 0 => {
+                    let mut keys: Vec<&str> = row.fields.keys().map(String::as_str).collect();
+                    keys.sort();
+                    return Err(DataError::MissingColumn {
+                        at: at.clone(),
+                        column: column.to_string(),
+                        available: keys.join(", "),
+                        flag,
+                    });
+                }
+                None | Some(Value::Null) => return Ok(Some(SkipReason::NullField)),
+                Some(_) => {}
+            }
+        }
+        if let Some(detected) = detect(&row.fields, self.columns) {
+            let compatible = detected == self.format
+                || (self.format == Format::Implicit && detected != Format::Tokenized);
+            if !compatible {
+                return Err(DataError::MixedFormats {
+                    at: at.clone(),
+                    column: self.columns.chosen.clone(),
+                    got: detected.name(),
+                    want: self.format.name(),
+                });
+            }
+        }
+        Ok(None)
+    }
+
+    /// The prompt, chosen and rejected contents of a row in the run's format.
+    fn contents(
+        &self,
+        row: &SourceRow,
+        at: &RowRef,
+    ) -> Result<(Content, Content, Content), DataError> {
+        let cols = self.columns;
+        let field = |c: &str| row.fields.get(c).expect("checked by check_fields");
+        let tokens_of =
+            |c: &str| tokens(field(c), at, c, self.vocab_size).map(Content::Tokens);
+        Ok(match self.format {
+            Format::Plain => (
+                Content::Text(string(field(&cols.prompt), at, &cols.prompt)?),
+                Content::Text(string(field(&cols.chosen), at, &cols.chosen)?),
+                Content::Text(string(field(&cols.rejected), at, &cols.rejected)?),
+            ),
+            Format::Chat => (
+                Content::Messages(messages(field(&cols.prompt), at, &cols.prompt)?),
+                Content::Messages(messages(field(&cols.chosen), at, &cols.chosen)?),
+                Content::Messages(messages(field(&cols.rejected), at, &cols.rejected)?),
+            ),
+            Format::Tokenized => (
+                tokens_of(&cols.prompt)?,
+                tokens_of(&cols.chosen)?,
+                tokens_of(&cols.rejected)?,
+            ),
+            Format::Implicit => match (field(&cols.chosen), field(&cols.rejected)) {
+                (Value::String(c), Value::String(r)) => {
+                    let (p, c, r) = split_common_text(c, r);
+                    (Content::Text(p), Content::Text(c), Content::Text(r))
+                }
+                (c, r) => {
+                    let c = messages(c, at, &cols.chosen)?;
+                    let r = messages(r, at, &cols.rejected)?;
+                    let shared = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
+                    (
+                        Content::Messages(c[..shared].to_vec()),
+                        Content::Messages(c[shared..].to_vec()),
+                        Content::Messages(r[shared..].to_vec()),
+                    )
+                }
+            },
+            Format::Auto => unreachable!("format is resolved before parsing"),
+        })
+    }
+
     /// Parses one row in the run's (already detected) format.
     pub fn parse(
         &self,
@@ -175,102 +282,11 @@ impl RowParser<'_> {
             row: row.file_row,
             line: row.line,
         };
-        let cols = self.columns;
-        let available = || {
-            let mut keys: Vec<&str> = row.fields.keys().map(String::as_str).collect();
-            keys.sort();
-            keys.join(", ")
-        };
-        let needs_prompt = !matches!(self.format, Format::Implicit);
-        let required: Vec<(&str, &'static str)> = if needs_prompt {
-            vec![
-                (cols.prompt.as_str(), "--prompt-column"),
-                (cols.chosen.as_str(), "--chosen-column"),
-                (cols.rejected.as_str(), "--rejected-column"),
-            ]
-        } else {
-            vec![
-                (cols.chosen.as_str(), "--chosen-column"),
-                (cols.rejected.as_str(), "--rejected-column"),
-            ]
-        };
-        for (column, flag) in &required {
-            match row.fields.get(*column) {
-                None if row.line.is_none() || row.file_row == 0 => {
-                    return Err(DataError::MissingColumn {
-                        at: at.clone(),
-                        column: column.to_string(),
-                        available: available(),
-                        flag,
-                    })
-                }
-                None | Some(Value::Null) => return Ok(RowOutcome::Skip(SkipReason::NullField)),
-                Some(_) => {}
-            }
+        if let Some(skip) = self.check_fields(row, &at)? {
+            return Ok(RowOutcome::Skip(skip));
         }
-        if let Some(detected) = detect(&row.fields, cols) {
-            let compatible = detected == self.format
-                || (self.format == Format::Implicit && detected != Format::Tokenized);
-            if !compatible {
-                return Err(DataError::MixedFormats {
-                    at,
-                    column: cols.chosen.clone(),
-                    got: detected.name(),
-                    want: self.format.name(),
-                });
-            }
-        }
-        let id = pair_id(row.fields.get(&cols.id), path, row.file_row);
-        let field = |c: &str| row.fields.get(c).expect("checked above");
-        let (prompt, chosen, rejected) = match self.format {
-            Format::Plain => (
-                Content::Text(string(field(&cols.prompt), &at, &cols.prompt)?),
-                Content::Text(string(field(&cols.chosen), &at, &cols.chosen)?),
-                Content::Text(string(field(&cols.rejected), &at, &cols.rejected)?),
-            ),
-            Format::Chat => (
-                Content::Messages(messages(field(&cols.prompt), &at, &cols.prompt)?),
-                Content::Messages(messages(field(&cols.chosen), &at, &cols.chosen)?),
-                Content::Messages(messages(field(&cols.rejected), &at, &cols.rejected)?),
-            ),
-            Format::Tokenized => (
-                Content::Tokens(tokens(
-                    field(&cols.prompt),
-                    &at,
-                    &cols.prompt,
-                    self.vocab_size,
-                )?),
-                Content::Tokens(tokens(
-                    field(&cols.chosen),
-                    &at,
-                    &cols.chosen,
-                    self.vocab_size,
-                )?),
-                Content::Tokens(tokens(
-                    field(&cols.rejected),
-                    &at,
-                    &cols.rejected,
-                    self.vocab_size,
-                )?),
-            ),
-            Format::Implicit => match (field(&cols.chosen), field(&cols.rejected)) {
-                (Value::String(c), Value::String(r)) => {
-                    let (p, c, r) = split_common_text(c, r);
-                    (Content::Text(p), Content::Text(c), Content::Text(r))
-                }
-                (c, r) => {
-                    let c = messages(c, &at, &cols.chosen)?;
-                    let r = messages(r, &at, &cols.rejected)?;
-                    let shared = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
-                    (
-                        Content::Messages(c[..shared].to_vec()),
-                        Content::Messages(c[shared..].to_vec()),
-                        Content::Messages(r[shared..].to_vec()),
-                    )
-                }
-            },
-            Format::Auto => unreachable!("format is resolved before parsing"),
-        };
+        let id = pair_id(row.fields.get(&self.columns.id), path, row.file_row);
+        let (prompt, chosen, rejected) = self.contents(row, &at)?;
         if let (Content::Messages(c), Content::Messages(r)) = (&chosen, &rejected) {
             let has_assistant = |m: &[Message]| m.iter().any(|m| m.role == "assistant");
             if !has_assistant(c) || !has_assistant(r) {

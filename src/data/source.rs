@@ -132,6 +132,109 @@ enum FileRows {
     },
 }
 
+/// What reading a file gave.
+enum Next {
+    Row(SourceRow),
+    /// Nothing yet (a blank line, a new Parquet batch): read again.
+    Again,
+    /// The file is done.
+    End,
+}
+
+impl FileRows {
+    /// The next step through file `file_index` (at `path`).
+    fn next(&mut self, file_index: usize, path: &Path) -> Result<Next, DataError> {
+        match self {
+            FileRows::Jsonl { lines, line, row } => {
+                jsonl_next(lines.next(), file_index, path, line, row)
+            }
+            FileRows::Parquet {
+                batches,
+                pending,
+                row,
+            } => {
+                if let Some(fields) = pending.next() {
+                    let out = SourceRow {
+                        file_index,
+                        file_row: *row,
+                        line: None,
+                        fields,
+                    };
+                    *row += 1;
+                    return Ok(Next::Row(out));
+                }
+                match batches.next() {
+                    Some(Ok(batch)) => {
+                        *pending = batch_to_rows(&batch, path)?.into_iter();
+                        Ok(Next::Again)
+                    }
+                    Some(Err(e)) => Err(DataError::BadParquet {
+                        path: path.to_path_buf(),
+                        message: e.to_string(),
+                    }),
+                    None if *row == 0 => Err(DataError::EmptyFile {
+                        path: path.to_path_buf(),
+                    }),
+                    None => Ok(Next::End),
+                }
+            }
+        }
+    }
+}
+
+/// One step through a JSONL file: `read` is the next line read (None at the end of the
+/// file); `line` and `row` count lines and data rows so far.
+fn jsonl_next(
+    read: Option<std::io::Result<Vec<u8>>>,
+    file_index: usize,
+    path: &Path,
+    line: &mut u64,
+    row: &mut u64,
+) -> Result<Next, DataError> {
+    let bytes = match read {
+        None if *row == 0 => {
+            return Err(DataError::EmptyFile {
+                path: path.to_path_buf(),
+            })
+        }
+        None => return Ok(Next::End),
+        Some(Err(source)) => {
+            return Err(DataError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Some(Ok(bytes)) => bytes,
+    };
+    *line += 1;
+    let bad_json = |message: String| DataError::BadJson {
+        path: path.to_path_buf(),
+        line: *line,
+        message,
+    };
+    let text = std::str::from_utf8(&bytes).map_err(|e| DataError::Utf8 {
+        path: path.to_path_buf(),
+        line: *line,
+        message: e.to_string(),
+    })?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(Next::Again);
+    }
+    let value: Value = serde_json::from_str(text).map_err(|e| bad_json(e.to_string()))?;
+    let Value::Object(fields) = value else {
+        return Err(bad_json("the line is not a JSON object".into()));
+    };
+    let out = SourceRow {
+        file_index,
+        file_row: *row,
+        line: Some(*line),
+        fields,
+    };
+    *row += 1;
+    Ok(Next::Row(out))
+}
+
 impl RowStream {
     pub fn new(files: Vec<SourceFile>) -> Self {
         RowStream {
@@ -185,95 +288,23 @@ impl RowStream {
 
     /// The next row, or None at the end of the last file.
     pub fn next_row(&mut self) -> Result<Option<SourceRow>, DataError> {
-        loop {
-            if self.current >= self.files.len() {
-                return Ok(None);
-            }
+        while self.current < self.files.len() {
             if self.reader.is_none() {
                 self.reader = Some(self.open(self.current)?);
             }
             let file_index = self.current;
             let path = self.files[file_index].path.clone();
             let reader = self.reader.as_mut().expect("opened above");
-            match reader {
-                FileRows::Jsonl { lines, line, row } => match lines.next() {
-                    None => {
-                        if *row == 0 {
-                            return Err(DataError::EmptyFile { path });
-                        }
-                    }
-                    Some(Err(source)) => return Err(DataError::Io { path, source }),
-                    Some(Ok(bytes)) => {
-                        *line += 1;
-                        let text = std::str::from_utf8(&bytes).map_err(|e| DataError::Utf8 {
-                            path: path.clone(),
-                            line: *line,
-                            message: e.to_string(),
-                        })?;
-                        let text = text.trim();
-                        if text.is_empty() {
-                            continue;
-                        }
-                        let value: Value =
-                            serde_json::from_str(text).map_err(|e| DataError::BadJson {
-                                path: path.clone(),
-                                line: *line,
-                                message: e.to_string(),
-                            })?;
-                        let Value::Object(fields) = value else {
-                            return Err(DataError::BadJson {
-                                path,
-                                line: *line,
-                                message: "the line is not a JSON object".into(),
-                            });
-                        };
-                        let out = SourceRow {
-                            file_index,
-                            file_row: *row,
-                            line: Some(*line),
-                            fields,
-                        };
-                        *row += 1;
-                        return Ok(Some(out));
-                    }
-                },
-                FileRows::Parquet {
-                    batches,
-                    pending,
-                    row,
-                } => {
-                    if let Some(fields) = pending.next() {
-                        let out = SourceRow {
-                            file_index,
-                            file_row: *row,
-                            line: None,
-                            fields,
-                        };
-                        *row += 1;
-                        return Ok(Some(out));
-                    }
-                    match batches.next() {
-                        Some(Ok(batch)) => {
-                            *pending = batch_to_rows(&batch, &path)?.into_iter();
-                            continue;
-                        }
-                        Some(Err(e)) => {
-                            return Err(DataError::BadParquet {
-                                path,
-                                message: e.to_string(),
-                            })
-                        }
-                        None => {
-                            if *row == 0 {
-                                return Err(DataError::EmptyFile { path });
-                            }
-                        }
-                    }
+            match reader.next(file_index, &path)? {
+                Next::Row(row) => return Ok(Some(row)),
+                Next::Again => continue,
+                Next::End => {
+                    self.reader = None;
+                    self.current += 1;
                 }
             }
-            self.reader = None;
-            self.current += 1;
         }
+        Ok(None)
     }
 
     /// Column names of a Parquet file (None for JSONL, whose rows may differ).

@@ -30,6 +30,16 @@ pub struct TokenizedPair {
     pub response_truncated: bool,
 }
 
+impl TokenizedPair {
+    /// The token ids of one response.
+    pub fn response(&self, side: super::Side) -> &[u32] {
+        match side {
+            super::Side::Chosen => &self.chosen_ids,
+            super::Side::Rejected => &self.rejected_ids,
+        }
+    }
+}
+
 pub enum EncodeOutcome {
     Pair(TokenizedPair),
     Skip(SkipReason),

@@ -42,6 +42,25 @@ pub struct TrainState {
     pub config: serde_json::Value,
 }
 
+impl TrainState {
+    /// The state of a run before its first step.
+    pub fn start(beta: f64, seed: u64, config: serde_json::Value) -> TrainState {
+        TrainState {
+            step: 0,
+            adam_step: 0,
+            epoch: 0,
+            step_in_epoch: 0,
+            beta,
+            seed,
+            nonfinite_in_a_row: 0,
+            nonfinite_total: 0,
+            pairs_seen: 0,
+            elapsed_s: 0.0,
+            config,
+        }
+    }
+}
+
 pub fn step_dir(run: &Path, step: u64) -> PathBuf {
     run.join(CHECKPOINTS).join(format!("step-{step:08}"))
 }

@@ -2,19 +2,46 @@
 //! and `pairs.parquet` (one row per pair per step: every ε-DPO decision), kept as Arrow
 //! batches and rewritten atomically at every checkpoint and at the end.
 
-use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, BooleanArray, Float64Array, Int8Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 
-use crate::shards::ShardError;
+use crate::table::{self, ParquetLayout};
+
+/// The run folder's tables.
+pub const METRICS_FILE: &str = "metrics.parquet";
+pub const PAIRS_FILE: &str = "pairs.parquet";
+
+/// Column names of `metrics.parquet` (TRL's metric names where TRL has the metric).
+pub const STEP: &str = "step";
+pub const EPOCH: &str = "epoch";
+pub const LOSS: &str = "loss";
+pub const LEARNING_RATE: &str = "learning_rate";
+pub const GRAD_NORM: &str = "grad_norm";
+pub const BETA: &str = "kl/beta";
+pub const BETA_NEXT: &str = "kl/beta_next";
+pub const AVG_STEPS: &str = "kl/avg_steps";
+pub const P_EPSILON_STEPS: &str = "kl/p_epsilon_steps";
+pub const N_EPSILON_STEPS: &str = "kl/n_epsilon_steps";
+pub const REWARDS_CHOSEN: &str = "rewards/chosen";
+pub const REWARDS_REJECTED: &str = "rewards/rejected";
+pub const REWARDS_MARGINS: &str = "rewards/margins";
+pub const REWARDS_ACCURACIES: &str = "rewards/accuracies";
+pub const LOGPS_CHOSEN: &str = "logps/chosen";
+pub const LOGPS_REJECTED: &str = "logps/rejected";
+pub const PAIRS: &str = "pairs";
+pub const PAIRS_PER_S: &str = "pairs_per_s";
+pub const SKIPPED_NONFINITE: &str = "skipped_nonfinite";
+pub const ELAPSED_S: &str = "elapsed_s";
+
+/// Column names of `pairs.parquet` besides `pair_id` and `step`.
+pub const PAIR_ID: &str = "pair_id";
+/// The per-pair step k of objective.md §3 (the paper's name for it).
+pub const PAIR_STEP: &str = "k";
+pub const BETA_I: &str = "beta_i";
 
 /// One optimiser step's metrics.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,8 +73,10 @@ pub struct StepMetrics {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PairRecord {
     pub pair_id: u64,
+    /// The optimiser step.
     pub step: u64,
-    pub k: i8,
+    /// The per-pair step k ∈ {−1, 0, +1} (objective.md §3).
+    pub pair_step: i8,
     pub beta_i: f64,
     pub z: f64,
     pub g: f64,
@@ -67,35 +96,35 @@ fn f64_field(name: &str) -> Field {
 
 pub fn metrics_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
-        Field::new("step", DataType::UInt64, false),
-        Field::new("epoch", DataType::UInt64, false),
-        f64_field("loss"),
-        f64_field("learning_rate"),
-        f64_field("grad_norm"),
-        f64_field("kl/beta"),
-        f64_field("kl/beta_next"),
-        f64_field("kl/avg_steps"),
-        f64_field("kl/p_epsilon_steps"),
-        f64_field("kl/n_epsilon_steps"),
-        f64_field("rewards/chosen"),
-        f64_field("rewards/rejected"),
-        f64_field("rewards/margins"),
-        f64_field("rewards/accuracies"),
-        f64_field("logps/chosen"),
-        f64_field("logps/rejected"),
-        Field::new("pairs", DataType::UInt64, false),
-        f64_field("pairs_per_s"),
-        Field::new("skipped_nonfinite", DataType::Boolean, false),
-        f64_field("elapsed_s"),
+        Field::new(STEP, DataType::UInt64, false),
+        Field::new(EPOCH, DataType::UInt64, false),
+        f64_field(LOSS),
+        f64_field(LEARNING_RATE),
+        f64_field(GRAD_NORM),
+        f64_field(BETA),
+        f64_field(BETA_NEXT),
+        f64_field(AVG_STEPS),
+        f64_field(P_EPSILON_STEPS),
+        f64_field(N_EPSILON_STEPS),
+        f64_field(REWARDS_CHOSEN),
+        f64_field(REWARDS_REJECTED),
+        f64_field(REWARDS_MARGINS),
+        f64_field(REWARDS_ACCURACIES),
+        f64_field(LOGPS_CHOSEN),
+        f64_field(LOGPS_REJECTED),
+        Field::new(PAIRS, DataType::UInt64, false),
+        f64_field(PAIRS_PER_S),
+        Field::new(SKIPPED_NONFINITE, DataType::Boolean, false),
+        f64_field(ELAPSED_S),
     ]))
 }
 
 pub fn pairs_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
-        Field::new("pair_id", DataType::UInt64, false),
-        Field::new("step", DataType::UInt64, false),
-        Field::new("k", DataType::Int8, false),
-        f64_field("beta_i"),
+        Field::new(PAIR_ID, DataType::UInt64, false),
+        Field::new(STEP, DataType::UInt64, false),
+        Field::new(PAIR_STEP, DataType::Int8, false),
+        f64_field(BETA_I),
         f64_field("z"),
         f64_field("g"),
         f64_field("g_plus"),
@@ -154,7 +183,9 @@ pub fn pairs_batch(rows: &[PairRecord]) -> RecordBatch {
         vec![
             u64s(rows, |r| r.pair_id),
             u64s(rows, |r| r.step),
-            Arc::new(Int8Array::from_iter_values(rows.iter().map(|r| r.k))),
+            Arc::new(Int8Array::from_iter_values(
+                rows.iter().map(|r| r.pair_step),
+            )),
             f64s(rows, |r| r.beta_i),
             f64s(rows, |r| r.z),
             f64s(rows, |r| r.g),
@@ -186,30 +217,25 @@ impl RunTable {
     }
 
     /// Reads `path` (if it exists) keeping only rows whose `step` ≤ `max_step`.
-    pub fn load(path: &Path, schema: SchemaRef, max_step: u64) -> Result<Self, ShardError> {
+    pub fn load(path: &Path, schema: SchemaRef, max_step: u64) -> Result<Self, crate::Error> {
         let mut table = RunTable::new(schema);
         if !path.exists() {
             return Ok(table);
         }
-        let err = |e: String| ShardError::Read {
-            path: path.to_path_buf(),
-            message: e,
-        };
-        let file = File::open(path).map_err(|e| err(e.to_string()))?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-            .and_then(|b| b.build())
-            .map_err(|e| err(e.to_string()))?;
-        for batch in reader {
-            let batch = batch.map_err(|e| err(e.to_string()))?;
-            let steps = crate::shards::typed_column::<UInt64Array>(&batch, "step")
-                .ok_or_else(|| err("no uint64 `step` column".into()))?;
+        for batch in table::read_parquet(path)? {
+            let batch = table::next_batch(path, batch)?;
+            let steps: UInt64Array = table::column(path, &batch, STEP, "uint64")?;
             let keep = BooleanArray::from_iter(
                 steps
                     .iter()
                     .map(|s| Some(s.unwrap_or(u64::MAX) <= max_step)),
             );
-            let filtered = arrow::compute::filter_record_batch(&batch, &keep)
-                .map_err(|e| err(e.to_string()))?;
+            let filtered = arrow::compute::filter_record_batch(&batch, &keep).map_err(|e| {
+                table::TableError::Read {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                }
+            })?;
             if filtered.num_rows() > 0 {
                 table.batches.push(filtered);
             }
@@ -228,25 +254,12 @@ impl RunTable {
     }
 
     /// Writes all rows to `path` atomically.
-    pub fn save(&self, path: &Path) -> Result<(), ShardError> {
-        let err = |e: String| ShardError::Write {
-            path: path.to_path_buf(),
-            message: e,
-        };
-        let tmp = path.with_extension("parquet.tmp");
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(
-                ZstdLevel::try_new(3).map_err(|e| err(e.to_string()))?,
-            ))
-            .build();
-        let file = File::create(&tmp).map_err(|e| err(e.to_string()))?;
-        let mut writer = ArrowWriter::try_new(file, self.schema.clone(), Some(props))
-            .map_err(|e| err(e.to_string()))?;
-        for b in &self.batches {
-            writer.write(b).map_err(|e| err(e.to_string()))?;
-        }
-        let file = writer.into_inner().map_err(|e| err(e.to_string()))?;
-        file.sync_all().map_err(|e| err(e.to_string()))?;
-        std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+    pub fn save(&self, path: &Path) -> Result<(), table::TableError> {
+        table::write_parquet(
+            path,
+            self.schema.clone(),
+            self.batches.iter().cloned().map(Ok),
+            &ParquetLayout::default(),
+        )
     }
 }

@@ -1,11 +1,15 @@
 //! The train stage: ε-DPO over cached shards with the joint ONNX graph (no reference model in
 //! memory), AdamW, the per-pair β rule (in the graph) and the global β schedule (here),
 //! checkpoints, exact resume, metrics and per-pair records.
+//!
+//! `plan` orders the data, `step` computes one optimiser step, `optim` updates the parameters,
+//! `checkpoint` saves and restores the run, `metrics` records it; this file drives the loop.
 
 pub mod checkpoint;
-pub mod data;
 pub mod metrics;
 pub mod optim;
+pub mod plan;
+pub mod step;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,30 +17,22 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::bundle::{Bundle, BundleError};
-use crate::graphs::{GraphError, LossSettings, ReferenceGraph, TrainGraph};
+use crate::bundle::Bundle;
 use crate::objective;
+use crate::output::Printable;
 use crate::params::ParamStore;
 use crate::progress::Progress;
 use crate::runtime::SessionConfig;
-use crate::shards::{ScoredPair, ShardError};
-use checkpoint::{CheckpointError, TrainState};
-use data::{PairLoader, ShardSet, TrainDataError};
-use metrics::{PairRecord, RunTable, StepMetrics};
+use crate::shards::{ShardError, ShardSet};
+use crate::Error;
+use checkpoint::TrainState;
+use metrics::{RunTable, StepMetrics};
 use optim::{AdamW, AdamWConfig, Schedule};
+use plan::StepPlan;
+use step::{StepResult, StepRunner};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    #[error(transparent)]
-    Bundle(#[from] BundleError),
-    #[error(transparent)]
-    Data(#[from] TrainDataError),
-    #[error(transparent)]
-    Graph(#[from] GraphError),
-    #[error(transparent)]
-    Shard(#[from] ShardError),
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
     #[error("`{flag}`: {message}")]
     Flag { flag: &'static str, message: String },
     #[error("`{0}` already holds a training run; pass `--resume` to continue it, or choose another `--out`")]
@@ -49,21 +45,6 @@ pub enum TrainError {
     NonFinite { count: u32, step: u64, run: PathBuf },
     #[error("cannot write `{path}`: {message}")]
     Write { path: PathBuf, message: String },
-}
-
-impl TrainError {
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            TrainError::Bundle(e) => e.exit_code(),
-            TrainError::Data(e) => e.exit_code(),
-            TrainError::Graph(e) => e.exit_code(),
-            TrainError::Shard(e) => e.exit_code(),
-            TrainError::Checkpoint(_) | TrainError::NonFinite { .. } | TrainError::Write { .. } => {
-                1
-            }
-            _ => 2,
-        }
-    }
 }
 
 /// Where the reference comes from during training.
@@ -163,114 +144,38 @@ pub struct TrainSummary {
     pub pairs_per_second: f64,
 }
 
+impl Printable for TrainSummary {
+    fn to_table(&self) -> String {
+        let mut s = format!(
+            "train: {} steps, {} pairs, final loss {:.5}, β {:.6}{}\n",
+            self.steps,
+            self.pairs_seen,
+            self.final_loss,
+            self.final_beta,
+            self.resumed_from
+                .map(|r| format!(" (resumed from step {r})"))
+                .unwrap_or_default()
+        );
+        if self.nonfinite_skipped > 0 {
+            s.push_str(&format!(
+                "  {} step(s) skipped for a non-finite loss or gradient\n",
+                self.nonfinite_skipped
+            ));
+        }
+        s.push_str(&format!(
+            "  {:.1} pairs/s, wall {:.1}s\n  run folder: {} (metrics.parquet, pairs.parquet, checkpoints/, final/)\n",
+            self.pairs_per_second,
+            self.wall_seconds,
+            self.out.display()
+        ));
+        s
+    }
+}
+
 fn write_err(path: &Path, e: impl ToString) -> TrainError {
     TrainError::Write {
         path: path.to_path_buf(),
         message: e.to_string(),
-    }
-}
-
-/// Everything one optimiser step computed.
-struct StepResult {
-    loss: f64,
-    grads: Vec<Vec<f32>>,
-    records: Vec<PairRecord>,
-    finite: bool,
-}
-
-struct Trainer<'a> {
-    cfg: &'a TrainConfig,
-    bundle: Bundle,
-    set: ShardSet,
-    train: TrainGraph,
-    reference: Option<ReferenceGraph>,
-    loader: PairLoader,
-    pad_id: u32,
-    k_cached: usize,
-    k_online: i64,
-}
-
-impl Trainer<'_> {
-    fn run_step(
-        &mut self,
-        plan: &data::StepPlan,
-        params: &ParamStore,
-        beta: f64,
-        step: u64,
-    ) -> Result<StepResult, TrainError> {
-        let total = plan.num_pairs() as f64;
-        let settings = LossSettings {
-            beta: beta as f32,
-            epsilon: self.cfg.epsilon as f32,
-            label_smoothing: self.cfg.label_smoothing as f32,
-            step_tolerance: self.cfg.step_tolerance as f32,
-        };
-        let mut grads: Vec<Vec<f32>> = params.zeros_like();
-        let mut loss = 0.0f64;
-        let mut finite = true;
-        let mut records = Vec::with_capacity(plan.num_pairs());
-        for mb in &plan.micro_batches {
-            let pairs: Vec<ScoredPair> = mb
-                .iter()
-                .map(|&i| self.loader.get(&self.set.pairs[i]))
-                .collect::<Result<_, _>>()?;
-            let batch = match self.reference.as_mut() {
-                None => data::cached_batch(&pairs, self.pad_id, self.k_cached),
-                Some(reference) => {
-                    let seq = data::sequences(&pairs, self.pad_id);
-                    let scores = reference.score(
-                        seq.input_ids.view(),
-                        seq.attention_mask.view(),
-                        self.k_online,
-                    )?;
-                    data::online_batch(seq, scores)
-                }
-            };
-            let weight = mb.len() as f64 / total;
-            let out = self
-                .train
-                .run(params, &batch, &settings, &mut grads, weight as f32)?;
-            if !out.loss.is_finite() {
-                finite = false;
-            }
-            loss += weight * f64::from(out.loss);
-            let b = pairs.len();
-            for (j, pair) in pairs.iter().enumerate() {
-                let k = out.steps[j].clamp(-1, 1) as i8;
-                let beta_i = objective::pair_beta(beta, self.cfg.epsilon, k);
-                let (lc, lr) = (f64::from(out.logps[j]), f64::from(out.logps[j + b]));
-                let (rc, rr) = (
-                    f64::from(batch.ref_logps[j]),
-                    f64::from(batch.ref_logps[j + b]),
-                );
-                let g = lc - lr;
-                records.push(PairRecord {
-                    pair_id: pair.pair.pair_id,
-                    step,
-                    k,
-                    beta_i,
-                    z: g - (rc - rr),
-                    g,
-                    g_plus: f64::from(out.logps_plus[j]) - f64::from(out.logps_plus[j + b]),
-                    g_minus: f64::from(out.logps_minus[j]) - f64::from(out.logps_minus[j + b]),
-                    reward_chosen: beta_i * (lc - rc),
-                    reward_rejected: beta_i * (lr - rr),
-                    logps_chosen: lc,
-                    logps_rejected: lr,
-                    ref_chosen: rc,
-                    ref_rejected: rr,
-                });
-            }
-        }
-        if !optim::global_norm(&grads).is_finite() {
-            finite = false;
-        }
-        Ok(StepResult {
-            loss,
-            grads,
-            records,
-            finite,
-        })
     }
 }
 
@@ -324,230 +229,353 @@ fn write_final(run: &Path, bundle: &Bundle, params: &ParamStore) -> Result<PathB
     Ok(dir)
 }
 
-/// Runs (or resumes) training.
-pub fn run(cfg: &TrainConfig) -> Result<TrainSummary, TrainError> {
+/// How long the run is: its optimiser steps and the warm-up among them.
+#[derive(Debug, Clone, Copy)]
+struct RunLength {
+    total_steps: u64,
+    warmup: u64,
+}
+
+impl RunLength {
+    fn of(cfg: &TrainConfig, pairs: usize) -> RunLength {
+        let steps_per_epoch = pairs.div_ceil(cfg.batch_size) as u64;
+        let total_steps = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch);
+        let warmup = cfg
+            .warmup_steps
+            .unwrap_or_else(|| (total_steps as f64 * cfg.warmup_ratio).ceil() as u64);
+        RunLength {
+            total_steps,
+            warmup,
+        }
+    }
+}
+
+/// The run's records: `metrics.parquet` and `pairs.parquet`.
+struct RunTables {
+    metrics: RunTable,
+    pairs: RunTable,
+}
+
+impl RunTables {
+    fn new() -> Self {
+        RunTables {
+            metrics: RunTable::new(metrics::metrics_schema()),
+            pairs: RunTable::new(metrics::pairs_schema()),
+        }
+    }
+
+    /// The records of `run` up to the optimiser step `max_step`.
+    fn load(run: &Path, max_step: u64) -> Result<Self, Error> {
+        Ok(RunTables {
+            metrics: RunTable::load(
+                &run.join(metrics::METRICS_FILE),
+                metrics::metrics_schema(),
+                max_step,
+            )?,
+            pairs: RunTable::load(
+                &run.join(metrics::PAIRS_FILE),
+                metrics::pairs_schema(),
+                max_step,
+            )?,
+        })
+    }
+
+    fn save(&self, run: &Path) -> Result<(), Error> {
+        self.metrics.save(&run.join(metrics::METRICS_FILE))?;
+        self.pairs.save(&run.join(metrics::PAIRS_FILE))?;
+        Ok(())
+    }
+}
+
+/// A run in progress: its data, graphs, parameters, optimiser, state and records.
+struct Trainer<'a> {
+    cfg: &'a TrainConfig,
+    bundle: Bundle,
+    set: ShardSet,
+    length: RunLength,
+    params: ParamStore,
+    optimizer: AdamW,
+    state: TrainState,
+    tables: RunTables,
+    /// The epoch whose plan is cached, and its steps.
+    plan: Option<(u64, Vec<StepPlan>)>,
+    last_loss: f64,
+    pairs_this_session: u64,
+    session_started: Instant,
+    elapsed_before: f64,
+}
+
+/// Opens the bundle and the shards and checks the settings that depend on them.
+fn open_inputs(cfg: &TrainConfig) -> Result<(Bundle, ShardSet), Error> {
     cfg.validate()?;
-    let started = Instant::now();
     let bundle = Bundle::open(&cfg.model)?;
     let set = ShardSet::open(&cfg.shards, &bundle.bundle_sha256)?;
     if set.pairs.is_empty() {
-        return Err(TrainDataError::NoShards(cfg.shards.clone()).into());
+        return Err(ShardError::NoShards(cfg.shards.clone()).into());
     }
     let vocab = bundle.manifest.vocab_size;
-    if let Some(k) = cfg.online_topk {
-        if k == 0 || k > vocab {
+    if let Some(topk) = cfg.online_topk {
+        if topk == 0 || topk > vocab {
             return Err(TrainError::Flag {
                 flag: "--topk",
-                message: format!("K = {k} must be between 1 and the vocabulary size {vocab}"),
-            });
+                message: format!("K = {topk} must be between 1 and the vocabulary size {vocab}"),
+            }
+            .into());
         }
     }
-    let layout = bundle.param_layout();
-    let steps_per_epoch = set.pairs.len().div_ceil(cfg.batch_size) as u64;
-    let total_steps = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch);
-    let warmup = cfg
-        .warmup_steps
-        .unwrap_or_else(|| (total_steps as f64 * cfg.warmup_ratio).ceil() as u64);
-    let config_json = serde_json::to_value(cfg).expect("config serialises");
+    Ok((bundle, set))
+}
 
-    std::fs::create_dir_all(&cfg.out).map_err(|e| write_err(&cfg.out, e))?;
-    let existing = checkpoint::latest(&cfg.out);
-    let mut params = bundle.load_params()?;
-    let mut optimizer = AdamW::new(cfg.adam, &params);
-    let mut state = TrainState {
-        step: 0,
-        adam_step: 0,
-        epoch: 0,
-        step_in_epoch: 0,
-        beta: cfg.beta,
-        seed: cfg.seed,
-        nonfinite_in_a_row: 0,
-        nonfinite_total: 0,
-        pairs_seen: 0,
-        elapsed_s: 0.0,
-        config: config_json.clone(),
-    };
-    let metrics_path = cfg.out.join("metrics.parquet");
-    let pairs_path = cfg.out.join("pairs.parquet");
-    let mut resumed_from = None;
-    let (mut metrics_table, mut pairs_table) = match (&existing, cfg.resume) {
-        (Some(_), false) => return Err(TrainError::RunExists(cfg.out.clone())),
-        (None, false) if metrics_path.exists() => {
-            return Err(TrainError::RunExists(cfg.out.clone()))
-        }
-        (None, true) => return Err(TrainError::NothingToResume(cfg.out.clone())),
-        (None, false) => (
-            RunTable::new(metrics::metrics_schema()),
-            RunTable::new(metrics::pairs_schema()),
-        ),
-        (Some(dir), true) => {
-            let (saved, loaded) = checkpoint::load(dir, &layout, &mut optimizer)?;
-            let diffs = resume_differences(&saved.config, &config_json);
-            if !diffs.is_empty() {
-                return Err(TrainError::ResumeMismatch {
-                    run: cfg.out.clone(),
-                    differences: diffs.join("; "),
-                });
+impl<'a> Trainer<'a> {
+    /// A new run, or the run in `--out` restored from its latest checkpoint (`--resume`);
+    /// returns the trainer and the step it resumed from.
+    fn open(cfg: &'a TrainConfig) -> Result<(Trainer<'a>, Option<u64>), Error> {
+        let (bundle, set) = open_inputs(cfg)?;
+        let length = RunLength::of(cfg, set.pairs.len());
+        let config_json = serde_json::to_value(cfg).expect("config serialises");
+        std::fs::create_dir_all(&cfg.out).map_err(|e| write_err(&cfg.out, e))?;
+        let existing = checkpoint::latest(&cfg.out);
+        let mut params = bundle.load_params()?;
+        let mut optimizer = AdamW::new(cfg.adam, &params);
+        let mut state = TrainState::start(cfg.beta, cfg.seed, config_json.clone());
+        let metrics_path = cfg.out.join(metrics::METRICS_FILE);
+        let mut resumed_from = None;
+        let tables = match (&existing, cfg.resume) {
+            (Some(_), false) => return Err(TrainError::RunExists(cfg.out.clone()).into()),
+            (None, false) if metrics_path.exists() => {
+                return Err(TrainError::RunExists(cfg.out.clone()).into())
             }
-            params = loaded;
-            resumed_from = Some(saved.step);
-            state = saved;
-            (
-                RunTable::load(&metrics_path, metrics::metrics_schema(), state.step)?,
-                RunTable::load(&pairs_path, metrics::pairs_schema(), state.step)?,
-            )
-        }
-    };
+            (None, true) => return Err(TrainError::NothingToResume(cfg.out.clone()).into()),
+            (None, false) => RunTables::new(),
+            (Some(dir), true) => {
+                let (saved, loaded) =
+                    checkpoint::load(dir, &bundle.param_layout(), &mut optimizer)?;
+                let diffs = resume_differences(&saved.config, &config_json);
+                if !diffs.is_empty() {
+                    return Err(TrainError::ResumeMismatch {
+                        run: cfg.out.clone(),
+                        differences: diffs.join("; "),
+                    }
+                    .into());
+                }
+                params = loaded;
+                resumed_from = Some(saved.step);
+                state = saved;
+                RunTables::load(&cfg.out, state.step)?
+            }
+        };
+        let trainer = Trainer {
+            cfg,
+            bundle,
+            set,
+            length,
+            params,
+            optimizer,
+            elapsed_before: state.elapsed_s,
+            state,
+            tables,
+            plan: None,
+            last_loss: f64::NAN,
+            pairs_this_session: 0,
+            session_started: Instant::now(),
+        };
+        Ok((trainer, resumed_from))
+    }
 
-    let special = &bundle.manifest.special_tokens;
-    let pad_id = special.pad.id.or(special.eos.id).unwrap_or(0);
-    let reference = match cfg.reference {
-        ReferenceMode::Cached => None,
-        ReferenceMode::Online => Some(ReferenceGraph::new(&bundle, None, &cfg.session)?),
-    };
-    let mut trainer = Trainer {
-        cfg,
-        train: TrainGraph::new(&bundle, &cfg.session)?,
-        reference,
-        loader: PairLoader::new(&set),
-        k_cached: set.topk(),
-        k_online: cfg.online_topk.unwrap_or(vocab) as i64,
-        pad_id,
-        bundle,
-        set,
-    };
+    /// The plan of the next step, moving to the next epoch when one ends.
+    fn next_step_plan(&mut self) -> StepPlan {
+        loop {
+            let epoch = self.state.epoch;
+            if self.plan.as_ref().map(|(e, _)| *e) != Some(epoch) {
+                let steps = plan::epoch_plan(
+                    &self.set,
+                    self.cfg.seed,
+                    epoch,
+                    self.cfg.batch_size,
+                    self.cfg.micro_batch,
+                );
+                self.plan = Some((epoch, steps));
+            }
+            let steps = &self.plan.as_ref().expect("set above").1;
+            if let Some(step) = steps.get(self.state.step_in_epoch as usize) {
+                return step.clone();
+            }
+            self.state.epoch += 1;
+            self.state.step_in_epoch = 0;
+        }
+    }
 
-    let progress = Progress::new(total_steps, "steps", cfg.quiet);
-    progress.set_position(state.step);
-    let mut plan_cache: Option<(u64, Vec<data::StepPlan>)> = None;
-    let mut last_loss = f64::NAN;
-    let session_started = Instant::now();
-    let elapsed_before = state.elapsed_s;
-    let save = |state: &TrainState,
-                params: &ParamStore,
-                optimizer: &AdamW,
-                metrics_table: &RunTable,
-                pairs_table: &RunTable|
-     -> Result<(), TrainError> {
-        metrics_table.save(&metrics_path)?;
-        pairs_table.save(&pairs_path)?;
-        checkpoint::save(&cfg.out, state, params, optimizer, cfg.keep_checkpoints)?;
-        Ok(())
-    };
-    let mut pairs_this_session = 0u64;
-    while state.step < total_steps {
-        if plan_cache.as_ref().map(|(e, _)| *e) != Some(state.epoch) {
-            let plan = data::epoch_plan(
-                &trainer.set,
-                cfg.seed,
-                state.epoch,
-                cfg.batch_size,
-                cfg.micro_batch,
-            );
-            plan_cache = Some((state.epoch, plan));
-        }
-        let plan = &plan_cache.as_ref().expect("set above").1;
-        if state.step_in_epoch as usize >= plan.len() {
-            state.epoch += 1;
-            state.step_in_epoch = 0;
-            continue;
-        }
-        let step_plan = plan[state.step_in_epoch as usize].clone();
-        let t0 = Instant::now();
-        let lr = cfg.lr * optim::lr_factor(cfg.schedule, state.step, warmup, total_steps);
-        let mut result = trainer.run_step(&step_plan, &params, state.beta, state.step)?;
-        let beta_used = state.beta;
-        let n = result.records.len() as f64;
-        let kbar = mean(result.records.iter().map(|r| f64::from(r.k)));
-        let mut grad_norm = f64::NAN;
-        if result.finite {
-            grad_norm = optim::clip_grad_norm(&mut result.grads, cfg.max_grad_norm);
-            optimizer.update(&mut params, &result.grads, lr);
-            state.adam_step = optimizer.step;
-            state.beta = objective::beta_update(state.beta, cfg.epsilon, kbar);
-            state.nonfinite_in_a_row = 0;
-        } else {
-            state.nonfinite_in_a_row += 1;
-            state.nonfinite_total += 1;
+    /// Applies a computed step: clipping, AdamW and the §5 β update when it is finite, else
+    /// counts it as skipped. Returns the gradient norm before clipping (NaN when skipped).
+    fn apply(&mut self, result: &mut StepResult, lr: f64, mean_step: f64) -> f64 {
+        if !result.finite {
+            self.state.nonfinite_in_a_row += 1;
+            self.state.nonfinite_total += 1;
             tracing::warn!(
-                step = state.step,
+                step = self.state.step,
                 "non-finite loss or gradient: step skipped"
             );
+            return f64::NAN;
         }
-        let secs = t0.elapsed().as_secs_f64();
-        let r = &result.records;
-        metrics_table.push(metrics::metrics_batch(&[StepMetrics {
-            step: state.step,
-            epoch: state.epoch,
-            loss: result.loss,
-            learning_rate: lr,
-            grad_norm,
-            beta: beta_used,
-            beta_next: state.beta,
-            avg_steps: kbar,
-            p_epsilon_steps: r.iter().filter(|x| x.k > 0).count() as f64 / n,
-            n_epsilon_steps: r.iter().filter(|x| x.k < 0).count() as f64 / n,
-            rewards_chosen: mean(r.iter().map(|x| x.reward_chosen)),
-            rewards_rejected: mean(r.iter().map(|x| x.reward_rejected)),
-            rewards_margins: mean(r.iter().map(|x| x.reward_chosen - x.reward_rejected)),
-            rewards_accuracies: mean(
-                r.iter()
-                    .map(|x| f64::from(u8::from(x.reward_chosen > x.reward_rejected))),
-            ),
-            logps_chosen: mean(r.iter().map(|x| x.logps_chosen)),
-            logps_rejected: mean(r.iter().map(|x| x.logps_rejected)),
-            pairs: r.len() as u64,
-            pairs_per_s: n / secs.max(1e-9),
-            skipped_nonfinite: !result.finite,
-            elapsed_s: elapsed_before + session_started.elapsed().as_secs_f64(),
-        }]));
-        pairs_table.push(metrics::pairs_batch(&result.records));
-        state.step += 1;
-        state.step_in_epoch += 1;
-        state.pairs_seen += r.len() as u64;
-        pairs_this_session += r.len() as u64;
-        state.elapsed_s = elapsed_before + session_started.elapsed().as_secs_f64();
-        last_loss = result.loss;
-        progress.inc(1);
-        progress.set_message(format!(
-            "loss {:.4} β {:.5} acc {:.2} {:.1} pairs/s",
-            result.loss,
-            state.beta,
-            mean(
-                r.iter()
-                    .map(|x| f64::from(u8::from(x.reward_chosen > x.reward_rejected)))
-            ),
-            pairs_this_session as f64 / session_started.elapsed().as_secs_f64().max(1e-9)
-        ));
-        if state.nonfinite_in_a_row >= 3 {
-            progress.finish();
-            return Err(TrainError::NonFinite {
-                count: state.nonfinite_in_a_row,
-                step: state.step,
-                run: cfg.out.clone(),
-            });
-        }
-        if cfg.save_every > 0
-            && state.step.is_multiple_of(cfg.save_every)
-            && state.step < total_steps
-        {
-            save(&state, &params, &optimizer, &metrics_table, &pairs_table)?;
-        }
+        let grad_norm = optim::clip_grad_norm(&mut result.grads, self.cfg.max_grad_norm);
+        self.optimizer.update(&mut self.params, &result.grads, lr);
+        self.state.adam_step = self.optimizer.step;
+        self.state.beta = objective::beta_update(self.state.beta, self.cfg.epsilon, mean_step);
+        self.state.nonfinite_in_a_row = 0;
+        grad_norm
     }
+
+    /// Appends one step's metrics and pair records and advances the run's position.
+    fn record(&mut self, result: &StepResult, step: StepLog) {
+        let r = &result.records;
+        let n = r.len() as f64;
+        let elapsed_s = self.elapsed_before + self.session_started.elapsed().as_secs_f64();
+        self.tables
+            .metrics
+            .push(metrics::metrics_batch(&[StepMetrics {
+                step: self.state.step,
+                epoch: self.state.epoch,
+                loss: result.loss,
+                learning_rate: step.lr,
+                grad_norm: step.grad_norm,
+                beta: step.beta_used,
+                beta_next: self.state.beta,
+                avg_steps: step.mean_step,
+                p_epsilon_steps: r.iter().filter(|x| x.pair_step > 0).count() as f64 / n,
+                n_epsilon_steps: r.iter().filter(|x| x.pair_step < 0).count() as f64 / n,
+                rewards_chosen: mean(r.iter().map(|x| x.reward_chosen)),
+                rewards_rejected: mean(r.iter().map(|x| x.reward_rejected)),
+                rewards_margins: mean(r.iter().map(|x| x.reward_chosen - x.reward_rejected)),
+                rewards_accuracies: accuracy(result),
+                logps_chosen: mean(r.iter().map(|x| x.logps_chosen)),
+                logps_rejected: mean(r.iter().map(|x| x.logps_rejected)),
+                pairs: r.len() as u64,
+                pairs_per_s: n / step.seconds.max(1e-9),
+                skipped_nonfinite: !result.finite,
+                elapsed_s,
+            }]));
+        self.tables.pairs.push(metrics::pairs_batch(r));
+        self.state.step += 1;
+        self.state.step_in_epoch += 1;
+        self.state.pairs_seen += r.len() as u64;
+        self.pairs_this_session += r.len() as u64;
+        self.state.elapsed_s = self.elapsed_before + self.session_started.elapsed().as_secs_f64();
+        self.last_loss = result.loss;
+    }
+
+    fn pairs_per_second(&self) -> f64 {
+        self.pairs_this_session as f64 / self.session_started.elapsed().as_secs_f64().max(1e-9)
+    }
+
+    /// Writes the run tables and a checkpoint.
+    fn save(&self) -> Result<(), Error> {
+        self.tables.save(&self.cfg.out)?;
+        checkpoint::save(
+            &self.cfg.out,
+            &self.state,
+            &self.params,
+            &self.optimizer,
+            self.cfg.keep_checkpoints,
+        )?;
+        Ok(())
+    }
+
+    /// Trains until the last step, checkpointing every `--save-every` steps.
+    fn train(&mut self, runner: &mut StepRunner, progress: &Progress) -> Result<(), Error> {
+        let RunLength {
+            total_steps,
+            warmup,
+        } = self.length;
+        self.session_started = Instant::now();
+        while self.state.step < total_steps {
+            let step_plan = self.next_step_plan();
+            let started = Instant::now();
+            let lr = self.cfg.lr
+                * optim::lr_factor(self.cfg.schedule, self.state.step, warmup, total_steps);
+            let beta_used = self.state.beta;
+            let mut result = runner.run(
+                &self.set,
+                &step_plan,
+                &self.params,
+                beta_used,
+                self.state.step,
+            )?;
+            let mean_step = mean(result.records.iter().map(|r| f64::from(r.pair_step)));
+            let grad_norm = self.apply(&mut result, lr, mean_step);
+            let log = StepLog {
+                lr,
+                grad_norm,
+                beta_used,
+                mean_step,
+                seconds: started.elapsed().as_secs_f64(),
+            };
+            self.record(&result, log);
+            progress.inc(1);
+            progress.set_message(format!(
+                "loss {:.4} β {:.5} acc {:.2} {:.1} pairs/s",
+                result.loss,
+                self.state.beta,
+                accuracy(&result),
+                self.pairs_per_second()
+            ));
+            if self.state.nonfinite_in_a_row >= 3 {
+                progress.finish();
+                return Err(TrainError::NonFinite {
+                    count: self.state.nonfinite_in_a_row,
+                    step: self.state.step,
+                    run: self.cfg.out.clone(),
+                }
+                .into());
+            }
+            let every = self.cfg.save_every;
+            if every > 0 && self.state.step.is_multiple_of(every) && self.state.step < total_steps {
+                self.save()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a step used and measured besides its result.
+struct StepLog {
+    lr: f64,
+    grad_norm: f64,
+    beta_used: f64,
+    /// Mean per-pair step k̄ of the step (drives the global β update).
+    mean_step: f64,
+    seconds: f64,
+}
+
+/// Fraction of a step's pairs whose chosen reward exceeds the rejected one.
+fn accuracy(result: &StepResult) -> f64 {
+    mean(
+        result
+            .records
+            .iter()
+            .map(|x| f64::from(u8::from(x.reward_chosen > x.reward_rejected))),
+    )
+}
+
+/// Runs (or resumes) training.
+pub fn run(cfg: &TrainConfig) -> Result<TrainSummary, Error> {
+    let started = Instant::now();
+    let (mut trainer, resumed_from) = Trainer::open(cfg)?;
+    let mut runner = StepRunner::new(&trainer.bundle, &trainer.set, cfg)?;
+    let progress = Progress::new(trainer.length.total_steps, "steps", cfg.quiet);
+    progress.set_position(trainer.state.step);
+    trainer.train(&mut runner, &progress)?;
     progress.finish();
-    save(&state, &params, &optimizer, &metrics_table, &pairs_table)?;
-    write_final(&cfg.out, &trainer.bundle, &params)?;
-    let wall = started.elapsed().as_secs_f64();
+    trainer.save()?;
+    write_final(&cfg.out, &trainer.bundle, &trainer.params)?;
     Ok(TrainSummary {
         out: cfg.out.clone(),
-        steps: state.step,
-        pairs_seen: state.pairs_seen,
-        final_beta: state.beta,
-        final_loss: last_loss,
-        nonfinite_skipped: state.nonfinite_total,
+        steps: trainer.state.step,
+        pairs_seen: trainer.state.pairs_seen,
+        final_beta: trainer.state.beta,
+        final_loss: trainer.last_loss,
+        nonfinite_skipped: trainer.state.nonfinite_total,
         resumed_from,
-        wall_seconds: wall,
-        pairs_per_second: pairs_this_session as f64
-            / session_started.elapsed().as_secs_f64().max(1e-9),
+        wall_seconds: started.elapsed().as_secs_f64(),
+        pairs_per_second: trainer.pairs_per_second(),
     })
 }

@@ -1,0 +1,112 @@
+//! Parquet shards of scored pairs: the contract between `edpo prep` and everything that reads
+//! its output (train, eval, study-k, inspect, notebooks).
+//!
+//! - [`schema`]: the columns of `architecture.md` and a pair ↔ Arrow row conversion;
+//! - [`metadata`]: the typed `edpo.*` key-value metadata every shard carries;
+//! - [`manifest`]: `manifest.json`, per-shard statistics and the shard files of a folder;
+//! - [`set`]: a prepared folder opened for reading: its pair index and the pair loader.
+
+pub mod manifest;
+pub mod metadata;
+pub mod schema;
+pub mod set;
+
+use std::path::{Path, PathBuf};
+
+pub use manifest::{list_shards, shard_file_name, ShardManifest, ShardStats, SHARD_MANIFEST};
+pub use metadata::ShardMetadata;
+pub use set::{PairEntry, PairLoader, ShardSet};
+
+use crate::data::tokenize::TokenizedPair;
+use crate::data::Side;
+use crate::table::{self, ParquetLayout};
+
+/// Pairs per Parquet row group: small enough to stream, large enough to compress well.
+pub const ROW_GROUP_PAIRS: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("`{path}` is not an edpo shard: {message}")]
+    NotAShard { path: PathBuf, message: String },
+    #[error("`{0}` holds no shards (part-*.parquet); make them with `edpo prep`")]
+    NoShards(PathBuf),
+    #[error("`{0}` has no manifest.json; it was not written by `edpo prep`")]
+    NoManifest(PathBuf),
+    #[error("`{0}` is incomplete (prep was interrupted); rerun the same `edpo prep` command to finish it")]
+    Incomplete(PathBuf),
+    #[error("shards `{dir}` were made with bundle {shards_bundle}, but `--model` is bundle {model_bundle}; run `edpo prep` with this model or train the model the shards belong to")]
+    OtherBundle {
+        dir: PathBuf,
+        shards_bundle: String,
+        model_bundle: String,
+    },
+}
+
+/// The reference's scores of one response (one side of a pair).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ResponseScores {
+    /// Sum of the response tokens' log-probs.
+    pub logps: f32,
+    /// Log-prob of each response token.
+    pub token_logps: Vec<f32>,
+    /// The top-K ids of each response token's distribution, flattened token-major
+    /// ([tokens × topk]).
+    pub topk_ids: Vec<u32>,
+    /// Their log-probs, descending per token ([tokens × topk]).
+    pub topk_logps: Vec<f32>,
+}
+
+/// One pair with its reference scores: a row of a shard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoredPair {
+    pub pair: TokenizedPair,
+    /// Top-K size of the cached distributions.
+    pub topk: usize,
+    pub chosen: ResponseScores,
+    pub rejected: ResponseScores,
+}
+
+impl ScoredPair {
+    pub fn scores(&self, side: Side) -> &ResponseScores {
+        match side {
+            Side::Chosen => &self.chosen,
+            Side::Rejected => &self.rejected,
+        }
+    }
+
+    pub fn scores_mut(&mut self, side: Side) -> &mut ResponseScores {
+        match side {
+            Side::Chosen => &mut self.chosen,
+            Side::Rejected => &mut self.rejected,
+        }
+    }
+}
+
+/// Writes `pairs` to the shard file `path` atomically, with `metadata` in its footer.
+pub fn write_shard(
+    path: &Path,
+    pairs: &[ScoredPair],
+    metadata: &ShardMetadata,
+) -> Result<(), crate::Error> {
+    let layout = ParquetLayout {
+        row_group_rows: Some(ROW_GROUP_PAIRS),
+        metadata: metadata.to_key_values(),
+    };
+    let batches = pairs.chunks(ROW_GROUP_PAIRS).map(schema::to_record_batch);
+    Ok(table::write_parquet(
+        path,
+        schema::schema(),
+        batches,
+        &layout,
+    )?)
+}
+
+/// Reads every pair of one shard file (row group by row group).
+pub fn read_shard(path: &Path) -> Result<Vec<ScoredPair>, crate::Error> {
+    let mut out = Vec::new();
+    for batch in table::read_parquet(path)? {
+        let batch = table::next_batch(path, batch)?;
+        out.extend(schema::from_record_batch(path, &batch)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,164 @@
+//! One optimiser step's computation: read the step's pairs, build each micro-batch (cached or
+//! online reference), run the joint graph, accumulate the gradients, and record every pair's
+//! ε-DPO decision.
+
+use crate::batch::{self, row_of};
+use crate::bundle::Bundle;
+use crate::data::Side;
+use crate::graphs::{LossSettings, ReferenceGraph, TrainBatch, TrainGraph, TrainOutputs};
+use crate::objective;
+use crate::params::ParamStore;
+use crate::shards::{PairLoader, ScoredPair, ShardSet};
+use crate::Error;
+
+use super::metrics::PairRecord;
+use super::optim;
+use super::plan::StepPlan;
+use super::{ReferenceMode, TrainConfig};
+
+/// Everything one optimiser step computed.
+pub struct StepResult {
+    /// Mean loss over the step's pairs.
+    pub loss: f64,
+    /// d loss / d θ, one buffer per parameter.
+    pub grads: Vec<Vec<f32>>,
+    /// One record per pair, in micro-batch order.
+    pub records: Vec<PairRecord>,
+    /// False when the loss or the gradient norm is NaN or infinite.
+    pub finite: bool,
+}
+
+/// The graphs and the pair loader that compute steps.
+pub struct StepRunner {
+    train: TrainGraph,
+    /// The scoring graph, when the reference is scored online.
+    reference: Option<ReferenceGraph>,
+    loader: PairLoader,
+    pad_id: u32,
+    /// Top-K size of the shards' cached reference.
+    topk_cached: usize,
+    /// Top-K size of the online reference.
+    topk_online: i64,
+    epsilon: f64,
+    label_smoothing: f64,
+    step_tolerance: f64,
+}
+
+impl StepRunner {
+    pub fn new(bundle: &Bundle, set: &ShardSet, cfg: &TrainConfig) -> Result<Self, Error> {
+        let reference = match cfg.reference {
+            ReferenceMode::Cached => None,
+            ReferenceMode::Online => Some(ReferenceGraph::new(bundle, None, &cfg.session)?),
+        };
+        Ok(StepRunner {
+            train: TrainGraph::new(bundle, &cfg.session)?,
+            reference,
+            loader: PairLoader::new(set),
+            pad_id: bundle.manifest.special_tokens.pad_id(),
+            topk_cached: set.topk(),
+            topk_online: cfg.online_topk.unwrap_or(bundle.manifest.vocab_size) as i64,
+            epsilon: cfg.epsilon,
+            label_smoothing: cfg.label_smoothing,
+            step_tolerance: cfg.step_tolerance,
+        })
+    }
+
+    /// The joint graph's micro-batch for `pairs`, with the cached or the online reference.
+    fn micro_batch(&mut self, pairs: &[ScoredPair]) -> Result<TrainBatch, Error> {
+        match self.reference.as_mut() {
+            None => Ok(batch::cached_batch(pairs, self.pad_id, self.topk_cached)),
+            Some(reference) => {
+                let rows = batch::online_rows(pairs, self.pad_id);
+                let scores = reference.score(
+                    rows.input_ids.view(),
+                    rows.attention_mask.view(),
+                    self.topk_online,
+                )?;
+                Ok(batch::online_batch(rows, scores))
+            }
+        }
+    }
+
+    /// Runs one optimiser step's micro-batches at global β `beta`.
+    pub fn run(
+        &mut self,
+        set: &ShardSet,
+        plan: &StepPlan,
+        params: &ParamStore,
+        beta: f64,
+        step: u64,
+    ) -> Result<StepResult, Error> {
+        let total = plan.num_pairs() as f64;
+        let settings = LossSettings {
+            beta: beta as f32,
+            epsilon: self.epsilon as f32,
+            label_smoothing: self.label_smoothing as f32,
+            step_tolerance: self.step_tolerance as f32,
+        };
+        let mut grads: Vec<Vec<f32>> = params.zeros_like();
+        let mut loss = 0.0f64;
+        let mut finite = true;
+        let mut records = Vec::with_capacity(plan.num_pairs());
+        for micro_batch in &plan.micro_batches {
+            let pairs: Vec<ScoredPair> = micro_batch
+                .iter()
+                .map(|&i| self.loader.get(&set.pairs[i]))
+                .collect::<Result<_, _>>()?;
+            let batch = self.micro_batch(&pairs)?;
+            let weight = micro_batch.len() as f64 / total;
+            let out = self
+                .train
+                .run(params, &batch, &settings, &mut grads, weight as f32)?;
+            finite &= out.loss.is_finite();
+            loss += weight * f64::from(out.loss);
+            records.extend(pair_records(&pairs, &batch, &out, beta, self.epsilon, step));
+        }
+        finite &= optim::global_norm(&grads).is_finite();
+        Ok(StepResult {
+            loss,
+            grads,
+            records,
+            finite,
+        })
+    }
+}
+
+/// Every pair's decision in one micro-batch's outputs.
+fn pair_records(
+    pairs: &[ScoredPair],
+    batch: &TrainBatch,
+    out: &TrainOutputs,
+    beta: f64,
+    epsilon: f64,
+    step: u64,
+) -> Vec<PairRecord> {
+    let n = pairs.len();
+    pairs
+        .iter()
+        .enumerate()
+        .map(|(j, pair)| {
+            let (c, r) = (row_of(j, Side::Chosen, n), row_of(j, Side::Rejected, n));
+            let pair_step = out.pair_steps[j].clamp(-1, 1) as i8;
+            let beta_i = objective::pair_beta(beta, epsilon, pair_step);
+            let (lc, lr) = (f64::from(out.logps[c]), f64::from(out.logps[r]));
+            let (rc, rr) = (f64::from(batch.ref_logps[c]), f64::from(batch.ref_logps[r]));
+            let g = lc - lr;
+            PairRecord {
+                pair_id: pair.pair.pair_id,
+                step,
+                pair_step,
+                beta_i,
+                z: g - (rc - rr),
+                g,
+                g_plus: f64::from(out.logps_plus[c]) - f64::from(out.logps_plus[r]),
+                g_minus: f64::from(out.logps_minus[c]) - f64::from(out.logps_minus[r]),
+                reward_chosen: beta_i * (lc - rc),
+                reward_rejected: beta_i * (lr - rr),
+                logps_chosen: lc,
+                logps_rejected: lr,
+                ref_chosen: rc,
+                ref_rejected: rr,
+            }
+        })
+        .collect()
+}

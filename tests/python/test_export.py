@@ -1,4 +1,4 @@
-"""export.py: the three architectures export and verify; K = V gives the exact ε-step."""
+"""edpo_export: the three architectures export and verify; K = V gives the exact ε-step."""
 
 import json
 import shutil
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import export
-from edpo_objective import exact_eps_dpo, full_logps_next
+from edpo_export import cli as export
+from edpo_export.objective import exact_eps_dpo, full_logps_next
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
@@ -102,7 +102,7 @@ def test_sliced_output_projection_matches_the_dense_loss_and_gradients(samples, 
     Neither 3 nor 16 divides the 10 × 11 predicted positions, so padded rows are exercised."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from edpo_objective import EpsDpoLoss
+    from edpo_export.objective import EpsDpoLoss
 
     cfg = AutoConfig.from_pretrained(samples / "configs" / f"{arch}-tiny")
     torch.manual_seed(0)

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Export a Hugging Face causal LM into an edpo model bundle, or verify one.
 
-    export.py --model HF_DIR --out BUNDLE [--topk-default K] [--optimize]
-    export.py --verify BUNDLE
+    python -m edpo_export --model HF_DIR --out BUNDLE [--topk-default K] [--optimize]
+    python -m edpo_export --verify BUNDLE
 
 The bundle (see ../shared/spec/architecture.md, export-notes.md):
   reference.onnx       scoring graph: input_ids, attention_mask, k → token_logps, topk_logps,
@@ -229,7 +228,7 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
     from torch.export.graph_signature import OutputKind, OutputSpec
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from edpo_objective import EpsDpoLoss
+    from .objective import EpsDpoLoss
 
     module = EpsDpoLoss(untied, lm_head_chunks)
     if lm_head_chunks > 0:
@@ -448,7 +447,7 @@ def compute_goldens(model, untied, topk: int):
     """PyTorch outputs of both graphs on the fixed batch (eager autograd on the tied model)."""
     import torch
 
-    from edpo_objective import EpsDpoLoss
+    from .objective import EpsDpoLoss
 
     vocab = model.config.vocab_size if hasattr(model.config, "vocab_size") else model.get_output_embeddings().weight.shape[0]
     ids, attn, loss_mask = golden_batch(vocab)
@@ -721,8 +720,8 @@ def verify(bundle: Path) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="Hugging Face model folder (config.json, weights, tokenizer)")
     parser.add_argument("--out", help="bundle folder to write")
     parser.add_argument("--tokenizer", help="folder with tokenizer.json if not in --model")
@@ -739,7 +738,6 @@ def main(argv=None) -> int:
     parser.add_argument("--verify", metavar="BUNDLE", help="run the bundle's graphs in onnxruntime against its goldens")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     if args.threads:
         import torch
 
@@ -756,6 +754,3 @@ def main(argv=None) -> int:
     export(args)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """The ε-DPO objective of ../shared/spec/objective.md in PyTorch.
 
-Two users: the exporter traces `EpsDpoLoss` into the joint training graph, and the tests /
+Two users: `edpo_export` traces `EpsDpoLoss` into the joint training graph, and the tests /
 baselines use `exact_eps_dpo` (full-vocabulary reference logits, the paper's computation) as
 the oracle the graph is compared with. Sequences are laid out as in the graphs: rows 0..B are
 the chosen sequences, rows B..2B the rejected ones of the same pairs; position t of every

@@ -10,12 +10,14 @@ export EDPO_VENV := $(VENV)
 # A persistent target dir shared by sessions and CI: a clean build with polars is slow.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/edpo/target
 EDPO := $(CARGO_TARGET_DIR)/debug/edpo
+# The Python packages (edpo_export, edpo_bench, edpo_experiments) live in python/.
+export PYTHONPATH := $(CURDIR)/python
 
 .PHONY: setup build build-release test test-rust test-python lint demo samples bench bench-prep bench-train study-k
 
 setup:
 	@command -v cargo >/dev/null || { echo "error: cargo not found; install Rust with rustup" >&2; exit 2; }
-	@pipelines/setup_venv.sh
+	@scripts/setup_venv.sh
 
 build: setup
 	cargo build --all-targets
@@ -36,7 +38,7 @@ demo: build
 	@echo "== edpo demo: the sample bundle's goldens, reproduced from Rust through ONNX Runtime"
 	$(EDPO) verify --model data-samples/bundle
 	@echo "== prep → train (ε-DPO and DPO) → eval on the held-out split → report"
-	EDPO_BIN=$(EDPO) $(PY) pipelines/demo.py
+	EDPO_BIN=$(EDPO) $(PY) -m edpo_experiments.demo
 
 build-release: setup
 	cargo build --release
@@ -45,25 +47,25 @@ build-release: setup
 bench: bench-prep bench-train
 
 bench-prep: build-release
-	$(PY) pipelines/bench_prep.py
+	$(PY) -m edpo_bench.prep
 
 bench-train: build-release
-	$(PY) pipelines/bench_train.py
+	$(PY) -m edpo_bench.train
 
 # The cached-vs-exact ε-step study (issue: top-K agreement): LM-trains the bench model on the
 # Python standard library (cached under ~/.cache/edpo/study), then compares for K = 1…256, V.
 # Then two more training seeds per pair kind (top-K rows only) and the side-by-side table.
 study-k: build-release
-	$(PY) pipelines/study_k.py --pair-kind foreign
-	$(PY) pipelines/study_k.py --pair-kind noisy
+	$(PY) -m edpo_experiments.study_k --pair-kind foreign
+	$(PY) -m edpo_experiments.study_k --pair-kind noisy
 	for seed in 1 2; do for kind in noisy foreign; do \
-	    $(PY) pipelines/study_k.py --pair-kind $$kind --seed $$seed --estimators topk || exit 1; done; done
-	$(PY) pipelines/study_k.py --summarize
+	    $(PY) -m edpo_experiments.study_k --pair-kind $$kind --seed $$seed --estimators topk || exit 1; done; done
+	$(PY) -m edpo_experiments.study_k --summarize
 
 # Regenerate data-samples/ (pairs, tokenizer, configs, the tiny bundle); see data-samples/README.md.
 samples: setup
-	$(PY) pipelines/make_samples.py --out data-samples
+	$(PY) -m edpo_experiments.make_samples --out data-samples
 	rm -rf data-samples/bundle
-	$(PY) pipelines/export.py --model data-samples/configs/llama-tiny --random-init 0 \
+	$(PY) -m edpo_export --model data-samples/configs/llama-tiny --random-init 0 \
 	    --topk-default 16 --out data-samples/bundle
-	$(PY) pipelines/export.py --verify data-samples/bundle
+	$(PY) -m edpo_export --verify data-samples/bundle

@@ -1,4 +1,4 @@
-"""export.py: the three architectures export and verify; K = V gives the exact ε-step."""
+"""edpo_export: the three architectures export and verify; K = V gives the exact ε-step."""
 
 import json
 import shutil
@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-import export
-from edpo_objective import exact_eps_dpo, full_logps_next
+from edpo_export.goldens import golden_batch, perturbed
+from edpo_export.graphs import ReferenceScorer, export_train_graph
+from edpo_export.objective import exact_eps_dpo, full_logps_next
+from edpo_export.verify import verify
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_export_then_verify_passes(exported, arch, capsys):
     bundle = exported(arch)
-    assert export.verify(bundle) == 0
+    assert verify(bundle) == 0
     text = capsys.readouterr().out
     assert "verify passed" in text and "FAIL" not in text
     manifest = json.loads((bundle / "edpo-model.json").read_text())
@@ -38,7 +40,7 @@ def test_verify_refuses_a_changed_file(exported, tmp_path):
     data[-1] ^= 0x55
     (bundle / "params.safetensors").write_bytes(bytes(data))
     with pytest.raises(SystemExit) as exc:
-        export.verify(bundle)
+        verify(bundle)
     assert exc.value.code == 2
 
 
@@ -69,13 +71,13 @@ def test_full_vocabulary_cache_gives_the_exact_eps_step(exported):
     config = AutoConfig.from_pretrained(bundle)
     policy = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     policy.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()}, strict=False)
-    reference = export.perturbed(policy, 0.05, seed=3)
-    ids, attn, loss_mask = export.golden_batch(vocab, seed=21, pairs=8, length=14, tie_last=False)
+    reference = perturbed(policy, 0.05, seed=3)
+    ids, attn, loss_mask = golden_batch(vocab, seed=21, pairs=8, length=14, tie_last=False)
     with torch.no_grad():
         p_next = full_logps_next(policy, ids, attn)
         q_next = full_logps_next(reference, ids, attn)
         exact = exact_eps_dpo(p_next, q_next, ids, loss_mask, beta=0.1, epsilon=0.1)
-        ref_tok, ref_topv, ref_topi = export.ReferenceScorer.build(reference, vocab)(ids, attn)
+        ref_tok, ref_topv, ref_topi = ReferenceScorer.build(reference, vocab)(ids, attn)
     feeds = {
         "input_ids": ids.numpy(), "attention_mask": attn.numpy(), "loss_mask": loss_mask.numpy(),
         "ref_logps": exact["ref_logps"].numpy(), "ref_token_logps": ref_tok.numpy(),
@@ -102,13 +104,13 @@ def test_sliced_output_projection_matches_the_dense_loss_and_gradients(samples, 
     Neither 3 nor 16 divides the 10 × 11 predicted positions, so padded rows are exercised."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from edpo_objective import EpsDpoLoss
+    from edpo_export.objective import EpsDpoLoss
 
     cfg = AutoConfig.from_pretrained(samples / "configs" / f"{arch}-tiny")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager").eval()
     vocab = model.get_output_embeddings().weight.shape[0]
-    ids, attn, loss_mask = export.golden_batch(vocab)
+    ids, attn, loss_mask = golden_batch(vocab)
     n, t = ids.shape
     gen = torch.Generator().manual_seed(3)
     ref_tok = -torch.rand(n, t, generator=gen) * 5
@@ -148,13 +150,13 @@ def test_export_refuses_slicing_a_model_whose_logits_are_not_the_plain_projectio
         return out
 
     model.forward = scaled_forward
-    ids, attn, loss_mask = export.golden_batch(512, seed=7, pairs=2, length=8, tie_last=False)
+    ids, attn, loss_mask = golden_batch(512, seed=7, pairs=2, length=8, tie_last=False)
     example = (
         ids, attn, loss_mask, torch.zeros(4), torch.zeros(4, 8),
         torch.zeros(4, 8, 4, dtype=torch.int64), torch.zeros(4, 8, 4),
         torch.tensor(0.1), torch.tensor(0.1), torch.tensor(0.0), torch.tensor(1e-6),
     )  # fmt: skip
     with pytest.raises(SystemExit) as exc:
-        export.export_train_graph(model, tmp_path / "t.onnx", False, example, 16)
+        export_train_graph(model, tmp_path / "t.onnx", False, example, 16)
     assert exc.value.code == 2
     assert "--lm-head-chunks 0" in capsys.readouterr().err

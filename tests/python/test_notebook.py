@@ -1,4 +1,4 @@
-"""The notebook example (pipelines/notebook_example.py) runs on a real prep + train output and
+"""The notebook example (edpo_experiments/notebook_example.py) runs on a real prep + train output and
 reads every column it shows."""
 
 import subprocess
@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-import notebook_example as nb
-from test_prep_parity import BUNDLE, ROOT, edpo_bin
+from conftest import BUNDLE, PY_ENV, ROOT, edpo_bin
+from edpo_experiments import notebook_example as nb
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,8 @@ def test_every_function_reads_its_columns(run):
 
 
 def test_script_runs(run):
-    out = subprocess.run([sys.executable, str(ROOT / "pipelines/notebook_example.py"), "--shards", str(run / "shards"),
-                          "--run", str(run / "run")], check=True, capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "edpo_experiments.notebook_example", "--shards", str(run / "shards"),
+                          "--run", str(run / "run")], check=True, capture_output=True, text=True, env=PY_ENV)  # fmt: skip
     assert "shards: 96 pairs, K = 16" in out.stdout
 
 

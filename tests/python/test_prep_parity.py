@@ -4,7 +4,6 @@ token ids are what transformers' tokenizer and chat template give (TRL's rules),
 shards read in polars and pyarrow."""
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -14,15 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-BUNDLE = ROOT / "data-samples" / "bundle"
-
-
-def edpo_bin() -> str:
-    if os.environ.get("EDPO_BIN"):
-        return os.environ["EDPO_BIN"]
-    target = os.environ.get("CARGO_TARGET_DIR", str(Path.home() / ".cache/edpo/target"))
-    return str(Path(target) / "debug" / "edpo")
+from conftest import BUNDLE, ROOT, edpo_bin
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,13 @@ loaded in transformers (same log-probs as edpo's scoring of those parameters).""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
 
-from test_prep_parity import BUNDLE, ROOT, edpo_bin
+from conftest import BUNDLE, PY_ENV, ROOT, edpo_bin
 
 HP = ["--lr", "1e-3", "--beta", "0.1", "--epsilon", "0.05"]
 
@@ -27,10 +26,10 @@ def exact_run(tmp_path_factory):
                     "--reference", "online", "--batch-size", "16", "--micro-batch", "8", "--max-steps", "20", *HP],
                    check=True)  # fmt: skip
     torch_json, torch_params = d / "torch.json", d / "torch.safetensors"
-    subprocess.run([sys.executable, str(ROOT / "pipelines/edpo_torch_train.py"), "--bundle", str(BUNDLE),
+    subprocess.run([sys.executable, "-m", "edpo_bench.torch_train", "--bundle", str(BUNDLE),
                     "--shards", str(shards), "--order", str(run / "pairs.parquet"), "--steps", "20",
                     "--micro-batch", "8", "--lr", "1e-3", "--beta", "0.1", "--epsilon", "0.05",
-                    "--out", str(torch_json), "--save-params", str(torch_params)], check=True)  # fmt: skip
+                    "--out", str(torch_json), "--save-params", str(torch_params)], check=True, env=PY_ENV)  # fmt: skip
     return {"shards": shards, "run": run, "torch": json.loads(torch_json.read_text()), "torch_params": torch_params}
 
 
@@ -91,7 +90,7 @@ def test_eval_on_reference_parameters_prefers_nothing(exact_run):
 
 
 def test_demo_settings_improve_held_out_accuracy(tmp_path):
-    """What `make demo` claims: training with pipelines/demo.toml lifts held-out accuracy from
+    """What `make demo` claims: training with configs/demo.toml lifts held-out accuracy from
     0 (reference: every pair a tie) to at least 0.95, for ε-DPO and plain DPO."""
     for split in ("train", "heldout"):
         subprocess.run([edpo_bin(), "--quiet", "prep", "--model", str(BUNDLE), "--data",
@@ -107,6 +106,6 @@ def test_demo_settings_improve_held_out_accuracy(tmp_path):
     assert accuracy() == 0.0
     for name, extra in (("eps", []), ("dpo", ["--epsilon", "0"])):
         run = tmp_path / name
-        subprocess.run([edpo_bin(), "--quiet", "train", "--config", str(ROOT / "pipelines/demo.toml"), "--model",
+        subprocess.run([edpo_bin(), "--quiet", "train", "--config", str(ROOT / "configs/demo.toml"), "--model",
                         str(BUNDLE), "--shards", str(tmp_path / "train"), "--out", str(run), *extra], check=True)  # fmt: skip
         assert accuracy(run / "final/model.safetensors") >= 0.95, name

@@ -1,18 +1,17 @@
-#!/usr/bin/env python3
 """`make bench-train`: pairs/s and peak RSS of `edpo train` (cached reference) against the
 paper's step in PyTorch (policy forward+backward plus the online full-vocabulary reference
-forward; pipelines/edpo_torch_train.py), same model, same pairs, same batch and micro-batch,
+forward; edpo_bench/torch_train.py), same model, same pairs, same batch and micro-batch,
 same thread count, in one command.
 
-Model: ≈25M parameters, vocabulary 32,000 (bench_common.BENCH_CONFIG). Data: the bench-prep
-pairs (~60-token prompts, ~150-token responses), prepped with export.py's default K.
+Model: ≈25M parameters, vocabulary 32,000 (edpo_bench.common.BENCH_CONFIG). Data: the bench-prep
+pairs (~60-token prompts, ~150-token responses), prepped with the exporter's default K.
 """
 
 import argparse
 import json
 import shutil
 
-from bench_common import CACHE, PY, ROOT, TOPK_DEFAULT, bench_bundle, bench_pairs, edpo_release, measured, shards_match, write_results
+from edpo_bench.common import CACHE, PY, TOPK_DEFAULT, bench_bundle, bench_pairs, child_env, edpo_release, measured, shards_match, write_results
 
 
 def main():
@@ -21,7 +20,7 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--topk", type=int, default=TOPK_DEFAULT, help=f"K of the cached reference (default {TOPK_DEFAULT}, export.py's)")
+    ap.add_argument("--topk", type=int, default=TOPK_DEFAULT, help=f"K of the cached reference (default {TOPK_DEFAULT}, the exporter's)")
     args = ap.parse_args()
     bundle = bench_bundle()
     shards = CACHE / f"shards-train-bench-k{args.topk}"
@@ -36,9 +35,9 @@ def main():
                   "--shards", str(shards), "--out", str(run), "--max-steps", str(args.steps), "--batch-size",
                   str(args.batch_size), "--micro-batch", str(args.micro_batch), "--json", *common])  # fmt: skip
     es = json.loads(e["stdout"])
-    t = measured([PY, str(ROOT / "pipelines/edpo_torch_train.py"), "--bundle", str(bundle), "--shards", str(shards),
+    t = measured([PY, "-m", "edpo_bench.torch_train", "--bundle", str(bundle), "--shards", str(shards),
                   "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--micro-batch",
-                  str(args.micro_batch), "--threads", str(args.threads), *common])  # fmt: skip
+                  str(args.micro_batch), "--threads", str(args.threads), *common], env=child_env())  # fmt: skip
     ts = json.loads(t["stdout"])
     res = {
         "threads": args.threads, "topk": args.topk, "steps": args.steps, "batch_size": args.batch_size, "micro_batch": args.micro_batch,

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """`make demo`: prep → train (ε-DPO, and plain DPO on the same budget) → eval on the held-out
 split of data-samples/, then `edpo report`. Prints held-out preference accuracy before and
 after. Everything goes under out/demo/ (prep shards are reused on reruns)."""
@@ -11,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EDPO = os.environ.get("EDPO_BIN") or str(Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/edpo/target")) / "debug/edpo")
 BUNDLE = ROOT / "data-samples/bundle"
 OUT = ROOT / "out/demo"
@@ -43,7 +42,7 @@ def main():
         run = OUT / "runs" / name
         shutil.rmtree(run, ignore_errors=True)
         extra = ["--epsilon", eps] if eps else []
-        edpo("--quiet", "train", "--config", ROOT / "pipelines/demo.toml", "--model", BUNDLE, "--shards", OUT / "train", "--out", run, *extra)
+        edpo("--quiet", "train", "--config", ROOT / "configs/demo.toml", "--model", BUNDLE, "--shards", OUT / "train", "--out", run, *extra)
         results[name] = evaluate(run / "final/model.safetensors")
         import pyarrow.parquet as pq
 

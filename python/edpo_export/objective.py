@@ -1,6 +1,6 @@
 """The ε-DPO objective of ../shared/spec/objective.md in PyTorch.
 
-Two users: `export.py` traces `EpsDpoLoss` into the joint training graph, and the tests /
+Two users: `edpo_export` traces `EpsDpoLoss` into the joint training graph, and the tests /
 baselines use `exact_eps_dpo` (full-vocabulary reference logits, the paper's computation) as
 the oracle the graph is compared with. Sequences are laid out as in the graphs: rows 0..B are
 the chosen sequences, rows B..2B the rejected ones of the same pairs; position t of every
@@ -106,8 +106,8 @@ class EpsDpoLoss(torch.nn.Module):
     of the logits: the output projection, log-softmax and the K+1 gathers run over C slices of
     the M = N·(T−1) positions, and the gradient of the projection is attached by a surrogate
     term built from per-token expectations (see `_chunked_surrogate`). The values are the same
-    computation; the gradients are the same up to float rounding (checked by `export.py
-    --verify` against the dense path in eager PyTorch).
+    computation; the gradients are the same up to float rounding (checked by `python -m
+    edpo_export --verify` against the dense path in eager PyTorch).
     """
 
     def __init__(self, model: torch.nn.Module, lm_head_chunks: int = 0):

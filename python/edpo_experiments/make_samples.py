@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Regenerate the committed sample data under data-samples/ (see data-samples/README.md).
 
-    make_samples.py [--out data-samples]
+    python -m edpo_experiments.make_samples [--out data-samples]
 
 Writes, deterministically from fixed seeds:
   prefs/{train,heldout}.plain.jsonl     prompt/chosen/rejected strings

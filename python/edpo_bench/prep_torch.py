@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """PyTorch baseline for `make bench-prep`: what a PyTorch tool does to precompute the
 reference — Hugging Face model forward + log-softmax + gather + top-K — over the same pairs,
 with the same tokenisation rules, length-bucketed batches and token budget as `edpo prep`.

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Creates (or refreshes) the project's Python environment with the pinned packages of
-# pipelines/requirements.txt, including the onnxruntime wheel whose libonnxruntime.so the Rust
+# python/requirements.txt, including the onnxruntime wheel whose libonnxruntime.so the Rust
 # side loads. Idempotent: does nothing when the venv already matches the requirements file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${EDPO_VENV:-$HOME/.cache/edpo/venv}"
-REQ=pipelines/requirements.txt
+REQ=python/requirements.txt
 STAMP="$VENV/.edpo-requirements.txt"
 if [ -x "$VENV/bin/python" ] && cmp -s "$REQ" "$STAMP"; then
   exit 0

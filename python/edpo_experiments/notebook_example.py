@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Reading edpo's Parquet in a notebook: prep shards and a run's pairs/metrics, with polars and
 with pandas. Runnable as a script (the tests run it on the demo's output):
 
-    python pipelines/notebook_example.py --shards out/demo/train --run out/demo/runs/eps-dpo
+    python -m edpo_experiments.notebook_example --shards out/demo/train --run out/demo/runs/eps-dpo
 """
 
 import argparse

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """`make bench-prep`: tokens/s and peak RSS of `edpo prep` against a PyTorch baseline, run in
 the same command on the same machine, same thread count, same pairs, same token budget.
 
-Model: ≈25M parameters, vocabulary 32,000 (bench_common.BENCH_CONFIG), random init.
+Model: ≈25M parameters, vocabulary 32,000 (edpo_bench.common.BENCH_CONFIG), random init.
 Data: 2,000 plain pairs (~60-token prompts, ~150-token responses); RSS flatness: 1k vs 20k
 short pairs (~40 tokens per sequence).
 """
@@ -10,7 +9,7 @@ short pairs (~40 tokens per sequence).
 import argparse
 import json
 
-from bench_common import PY, ROOT, TOPK_DEFAULT, bench_bundle, bench_pairs, edpo_release, measured, write_results
+from edpo_bench.common import CACHE, PY, TOPK_DEFAULT, bench_bundle, bench_pairs, child_env, edpo_release, measured, write_results
 
 
 def edpo_prep(bundle, data, out, threads, batch_tokens, topk):
@@ -31,16 +30,15 @@ def main():
     ap.add_argument("--batch-tokens", type=int, default=8192)
     ap.add_argument("--pairs", type=int, default=2000)
     ap.add_argument("--rss-pairs", type=int, nargs=2, default=[1000, 20000])
-    ap.add_argument("--topk", type=int, default=TOPK_DEFAULT, help=f"K cached per token (default {TOPK_DEFAULT}, export.py's)")
+    ap.add_argument("--topk", type=int, default=TOPK_DEFAULT, help=f"K cached per token (default {TOPK_DEFAULT}, the exporter's)")
     args = ap.parse_args()
     bundle = bench_bundle()
-    from bench_common import CACHE
-
     data = bench_pairs(args.pairs)
     res = {"threads": args.threads, "batch_tokens": args.batch_tokens, "pairs": args.pairs, "topk": args.topk}
     res["edpo"] = edpo_prep(bundle, data, CACHE / "shards-bench", args.threads, args.batch_tokens, args.topk)
-    r = measured([PY, str(ROOT / "pipelines/bench_prep_torch.py"), "--bundle", str(bundle), "--data", str(data),
-                  "--threads", str(args.threads), "--batch-tokens", str(args.batch_tokens), "--topk", str(args.topk)])  # fmt: skip
+    r = measured([PY, "-m", "edpo_bench.prep_torch", "--bundle", str(bundle), "--data", str(data),
+                  "--threads", str(args.threads), "--batch-tokens", str(args.batch_tokens), "--topk", str(args.topk)],
+                 env=child_env())  # fmt: skip
     t = json.loads(r["stdout"])
     res["torch"] = {"tokens": t["tokens"], "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
                     "tokens_per_s": t["tokens"] / r["wall_s"], "scoring_tokens_per_s": t["tokens"] / t["score_s"]}  # fmt: skip

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """The paper's ε-DPO training step in plain PyTorch, written from objective.md: full-vocabulary
 reference logits computed online by a frozen reference model, eager autograd, torch AdamW (no
 decay on biases and norms, as the Hugging Face Trainer), transformers' LR schedules,
@@ -15,14 +14,12 @@ import argparse
 import json
 import math
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from edpo_objective import exact_eps_dpo, full_logps_next  # noqa: E402
+from edpo_export.objective import exact_eps_dpo, full_logps_next
 
 
 def load_model(bundle: Path):

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """`make study-k`: how good is the cached ε-step? Agreement of the top-K estimate with the exact
 full-vocabulary step, for K ∈ {1, 2, 4, …, 256, V}, on a model whose next-token distributions
 are peaked like a real LM's.
@@ -6,7 +5,7 @@ are peaked like a real LM's.
 Steps (each cached under ~/.cache/edpo/study, so a rerun only redoes what is missing):
   1. corpus: the Python standard library's source (real text every machine here has);
   2. a byte-level BPE tokenizer with 32,000 tokens trained on it;
-  3. the bench-size model (≈25M parameters, bench_common.BENCH_CONFIG) trained briefly as a
+  3. the bench-size model (≈25M parameters, edpo_bench.common.BENCH_CONFIG) trained briefly as a
      language model on that text, then exported as an edpo bundle;
   4. preference pairs from held-out files: prompt = a code prefix, chosen = its true
      continuation, rejected = a continuation taken from another place;
@@ -28,7 +27,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from bench_common import BENCH_CONFIG, PY, ROOT, edpo_release, write_results
+from edpo_bench.common import BENCH_CONFIG, PY, ROOT, child_env, edpo_release, write_results
 
 # Cache estimates compared (`edpo study-k --estimators`): top-K is what training uses.
 ESTIMATORS = "topk,sampled,sampled-sn,head-tail,head-tail-sn"
@@ -227,7 +226,7 @@ def main():
     lm = lm_train(train_texts, heldout_texts, tok_dir, args.lm_minutes, seq=128, batch=16, lr=2e-3)
     bundle = CACHE / "bundle"
     if not (bundle / "edpo-model.json").is_file():
-        subprocess.run([PY, str(ROOT / "pipelines/export.py"), "--model", str(lm), "--out", str(bundle)], check=True)
+        subprocess.run([PY, "-m", "edpo_export", "--model", str(lm), "--out", str(bundle)], check=True, env=child_env())
     # Train on the first half of the pairs, study the decisions on the other half (unseen
     # pairs, whose z can have either sign).
     data = pairs(heldout_texts, tok_dir, 2 * args.pairs, prompt_tokens=48, response_tokens=32, kind=args.pair_kind)

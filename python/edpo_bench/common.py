@@ -12,9 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-from export import TOPK_DEFAULT  # the K the benchmarks measure: export.py's default
+import edpo_export
+from edpo_export import TOPK_DEFAULT  # the K the benchmarks measure: the exporter's default
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+# The folder holding the edpo_* packages: child Python processes get it as PYTHONPATH, so that
+# `python -m edpo_export` etc. resolve however this module was found.
+PYTHON_DIR = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("EDPO_BENCH_CACHE", Path.home() / ".cache" / "edpo" / "bench"))
 PY = sys.executable
 
@@ -28,16 +32,26 @@ BENCH_CONFIG = {
 }  # fmt: skip
 
 
+def child_env() -> dict:
+    """The environment for a child `python -m edpo_…` process: ours, with PYTHON_DIR on
+    PYTHONPATH (first, unless it is there already)."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(PYTHON_DIR) not in paths:
+        paths.insert(0, str(PYTHON_DIR))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def edpo_release() -> Path:
     target = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/edpo/target"))
     return target / "release" / "edpo"
 
 
 def export_sources_tag() -> str:
-    """Short hash of the export pipeline's sources: a changed graph gets a fresh bundle."""
+    """Short hash of the export pipeline's sources (the edpo_export package's files, sorted):
+    a changed graph gets a fresh bundle."""
     digest = hashlib.sha256()
-    for name in ("export.py", "edpo_objective.py"):
-        digest.update((ROOT / "pipelines" / name).read_bytes())
+    for path in sorted(Path(edpo_export.__file__).resolve().parent.glob("*.py")):
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -62,8 +76,9 @@ def bench_bundle() -> Path:
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (src / f).write_bytes((ROOT / "data-samples" / "tokenizer" / f).read_bytes())
     subprocess.run(
-        [PY, str(ROOT / "pipelines" / "export.py"), "--model", str(src), "--random-init", "0", "--out", str(bundle)],
+        [PY, "-m", "edpo_export", "--model", str(src), "--random-init", "0", "--out", str(bundle)],
         check=True,
+        env=child_env(),
     )
     return bundle
 
@@ -73,8 +88,7 @@ def bench_pairs(n: int, seed: int = 0, prompt_sentences: int = 6, response_sente
     path = CACHE / f"pairs-{n}-{seed}.jsonl"
     if path.is_file():
         return path
-    sys.path.insert(0, str(ROOT / "pipelines"))
-    from make_samples import BAD, FRAMES, GOOD, ITEMS, PROMPTS
+    from edpo_experiments.make_samples import BAD, FRAMES, GOOD, ITEMS, PROMPTS
 
     rng = random.Random(seed)
 

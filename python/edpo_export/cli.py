@@ -1,0 +1,63 @@
+"""Export a Hugging Face causal LM into an edpo model bundle, or verify one.
+
+    python -m edpo_export --model HF_DIR --out BUNDLE [--topk-default K] [--optimize]
+    python -m edpo_export --verify BUNDLE
+
+The bundle (see ../shared/spec/architecture.md, export-notes.md):
+  reference.onnx       scoring graph: input_ids, attention_mask, k → token_logps, topk_logps,
+                       topk_ids. Its weights are initializers stored *outside* the graph, as
+                       references into params.safetensors (so ONNX Runtime reads them from the
+                       one weights file; edpo overrides them by name to score a checkpoint).
+  policy.train.onnx    joint forward+backward graph, parameters as graph inputs, the ε-DPO
+                       loss of objective.md §2–§7 and one `grad.<param>` output per parameter.
+  params.safetensors   θ₀ with Hugging Face names (tied weights stored once).
+  tokenizer.json, tokenizer_config.json (chat template inlined), config.json
+  goldens.safetensors  a fixed batch and what PyTorch computed for both graphs on it.
+  edpo-model.json      manifest: graph I/O contract, parameters, tied weights, hashes, versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .bundle import export
+from .common import TOPK_DEFAULT, fail
+from .verify import verify
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="Hugging Face model folder (config.json, weights, tokenizer)")
+    parser.add_argument("--out", help="bundle folder to write")
+    parser.add_argument("--tokenizer", help="folder with tokenizer.json if not in --model")
+    parser.add_argument(
+        "--topk-default", type=int, default=TOPK_DEFAULT,
+        help=f"default K for prep (default {TOPK_DEFAULT}: see TOPK_DEFAULT)",
+    )  # fmt: skip
+    parser.add_argument("--random-init", type=int, metavar="SEED", help="ignore weights; initialise from config with SEED")
+    parser.add_argument(
+        "--lm-head-chunks", type=int, default=16, metavar="C",
+        help="slices of the output projection in the training graph (0 = dense [N,T,V] logits; default 16)",
+    )  # fmt: skip
+    parser.add_argument("--optimize", action="store_true", help="run the onnxscript optimiser on both graphs (slow for deep models)")
+    parser.add_argument("--verify", metavar="BUNDLE", help="run the bundle's graphs in onnxruntime against its goldens")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.verify:
+        return verify(Path(args.verify))
+    if not args.model or not args.out:
+        parser.error("--model and --out are required (or --verify BUNDLE)")
+    if args.topk_default < 1:
+        fail("`--topk-default` must be ≥ 1")
+    if args.lm_head_chunks < 0:
+        fail("`--lm-head-chunks` must be ≥ 0 (0 = dense logits)")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    export(args)
+    return 0
+

@@ -1,0 +1,310 @@
+"""Loading a Hugging Face model and tracing its two ONNX graphs: the reference scoring graph
+(weights pointed at params.safetensors, K a runtime input) and the joint forward+backward
+training graph of the ε-DPO loss (parameters as inputs, one gradient output per parameter)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+import time
+from pathlib import Path
+
+from .common import PARAMS_FILE, REFERENCE_OUTPUTS, TRACE_TOPK, TRAIN_STAT_OUTPUTS, fail, log
+
+def load_model(model_dir: Path, random_init_seed: int | None):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (model_dir / "config.json").is_file():
+        fail(f"`{model_dir}/config.json` not found: --model must be a Hugging Face model folder")
+    config = AutoConfig.from_pretrained(model_dir)
+    has_weights = any(model_dir.glob("*.safetensors")) or any(model_dir.glob("*.bin"))
+    if has_weights and random_init_seed is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation="sdpa"
+        )
+    elif random_init_seed is not None:
+        torch.manual_seed(random_init_seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    else:
+        fail(
+            f"`{model_dir}` has a config but no weights; pass `--random-init SEED` to export a "
+            "randomly initialised model of that config"
+        )
+    model.eval()
+    return model
+
+
+def tied_pairs(model) -> dict[str, str]:
+    """{alias parameter name: stored parameter name} for parameters that share storage."""
+    seen: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        key = p.data_ptr()
+        if key in seen:
+            tied[name] = seen[key]
+        else:
+            seen[key] = name
+    return tied
+
+
+def untied_copy(model):
+    """A deep copy whose tied parameters are separate tensors (same values)."""
+    import torch
+
+    m = copy.deepcopy(model)
+    for alias, _ in tied_pairs(model).items():
+        mod_name, _, attr = alias.rpartition(".")
+        mod = m.get_submodule(mod_name)
+        setattr(mod, attr, torch.nn.Parameter(getattr(mod, attr).detach().clone()))
+    m.config.tie_word_embeddings = False
+    assert not tied_pairs(m), "untying failed"
+    return m
+
+
+# ----------------------------------------------------------------------------- tracing
+
+
+class ReferenceScorer:
+    """Factory for the scoring module (kept here so the module is picklable-free)."""
+
+    @staticmethod
+    def build(model, k: int):
+        import torch
+
+        class Scorer(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.model = inner
+
+            def forward(self, input_ids, attention_mask):
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+                logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+                tok = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+                top_vals, top_ids = torch.topk(logp, k, dim=-1)
+                token_logps = torch.cat([torch.zeros_like(tok[:, :1]), tok], dim=1)
+                topk_logps = torch.cat([torch.zeros_like(top_vals[:, :1, :]), top_vals], dim=1)
+                topk_ids = torch.cat([torch.zeros_like(top_ids[:, :1, :]), top_ids], dim=1)
+                return token_logps, topk_logps, topk_ids
+
+        return Scorer(model)
+
+
+def strip_model_prefix(name: str) -> str:
+    return name[len("model.") :] if name.startswith("model.") else name
+
+
+def finish_onnx(onnx_program, param_names: set[str], output_names: list[str], optimize: bool):
+    """Rename initializers to HF names, turn parameters into graph inputs, name outputs."""
+    import onnx_ir as ir
+
+    model = onnx_program.model
+    graph = model.graph
+    for old in list(graph.initializers):
+        value = graph.initializers[old]
+        new = strip_model_prefix(old)
+        if new != old:
+            graph.initializers.pop(old)
+            value.name = new
+            graph.initializers[new] = value
+    for name in sorted(param_names):
+        value = graph.initializers.pop(name, None)
+        if value is None:
+            raise RuntimeError(f"parameter {name} has no initializer in the exported graph")
+        value.const_value = None
+        graph.inputs.append(value)
+    if len(graph.outputs) != len(output_names):
+        raise RuntimeError(f"graph has {len(graph.outputs)} outputs, expected {len(output_names)}")
+    for value, name in zip(graph.outputs, output_names):
+        value.name = name
+    for node in graph.all_nodes():
+        node.metadata_props.clear()  # stack traces: most of the file size otherwise
+        node.doc_string = None
+    if optimize:
+        import onnxscript.optimizer
+
+        t0 = time.time()
+        onnxscript.optimizer.optimize(model)
+        log(f"onnxscript optimiser: {time.time() - t0:.1f}s")
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    return model
+
+
+def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunks: int):
+    import torch
+    import torch.export.experimental  # noqa: F401  (registers _export_forward_backward)
+    import torch.utils._pytree as pytree
+    from torch.export import Dim
+    from torch.export.graph_signature import OutputKind, OutputSpec
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from .objective import EpsDpoLoss
+
+    module = EpsDpoLoss(untied, lm_head_chunks)
+    if lm_head_chunks > 0:
+        # The sliced path assumes logits = lm_head(final hidden state); architectures that scale,
+        # soft-cap or bias their logits differently would silently train on other numbers.
+        with torch.no_grad():
+            sliced = module(*example)
+            dense = EpsDpoLoss(untied, 0)(*example)
+        gap = max(float((a.float() - b.float()).abs().max()) for a, b in zip(sliced[:4], dense[:4]))
+        if gap > 1e-3:
+            fail(
+                f"{type(untied).__name__}: the sliced output projection differs from the model's "
+                f"logits (max |Δ| = {gap:.2e}); export with `--lm-head-chunks 0`"
+            )
+    b = Dim("B", min=2)
+    n, t, k = 2 * b, Dim("T", min=3), Dim("K")
+    dynamic = (
+        {0: n, 1: t}, {0: n, 1: t}, {0: n, 1: t}, {0: n}, {0: n, 1: t},
+        {0: n, 1: t, 2: k}, {0: n, 1: t, 2: k}, None, None, None, None,
+    )  # fmt: skip
+    t0 = time.time()
+    with sdpa_kernel(SDPBackend.MATH):
+        ep = torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
+        jep = torch.export.experimental._export_forward_backward(ep, joint_loss_index=0)
+    log(f"joint program traced in {time.time() - t0:.1f}s")
+
+    graph = jep.graph_module.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target == torch.ops.aten.empty_permuted.default:
+            size, perm = node.args[0], node.args[1]
+            if list(perm) != list(range(len(perm))):
+                raise RuntimeError(f"empty_permuted with a real permutation {perm}")
+            with graph.inserting_before(node):
+                new = graph.call_function(torch.ops.aten.empty.memory_format, (size,), dict(node.kwargs))
+            new.meta = node.meta
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+    # `matmul` decomposes into expand + view + bmm; an expand to the shape its input already
+    # has is a full copy in ONNX Runtime (Expand always materialises), and the copy of the
+    # attention probabilities is kept for the backward pass next to the original: one extra
+    # [N, heads, T, T] tensor per layer. Drop those no-op expands.
+    def same_shape(a, b) -> bool:
+        va, vb = a.meta.get("val"), b.meta.get("val")
+        return va is not None and vb is not None and [str(d) for d in va.shape] == [str(d) for d in vb.shape]
+
+    dropped = 0
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target == torch.ops.aten.expand.default:
+            src = node.args[0]
+            if isinstance(src, torch.fx.Node) and same_shape(src, node):
+                node.replace_all_uses_with(src)
+                graph.erase_node(node)
+                dropped += 1
+    jep.graph_module.recompile()
+    log(f"joint graph: {dropped} no-op expands dropped")
+
+    sig = jep.graph_signature
+    output_names = [name for name, _, _ in TRAIN_STAT_OUTPUTS]
+    grad_of: list[str] = []
+    for i, spec in enumerate(sig.output_specs):
+        if spec.kind == OutputKind.GRADIENT_TO_PARAMETER:
+            pname = strip_model_prefix(spec.target)
+            grad_of.append(pname)
+            output_names.append(f"grad.{pname}")
+        sig.output_specs[i] = OutputSpec(kind=OutputKind.USER_OUTPUT, arg=spec.arg, target=None)
+    jep.module_call_graph[0].signature.out_spec = pytree.tree_flatten(tuple(range(len(sig.output_specs))))[1]
+
+    t0 = time.time()
+    program = torch.onnx.export(jep, example, dynamo=True, external_data=False, optimize=False, verbose=False)
+    log(f"joint graph translated to ONNX in {time.time() - t0:.1f}s")
+    params = {name for name, _ in untied.named_parameters()}
+    model = finish_onnx(program, params, output_names, optimize)
+    import onnx_ir as ir
+
+    ir.save(model, out)
+    return grad_of
+
+
+def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool, example):
+    import onnx
+    import torch
+    from torch.export import Dim
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    scorer = ReferenceScorer.build(untied, TRACE_TOPK)
+    dynamic = ({0: Dim("N", min=2), 1: Dim("T", min=3)}, {0: Dim("N", min=2), 1: Dim("T", min=3)})
+    t0 = time.time()
+    with sdpa_kernel(SDPBackend.MATH):
+        program = torch.onnx.export(
+            scorer, example, dynamic_shapes=dynamic, dynamo=True, external_data=False, optimize=False
+        )
+    log(f"reference graph exported in {time.time() - t0:.1f}s")
+    params = {name for name, _ in untied.named_parameters()}
+    model = finish_onnx(program, params, [name for name, _, _ in REFERENCE_OUTPUTS], optimize)
+    import onnx_ir as ir
+
+    proto = ir.serde.serialize_model(model)
+    make_k_an_input(proto)
+    point_params_at_safetensors(proto, params, params_path, tied_alias_map(untied))
+    proto.graph.ClearField("value_info")
+    onnx.save(proto, out)
+
+
+def tied_alias_map(untied) -> dict[str, str]:
+    return getattr(untied, "_edpo_tied", {})
+
+
+def make_k_an_input(proto) -> None:
+    """Replace the traced constant K of the TopK node by the scalar int64 graph input `k`."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    topk = [n for n in proto.graph.node if n.op_type == "TopK"]
+    if len(topk) != 1:
+        raise RuntimeError(f"expected one TopK node in the scoring graph, found {len(topk)}")
+    proto.graph.input.append(helper.make_tensor_value_info("k", TensorProto.INT64, []))
+    shape = numpy_helper.from_array(__import__("numpy").array([1], dtype="int64"), "edpo_k_shape")
+    proto.graph.initializer.append(shape)
+    proto.graph.node.insert(0, helper.make_node("Reshape", ["k", "edpo_k_shape"], ["edpo_k_1d"]))
+    old_k = topk[0].input[1]
+    topk[0].input[1] = "edpo_k_1d"
+    if not any(old_k in n.input for n in proto.graph.node):
+        keep = [t for t in proto.graph.initializer if t.name != old_k]
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(keep)
+        kept_nodes = [n for n in proto.graph.node if not (n.op_type == "Constant" and old_k in n.output)]
+        del proto.graph.node[:]
+        proto.graph.node.extend(kept_nodes)
+    for out in proto.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        if len(dims) == 3:
+            dims[2].ClearField("dim_value")
+            dims[2].dim_param = "K"
+
+
+def safetensors_offsets(path: Path) -> dict[str, tuple[int, int, list[int], str]]:
+    """{name: (absolute byte offset, length, shape, dtype)} from a safetensors header."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    base = 8 + header_len
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = meta["data_offsets"]
+        out[name] = (base + begin, end - begin, meta["shape"], meta["dtype"])
+    return out
+
+
+def point_params_at_safetensors(proto, params: set[str], params_path: Path, alias: dict[str, str]):
+    """Turn parameter graph inputs into initializers whose data lives in params.safetensors."""
+    from onnx import TensorProto
+
+    offsets = safetensors_offsets(params_path)
+    keep = [i for i in proto.graph.input if i.name not in params]
+    del proto.graph.input[:]
+    proto.graph.input.extend(keep)
+    for name in sorted(params):
+        stored = alias.get(name, name)
+        offset, length, shape, dtype = offsets[stored]
+        if dtype != "F32":
+            raise RuntimeError(f"{stored} is {dtype}; bundles are fp32")
+        t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=shape)
+        t.data_location = TensorProto.EXTERNAL
+        for key, val in (("location", PARAMS_FILE), ("offset", str(offset)), ("length", str(length))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, val
+        proto.graph.initializer.append(t)

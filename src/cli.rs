@@ -1,6 +1,6 @@
 //! Command-line definitions (clap derive). Doc comments here are the `--help` text; every
 //! optional setting is an `Option` whose default lives in `config.rs` and is shown in `--help`
-//! as `[default: …]` by [`command`].
+//! as `[default: …]` by [`command`], which is handed those defaults.
 
 use std::path::PathBuf;
 
@@ -64,15 +64,18 @@ pub enum Command {
     Inspect(InspectArgs),
 }
 
-/// The command-line interface with each setting's default (from `config.rs`) in its help.
-pub fn command() -> clap::Command {
+/// The defaults of a subcommand's settings by flag name (`config::defaults_of`).
+pub type Defaults = fn(&str) -> Option<serde_json::Map<String, serde_json::Value>>;
+
+/// The command-line interface with each setting's default (from `defaults`) in its help.
+pub fn command(defaults_of: Defaults) -> clap::Command {
     let mut cmd = Cli::command();
     let names: Vec<String> = cmd
         .get_subcommands()
         .map(|c| c.get_name().to_string())
         .collect();
     for name in names {
-        let Some(defaults) = crate::config::defaults_of(&name) else {
+        let Some(defaults) = defaults_of(&name) else {
             continue;
         };
         cmd = cmd.mut_subcommand(&name, |mut sub| {
@@ -112,8 +115,8 @@ fn default_text(value: &serde_json::Value) -> Option<String> {
 }
 
 /// Parses the command line (clap's own error on failure: usage text, `--help`, `--version`).
-pub fn parse() -> Result<Cli, clap::Error> {
-    let matches = command().try_get_matches()?;
+pub fn parse(defaults_of: Defaults) -> Result<Cli, clap::Error> {
+    let matches = command(defaults_of).try_get_matches()?;
     Cli::from_arg_matches(&matches)
 }
 

@@ -12,7 +12,7 @@ fn study(shards: &std::path::Path, params: Option<&std::path::Path>) -> serde_js
     cmd.args([
         "--quiet",
         "study-k",
-        "--ks",
+        "--topks",
         "4,V",
         "--epsilon",
         "0.05",

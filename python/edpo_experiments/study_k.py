@@ -249,7 +249,7 @@ def main():
     points = {}
     for name, params in (("start", None), ("trained", run / "final/model.safetensors")):
         extra = ["--params", params] if params else []
-        out = edpo("--threads", args.threads, "study-k", "--model", bundle, "--shards", shards, "--ks", ks,
+        out = edpo("--threads", args.threads, "study-k", "--model", bundle, "--shards", shards, "--topks", ks,
                    "--epsilon", args.epsilon, "--limit", args.pairs, "--estimators", args.estimators, "--json",
                    *extra)  # fmt: skip
         points[name] = json.loads(out)

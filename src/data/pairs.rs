@@ -232,8 +232,7 @@ impl RowParser<'_> {
     ) -> Result<(Content, Content, Content), DataError> {
         let cols = self.columns;
         let field = |c: &str| row.fields.get(c).expect("checked by check_fields");
-        let tokens_of =
-            |c: &str| tokens(field(c), at, c, self.vocab_size).map(Content::Tokens);
+        let tokens_of = |c: &str| tokens(field(c), at, c, self.vocab_size).map(Content::Tokens);
         Ok(match self.format {
             Format::Plain => (
                 Content::Text(string(field(&cols.prompt), at, &cols.prompt)?),

@@ -110,3 +110,69 @@ pub fn read_shard(path: &Path) -> Result<Vec<ScoredPair>, crate::Error> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scored(id: u64, topk: usize, prompt: usize, chosen: usize, rejected: usize) -> ScoredPair {
+        let response = |len: usize, base: f32| ResponseScores {
+            logps: -(len as f32) * base,
+            token_logps: (0..len).map(|t| -base - t as f32).collect(),
+            topk_ids: (0..len * topk)
+                .map(|i| (i as u32 * 7 + id as u32) % 50)
+                .collect(),
+            topk_logps: (0..len * topk).map(|i| -(i as f32) / 10.0).collect(),
+        };
+        ScoredPair {
+            pair: TokenizedPair {
+                pair_id: id * 1_000_003,
+                source_row: id,
+                prompt_ids: (0..prompt as u32).collect(),
+                chosen_ids: (0..chosen as u32).map(|t| t + 100).collect(),
+                rejected_ids: (0..rejected as u32).map(|t| t + 200).collect(),
+                prompt_truncated: id.is_multiple_of(2),
+                response_truncated: id.is_multiple_of(3),
+            },
+            topk,
+            chosen: response(chosen, 0.5),
+            rejected: response(rejected, 1.5),
+        }
+    }
+
+    #[test]
+    fn a_shard_reads_back_exactly_what_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(shard_file_name(0));
+        // More pairs than one row group, lengths 1..; top-K 3.
+        let pairs: Vec<ScoredPair> = (0..(ROW_GROUP_PAIRS as u64 + 5))
+            .map(|i| scored(i, 3, 1 + (i % 4) as usize, 1 + (i % 5) as usize, 2))
+            .collect();
+        let metadata = ShardMetadata {
+            version: "test".into(),
+            bundle_sha256: "b".into(),
+            fingerprint: "f".into(),
+            topk: 3,
+            template_sha256: String::new(),
+            settings: serde_json::json!({"topk": 3}),
+            shard: ShardStats {
+                file: shard_file_name(0),
+                pairs: pairs.len() as u64,
+                ..ShardStats::default()
+            },
+        };
+        write_shard(&path, &pairs, &metadata).unwrap();
+        assert!(
+            !path.with_extension("parquet.tmp").exists(),
+            "renamed into place"
+        );
+        assert_eq!(read_shard(&path).unwrap(), pairs);
+        assert_eq!(ShardMetadata::read(&path).unwrap(), metadata);
+        let schema = crate::table::open_parquet(&path).unwrap();
+        assert_eq!(
+            schema.metadata().num_row_groups(),
+            2,
+            "{ROW_GROUP_PAIRS} pairs per group"
+        );
+    }
+}

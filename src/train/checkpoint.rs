@@ -182,3 +182,92 @@ pub fn load(
     optimizer.step = state.adam_step;
     Ok((state, params))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::optim::AdamWConfig;
+
+    fn params(scale: f32) -> ParamStore {
+        ParamStore::new(vec![
+            Param {
+                name: "w".into(),
+                shape: vec![2, 3],
+                data: (0..6).map(|i| scale * i as f32).collect(),
+            },
+            Param {
+                name: "norm.weight".into(),
+                shape: vec![3],
+                data: vec![scale, -scale, 0.5],
+            },
+        ])
+    }
+
+    #[test]
+    fn a_checkpoint_restores_state_parameters_and_moments_exactly() {
+        let run = tempfile::tempdir().unwrap();
+        let config = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
+        let mut p = params(0.1);
+        let mut optimizer = AdamW::new(config, &p);
+        let grads = params(0.3)
+            .params
+            .into_iter()
+            .map(|x| x.data)
+            .collect::<Vec<_>>();
+        optimizer.update(&mut p, &grads, 1e-3);
+        optimizer.update(&mut p, &grads, 1e-3);
+        let mut state = TrainState::start(0.1, 7, serde_json::json!({"beta": 0.1}));
+        state.step = 2;
+        state.adam_step = optimizer.step;
+        // β values whose shortest decimal form needs all 17 digits must come back bit-exact.
+        state.beta = 0.095_238_095_238_095_25;
+        state.elapsed_s = 1.0 / 3.0;
+        save(run.path(), &state, &p, &optimizer, 2).unwrap();
+
+        let layout: Vec<(String, Vec<usize>)> = p
+            .params
+            .iter()
+            .map(|x| (x.name.clone(), x.shape.clone()))
+            .collect();
+        let mut restored = AdamW::new(config, &params(0.0));
+        let dir = latest(run.path()).unwrap();
+        let (loaded_state, loaded) = load(&dir, &layout, &mut restored).unwrap();
+        assert_eq!(loaded_state, state);
+        assert_eq!(loaded_state.beta.to_bits(), state.beta.to_bits());
+        assert_eq!(loaded, p);
+        assert_eq!(restored, optimizer);
+    }
+
+    #[test]
+    fn only_the_newest_checkpoints_are_kept() {
+        let run = tempfile::tempdir().unwrap();
+        let p = params(1.0);
+        let optimizer = AdamW::new(
+            AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
+            &p,
+        );
+        for step in 1..=4 {
+            let mut state = TrainState::start(0.1, 1, serde_json::Value::Null);
+            state.step = step;
+            save(run.path(), &state, &p, &optimizer, 2).unwrap();
+        }
+        let mut steps: Vec<u64> = list(run.path())
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        steps.sort();
+        assert_eq!(steps, vec![3, 4]);
+        assert_eq!(latest(run.path()), Some(step_dir(run.path(), 4)));
+    }
+}

@@ -67,13 +67,14 @@ impl Error {
             Error::Data(e) => matches!(e, DataError::Tokenizer { .. }),
             Error::Train(e) => matches!(e, TrainError::NonFinite { .. } | TrainError::Write { .. }),
             Error::Checkpoint(_) => true,
+            // A write that fails mid-run (disk full, folder gone): the output so far is intact.
+            Error::Table(e) => matches!(e, TableError::Write { .. }),
+            Error::Params(e) => matches!(e, ParamsError::Write { .. }),
             Error::Report(e) => matches!(e, ReportError::Draw { .. }),
             Error::Config(_)
             | Error::Bundle(_)
-            | Error::Params(_)
             | Error::Goldens(_)
             | Error::Shard(_)
-            | Error::Table(_)
             | Error::Prep(_)
             | Error::Inspect(_) => false,
         };

@@ -10,6 +10,7 @@ pub mod batch;
 pub mod bundle;
 pub mod cli;
 pub mod config;
+pub mod crash;
 pub mod data;
 pub mod error;
 pub mod eval;

@@ -556,6 +556,7 @@ fn write_scored_shard(
         &scored,
         &plan.shard_metadata(&stats),
     )?;
+    crate::crash::point("prep.shard-written");
     manifest.shards.retain(|s| s.index != index);
     manifest.shards.push(stats.clone());
     manifest.shards.sort_by_key(|s| s.index);

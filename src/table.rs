@@ -73,6 +73,7 @@ pub fn write_parquet(
     let file = writer.into_inner().map_err(|e| err(e.to_string()))?;
     file.sync_all().map_err(|e| err(e.to_string()))?;
     drop(file);
+    crate::crash::point("table.tmp-written");
     std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
 }
 

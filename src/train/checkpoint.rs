@@ -65,7 +65,16 @@ pub fn step_dir(run: &Path, step: u64) -> PathBuf {
     run.join(CHECKPOINTS).join(format!("step-{step:08}"))
 }
 
-/// Writes a checkpoint atomically; removes older ones beyond `keep`.
+/// Flushes every file of `dir`, and `dir` itself, to the disk.
+fn sync_folder(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        std::fs::File::open(entry?.path())?.sync_all()?;
+    }
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes a checkpoint atomically (a temporary folder, flushed, then renamed into place);
+/// removes older ones beyond `keep`.
 pub fn save(
     run: &Path,
     state: &TrainState,
@@ -104,8 +113,14 @@ pub fn save(
     ParamStore::new(moments).save(&tmp.join("optimizer.safetensors"), Some(meta))?;
     let json = serde_json::to_vec_pretty(state).expect("state serialises");
     std::fs::write(tmp.join("state.json"), json).map_err(|e| err(e.to_string()))?;
+    sync_folder(&tmp).map_err(|e| err(e.to_string()))?;
+    crate::crash::point("checkpoint.tmp-written");
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::rename(&tmp, &final_dir).map_err(|e| err(e.to_string()))?;
+    std::fs::File::open(run.join(CHECKPOINTS))
+        .and_then(|d| d.sync_all())
+        .map_err(|e| err(e.to_string()))?;
+    crate::crash::point("checkpoint.renamed");
     if let Ok(mut all) = list(run) {
         all.sort();
         while all.len() > keep.max(1) {
@@ -114,6 +129,22 @@ pub fn save(
         }
     }
     Ok(final_dir)
+}
+
+/// Removes the temporary folders of checkpoints whose writing was interrupted.
+pub fn remove_partial(run: &Path) {
+    let Ok(entries) = std::fs::read_dir(run.join(CHECKPOINTS)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".tmp-step-")
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Complete checkpoints of a run as (step, folder), unsorted.
@@ -241,6 +272,21 @@ mod tests {
         assert_eq!(loaded_state.beta.to_bits(), state.beta.to_bits());
         assert_eq!(loaded, p);
         assert_eq!(restored, optimizer);
+    }
+
+    #[test]
+    fn run_state_floats_round_trip_bit_exactly() {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        let mut state = TrainState::start(0.1, 1, serde_json::json!({"lr": 3e-7}));
+        for _ in 0..20_000 {
+            state.beta = rng.random::<f64>() * 0.2;
+            state.elapsed_s = rng.random::<f64>() * 1e4;
+            let text = serde_json::to_vec_pretty(&state).unwrap();
+            let back: TrainState = serde_json::from_slice(&text).unwrap();
+            assert_eq!(back.beta.to_bits(), state.beta.to_bits(), "{}", state.beta);
+            assert_eq!(back.elapsed_s.to_bits(), state.elapsed_s.to_bits());
+        }
     }
 
     #[test]

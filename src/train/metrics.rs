@@ -216,8 +216,10 @@ impl RunTable {
         }
     }
 
-    /// Reads `path` (if it exists) keeping only rows whose `step` ≤ `max_step`.
-    pub fn load(path: &Path, schema: SchemaRef, max_step: u64) -> Result<Self, crate::Error> {
+    /// Reads `path` (if it exists) keeping only the rows of optimiser steps before
+    /// `before_step` (a checkpoint at step s holds steps 0..s; later rows were recorded after
+    /// it and are recorded again when the resumed run redoes their steps).
+    pub fn load(path: &Path, schema: SchemaRef, before_step: u64) -> Result<Self, crate::Error> {
         let mut table = RunTable::new(schema);
         if !path.exists() {
             return Ok(table);
@@ -228,7 +230,7 @@ impl RunTable {
             let keep = BooleanArray::from_iter(
                 steps
                     .iter()
-                    .map(|s| Some(s.unwrap_or(u64::MAX) <= max_step)),
+                    .map(|s| Some(s.unwrap_or(u64::MAX) < before_step)),
             );
             let filtered = arrow::compute::filter_record_batch(&batch, &keep).map_err(|e| {
                 table::TableError::Read {

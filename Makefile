@@ -13,19 +13,24 @@ EDPO := $(CARGO_TARGET_DIR)/debug/edpo
 # The Python packages (edpo_export, edpo_bench, edpo_experiments) live in python/.
 export PYTHONPATH := $(CURDIR)/python
 
-.PHONY: setup build build-release test test-real test-rust test-python lint demo samples bench bench-prep bench-train study-k
+.PHONY: setup build build-release test test-real test-rust test-mpi test-python lint demo samples bench bench-prep bench-train study-k
 
 setup:
 	@command -v cargo >/dev/null || { echo "error: cargo not found; install Rust with rustup" >&2; exit 2; }
+	@scripts/setup_system.sh
 	@scripts/setup_venv.sh
 
 build: setup
 	cargo build --all-targets
 
-test: build lint test-rust test-python
+test: build lint test-rust test-python test-mpi
 
 test-rust:
 	cargo test --all-targets
+
+# The `mpi` feature: `mpirun -n 2 edpo train` against one process (OpenMPI from setup_system.sh).
+test-mpi: setup
+	cargo test --features mpi --test mpi
 
 test-python: setup
 	EDPO_BIN=$(EDPO) $(PY) -m pytest tests/python -q -p no:warnings
@@ -39,6 +44,7 @@ test-real: build
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets --features mpi -- -D warnings
 
 demo: build
 	@echo "== edpo demo: the sample bundle's goldens, reproduced from Rust through ONNX Runtime"

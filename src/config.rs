@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::cli::{EvalArgs, GlobalArgs, PrepArgs, StudyKArgs, TrainArgs, VerifyArgs};
-use crate::data::tokenize::Truncation;
-use crate::data::{Columns, Format};
+use crate::data::tokenize::{ResponseEos, Truncation};
+use crate::data::{Columns, Format, PromptMismatch};
 use crate::eval::EvalConfig;
 use crate::prep::PrepConfig;
 use crate::runtime::{Device, SessionConfig};
@@ -47,6 +47,8 @@ pub struct PrepSettings {
     pub id_column: String,
     pub max_length: Option<usize>,
     pub max_prompt_length: Option<usize>,
+    pub response_eos: ResponseEos,
+    pub prompt_mismatch: PromptMismatch,
     pub topk: Option<usize>,
     pub device: String,
     pub batch_tokens: usize,
@@ -69,6 +71,8 @@ impl Default for PrepSettings {
             id_column: columns.id,
             max_length: None,
             max_prompt_length: None,
+            response_eos: ResponseEos::Always,
+            prompt_mismatch: PromptMismatch::Skip,
             topk: None,
             device: "cpu".into(),
             batch_tokens: 8192,
@@ -339,6 +343,8 @@ pub fn prep_config(args: &PrepArgs, global: &GlobalArgs) -> Result<PrepConfig, C
             max_length: s.max_length,
             max_prompt_length: s.max_prompt_length,
         },
+        response_eos: s.response_eos,
+        prompt_mismatch: s.prompt_mismatch,
         topk: s.topk,
         session: session(&s.device, global)?,
         batch_tokens: s.batch_tokens,

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod crash;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod goldens;

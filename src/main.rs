@@ -62,7 +62,11 @@ fn run(command: Command, global: &GlobalArgs) -> anyhow::Result<u8> {
         }
         Command::Train(args) => {
             let cfg = config::train_config(&args, global).map_err(edpo::Error::from)?;
-            print(&edpo::train::run(&cfg)?, args.json);
+            let ranks = edpo::dist::ranks();
+            let summary = edpo::train::run(&cfg, ranks.as_ref())?;
+            if ranks.is_root() {
+                print(&summary, args.json);
+            }
         }
         Command::Eval(args) => {
             let cfg = config::eval_config(&args, global).map_err(edpo::Error::from)?;

@@ -16,8 +16,8 @@ use crate::bundle::Bundle;
 use crate::data::chat::ChatTemplate;
 use crate::data::pairs::{detect, Columns, Format, RowOutcome, RowParser};
 use crate::data::source::{self, RowStream, SourceFile};
-use crate::data::tokenize::{EncodeOutcome, Encoder, TokenizedPair, Truncation};
-use crate::data::{DataError, PairInput, SkipReason};
+use crate::data::tokenize::{EncodeOutcome, Encoder, ResponseEos, TokenizedPair, Truncation};
+use crate::data::{DataError, PairInput, PromptMismatch, SkipReason};
 use crate::graphs::ReferenceGraph;
 use crate::output::Printable;
 use crate::progress::Progress;
@@ -58,6 +58,10 @@ pub struct PrepConfig {
     pub format: Format,
     pub columns: Columns,
     pub truncation: Truncation,
+    /// Whether EOS ends every response (TRL 0.13's rule by default).
+    pub response_eos: ResponseEos,
+    /// What a row gets whose string prompt is not its conversations' last user turn.
+    pub prompt_mismatch: PromptMismatch,
     /// Top-K size; None = the bundle's default.
     pub topk: Option<usize>,
     pub session: SessionConfig,
@@ -177,7 +181,11 @@ fn check_flags(cfg: &PrepConfig) -> Result<(), PrepError> {
 }
 
 /// The tokenizer (and chat template) of the bundle, checked against its vocabulary.
-fn open_encoder(bundle: &Bundle, truncation: Truncation) -> Result<Encoder, Error> {
+fn open_encoder(
+    bundle: &Bundle,
+    truncation: Truncation,
+    response_eos: ResponseEos,
+) -> Result<Encoder, Error> {
     let template = ChatTemplate::from_tokenizer_config(&bundle.path("tokenizer_config.json"))?;
     let special = &bundle.manifest.special_tokens;
     let encoder = Encoder::new(
@@ -186,6 +194,7 @@ fn open_encoder(bundle: &Bundle, truncation: Truncation) -> Result<Encoder, Erro
         special.eos.id,
         special.bos.id,
         truncation,
+        response_eos,
     )?;
     let vocab = bundle.manifest.vocab_size;
     if encoder.vocab_size() > vocab {
@@ -251,7 +260,7 @@ fn plan(cfg: &PrepConfig) -> Result<Plan, Error> {
         }
         .into());
     }
-    let encoder = open_encoder(&bundle, cfg.truncation)?;
+    let encoder = open_encoder(&bundle, cfg.truncation, cfg.response_eos)?;
     let files = source::resolve(&cfg.data)?;
     let format = detect_format(&files, cfg)?;
     if matches!(format, Format::Chat) && !encoder.has_template() {
@@ -266,6 +275,8 @@ fn plan(cfg: &PrepConfig) -> Result<Plan, Error> {
         "columns": cfg.columns,
         "max_length": cfg.truncation.max_length,
         "max_prompt_length": cfg.truncation.max_prompt_length,
+        "response_eos": cfg.response_eos,
+        "prompt_mismatch": cfg.prompt_mismatch,
         "template_sha256": encoder.template_sha256(),
         "data": files.iter().map(|f| json!({"path": f.path, "bytes": f.bytes})).collect::<Vec<_>>(),
         "shard_size": cfg.shard_size,
@@ -484,6 +495,7 @@ impl Plan {
                 columns: &cfg.columns,
                 format: self.format,
                 vocab_size: self.bundle.manifest.vocab_size,
+                prompt_mismatch: cfg.prompt_mismatch,
             },
             encoder: &self.encoder,
             seen: HashSet::new(),

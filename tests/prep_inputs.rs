@@ -394,6 +394,112 @@ fn other_settings_are_refused_without_overwrite() {
     assert_eq!(snapshot(&tmp.path().join("shards")), before);
 }
 
+/// Rows in the HuggingFaceH4/ultrafeedback_binarized layout: a string prompt beside whole
+/// conversations that repeat the user turn.
+fn ultrafeedback_rows(dir: &Path) -> PathBuf {
+    let turn = |role: &str, content: &str| serde_json::json!({"role": role, "content": content});
+    let row = |id: usize, prompt: &str, user: &str| {
+        serde_json::json!({
+            "id": format!("u{id}"),
+            "prompt": prompt,
+            "chosen": [turn("user", user), turn("assistant", &format!("A lovely answer {id}."))],
+            "rejected": [turn("user", user), turn("assistant", &format!("A dull answer {id}."))],
+        })
+        .to_string()
+    };
+    let lines = [
+        row(0, "Tell me about the book.", "Tell me about the book."),
+        row(1, " Tell me about the movie.\n", "Tell me about the movie."),
+        row(
+            2,
+            "Tell me about the book.",
+            "Tell me about something else.",
+        ),
+        row(3, "What did you think?", "What did you think?"),
+    ];
+    let path = dir.join("ultrafeedback.jsonl");
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    path
+}
+
+#[test]
+fn string_prompts_beside_conversations_use_the_shared_prefix_and_count_mismatches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = ultrafeedback_rows(tmp.path());
+    expect_skips(
+        std::slice::from_ref(&data),
+        &[],
+        3,
+        &[("prompt_mismatch", 1)],
+    );
+    expect_error(
+        &[data],
+        &["--prompt-mismatch", "error"],
+        &[
+            "line 3",
+            "`prompt`",
+            "last user turn",
+            "--prompt-mismatch error",
+        ],
+    );
+}
+
+/// The chosen ids of every pair of a shards folder, by source row.
+fn chosen_ids(shards: &Path) -> Vec<Vec<u32>> {
+    let mut pairs: Vec<_> = edpo::shards::list_shards(shards)
+        .unwrap()
+        .iter()
+        .flat_map(|f| edpo::shards::read_shard(f).unwrap())
+        .collect();
+    pairs.sort_by_key(|p| p.pair.source_row);
+    pairs.into_iter().map(|p| p.pair.chosen_ids).collect()
+}
+
+#[test]
+fn chat_responses_end_with_eos_unless_response_eos_never() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = edpo::bundle::Bundle::open(&sample_bundle()).unwrap();
+    let eos = bundle
+        .manifest
+        .special_tokens
+        .eos
+        .id
+        .expect("the sample tokenizer has EOS");
+    let prep = |out: &Path, extra: &[&str]| {
+        run_ok(
+            edpo()
+                .args(["--quiet", "prep", "--limit", "12", "--model"])
+                .arg(sample_bundle())
+                .arg("--data")
+                .arg(repo_root().join("data-samples/prefs/heldout.chat.jsonl"))
+                .arg("--out")
+                .arg(out)
+                .args(extra),
+        );
+    };
+    let (always, never) = (tmp.path().join("always"), tmp.path().join("never"));
+    prep(&always, &[]);
+    prep(&never, &["--response-eos", "never"]);
+    let (with_eos, without) = (chosen_ids(&always), chosen_ids(&never));
+    assert_eq!(with_eos.len(), 12);
+    for (a, b) in with_eos.iter().zip(&without) {
+        assert_eq!(
+            a.last(),
+            Some(&eos),
+            "TRL 0.13 appends EOS to chat responses"
+        );
+        assert_eq!(&a[..a.len() - 1], b.as_slice(), "otherwise the same ids");
+    }
+    let settings = edpo::shards::ShardManifest::read(&never)
+        .unwrap()
+        .unwrap()
+        .settings;
+    assert_eq!(
+        settings["response_eos"], "never",
+        "recorded in the shard settings"
+    );
+}
+
 /// A chat template is untrusted input: nested `range(10000)` loops (10⁸ steps, gigabytes of
 /// text) end at once with exit code 2 and a message naming the row and the template.
 #[test]

@@ -12,7 +12,7 @@ pub mod tokenize;
 
 use std::path::PathBuf;
 
-pub use pairs::{Columns, Content, Format, Message, PairInput, RowRef};
+pub use pairs::{Columns, Content, Format, Message, PairInput, PromptMismatch, RowRef};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -26,7 +26,7 @@ pub enum DataError {
     BadGlob { pattern: String, message: String },
     #[error("folder `{path}` has no .parquet or .jsonl files")]
     EmptyFolder { path: PathBuf },
-    #[error("`{path}` is neither Parquet (.parquet) nor JSON lines (.jsonl, .ndjson, .json); convert it or rename it")]
+    #[error("`{path}` is neither Parquet (.parquet), JSON lines (.jsonl, .ndjson, .json) nor Arrow (.arrow); convert it or rename it")]
     UnsupportedFile { path: PathBuf },
     #[error("cannot read `{path}`: {source}")]
     Io {
@@ -37,6 +37,16 @@ pub enum DataError {
     EmptyFile { path: PathBuf },
     #[error("`{path}` is not a readable Parquet file ({message}); re-write it, e.g. with pyarrow")]
     BadParquet { path: PathBuf, message: String },
+    #[error("`{path}` is not a readable Arrow IPC stream ({message}); pass the folder that `datasets`' `save_to_disk` wrote, or convert the data to Parquet")]
+    BadArrow { path: PathBuf, message: String },
+    #[error("`{path}` is a `datasets` DatasetDict (splits: {splits}); pass one split's folder, e.g. `--data {example}`")]
+    DatasetDict {
+        path: PathBuf,
+        splits: String,
+        example: PathBuf,
+    },
+    #[error("`{path}` is not a `datasets` save_to_disk state file: {message}")]
+    BadDatasetFolder { path: PathBuf, message: String },
     #[error("`{path}` line {line}: invalid JSON ({message}); every line must be one JSON object")]
     BadJson {
         path: PathBuf,
@@ -90,6 +100,12 @@ pub enum DataError {
     Template { message: String },
     #[error("{at}: rendering the chat template failed: {message}")]
     Render { at: RowRef, message: String },
+    #[error("{at}: column `{column}` holds the prompt {prompt:?}, which is not the last user turn of the chosen and rejected conversations (their shared prefix is the prompt, as in TRL); fix the row, or leave out `--prompt-mismatch error` to count and skip such rows")]
+    PromptMismatch {
+        at: RowRef,
+        column: String,
+        prompt: String,
+    },
     #[error("{at}: the chat template does not render the prompt as a prefix of prompt + response, so the response cannot be separated")]
     TemplateNotPrefix { at: RowRef },
     #[error("tokenizer: {message}")]
@@ -126,16 +142,18 @@ pub enum SkipReason {
     NoAssistantTurn,
     PromptFillsMaxLength,
     DuplicateId,
+    PromptMismatch,
 }
 
 impl SkipReason {
-    pub const ALL: [SkipReason; 6] = [
+    pub const ALL: [SkipReason; 7] = [
         SkipReason::NullField,
         SkipReason::EmptyPrompt,
         SkipReason::EmptyResponse,
         SkipReason::NoAssistantTurn,
         SkipReason::PromptFillsMaxLength,
         SkipReason::DuplicateId,
+        SkipReason::PromptMismatch,
     ];
 
     /// Stable name used in summaries, metadata and JSON.
@@ -147,6 +165,7 @@ impl SkipReason {
             SkipReason::NoAssistantTurn => "no_assistant_turn",
             SkipReason::PromptFillsMaxLength => "prompt_fills_max_length",
             SkipReason::DuplicateId => "duplicate_id",
+            SkipReason::PromptMismatch => "prompt_mismatch",
         }
     }
 
@@ -164,6 +183,9 @@ impl SkipReason {
                 "the prompt fills --max-length, leaving no response token"
             }
             SkipReason::DuplicateId => "the pair id repeats an earlier row's (the first is kept)",
+            SkipReason::PromptMismatch => {
+                "the string prompt is not the conversations' last user turn (`--prompt-mismatch error` to stop instead)"
+            }
         }
     }
 

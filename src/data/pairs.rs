@@ -123,16 +123,19 @@ pub enum RowOutcome {
 
 pub const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer"];
 
-/// Detects the format from a row's fields (used on the first row).
+/// Detects the format from a row's fields (used on the first row). Conversations beside a
+/// string prompt (HuggingFaceH4/ultrafeedback_binarized's layout) are implicit-prompt rows, as
+/// TRL's `maybe_extract_prompt` treats them.
 pub fn detect(fields: &Map<String, Value>, columns: &Columns) -> Option<Format> {
     let chosen = fields.get(&columns.chosen)?;
-    let has_prompt = fields.contains_key(&columns.prompt);
+    let prompt = fields.get(&columns.prompt);
+    let list_prompt = matches!(prompt, Some(Value::Array(_)));
     match chosen {
-        Value::String(_) if has_prompt => Some(Format::Plain),
+        Value::String(_) if prompt.is_some() => Some(Format::Plain),
         Value::String(_) => Some(Format::Implicit),
         Value::Array(items) => match items.first() {
             Some(Value::Number(_)) => Some(Format::Tokenized),
-            Some(Value::Object(_)) if has_prompt => Some(Format::Chat),
+            Some(Value::Object(_)) if list_prompt => Some(Format::Chat),
             Some(Value::Object(_)) => Some(Format::Implicit),
             _ => None,
         },
@@ -160,6 +163,38 @@ pub struct RowParser<'a> {
     pub columns: &'a Columns,
     pub format: Format,
     pub vocab_size: usize,
+    pub prompt_mismatch: PromptMismatch,
+}
+
+/// What a row gets whose string prompt differs from its conversations' last user turn.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptMismatch {
+    /// Leave the row out, counted as `prompt_mismatch`.
+    #[default]
+    Skip,
+    /// Stop with an error naming the row.
+    Error,
+}
+
+/// Whether a string prompt is the last user turn of a conversation's prompt messages
+/// (edges' whitespace ignored).
+fn prompt_matches(text: &str, prompt: &[Message]) -> bool {
+    prompt
+        .iter()
+        .rev()
+        .find(|m| m.role == "user")
+        .is_some_and(|m| m.content.trim() == text.trim())
 }
 
 /// A row's field that the format needs, with the flag that names its column.
@@ -224,16 +259,48 @@ impl RowParser<'_> {
         Ok(None)
     }
 
-    /// The prompt, chosen and rejected contents of a row in the run's format.
+    /// The shared prefix of two conversations is the prompt (TRL's `extract_prompt`); a string
+    /// prompt beside them (the UltraFeedback layout) must be its last user turn.
+    fn implicit_messages(
+        &self,
+        row: &SourceRow,
+        at: &RowRef,
+    ) -> Result<Result<(Content, Content, Content), SkipReason>, DataError> {
+        let cols = self.columns;
+        let field = |c: &str| row.fields.get(c).expect("checked by check_fields");
+        let c = messages(field(&cols.chosen), at, &cols.chosen)?;
+        let r = messages(field(&cols.rejected), at, &cols.rejected)?;
+        let shared = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
+        if let Some(Value::String(text)) = row.fields.get(&cols.prompt) {
+            if !prompt_matches(text, &c[..shared]) {
+                return match self.prompt_mismatch {
+                    PromptMismatch::Skip => Ok(Err(SkipReason::PromptMismatch)),
+                    PromptMismatch::Error => Err(DataError::PromptMismatch {
+                        at: at.clone(),
+                        column: cols.prompt.clone(),
+                        prompt: excerpt(text),
+                    }),
+                };
+            }
+        }
+        Ok(Ok((
+            Content::Messages(c[..shared].to_vec()),
+            Content::Messages(c[shared..].to_vec()),
+            Content::Messages(r[shared..].to_vec()),
+        )))
+    }
+
+    /// The prompt, chosen and rejected contents of a row in the run's format, or why the row
+    /// is left out.
     fn contents(
         &self,
         row: &SourceRow,
         at: &RowRef,
-    ) -> Result<(Content, Content, Content), DataError> {
+    ) -> Result<Result<(Content, Content, Content), SkipReason>, DataError> {
         let cols = self.columns;
         let field = |c: &str| row.fields.get(c).expect("checked by check_fields");
         let tokens_of = |c: &str| tokens(field(c), at, c, self.vocab_size).map(Content::Tokens);
-        Ok(match self.format {
+        Ok(Ok(match self.format {
             Format::Plain => (
                 Content::Text(string(field(&cols.prompt), at, &cols.prompt)?),
                 Content::Text(string(field(&cols.chosen), at, &cols.chosen)?),
@@ -254,19 +321,10 @@ impl RowParser<'_> {
                     let (p, c, r) = split_common_text(c, r);
                     (Content::Text(p), Content::Text(c), Content::Text(r))
                 }
-                (c, r) => {
-                    let c = messages(c, at, &cols.chosen)?;
-                    let r = messages(r, at, &cols.rejected)?;
-                    let shared = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
-                    (
-                        Content::Messages(c[..shared].to_vec()),
-                        Content::Messages(c[shared..].to_vec()),
-                        Content::Messages(r[shared..].to_vec()),
-                    )
-                }
+                _ => return self.implicit_messages(row, at),
             },
             Format::Auto => unreachable!("format is resolved before parsing"),
-        })
+        }))
     }
 
     /// Parses one row in the run's (already detected) format.
@@ -285,7 +343,10 @@ impl RowParser<'_> {
             return Ok(RowOutcome::Skip(skip));
         }
         let id = pair_id(row.fields.get(&self.columns.id), path, row.file_row);
-        let (prompt, chosen, rejected) = self.contents(row, &at)?;
+        let (prompt, chosen, rejected) = match self.contents(row, &at)? {
+            Ok(contents) => contents,
+            Err(skip) => return Ok(RowOutcome::Skip(skip)),
+        };
         if let (Content::Messages(c), Content::Messages(r)) = (&chosen, &rejected) {
             let has_assistant = |m: &[Message]| m.iter().any(|m| m.role == "assistant");
             if !has_assistant(c) || !has_assistant(r) {
@@ -304,6 +365,15 @@ impl RowParser<'_> {
             rejected,
         }))
     }
+}
+
+/// The start of a long text, for messages.
+fn excerpt(text: &str) -> String {
+    let mut out: String = text.chars().take(80).collect();
+    if out.len() < text.len() {
+        out.push('…');
+    }
+    out
 }
 
 fn is_empty(c: &Content) -> bool {

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
+use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::{Map, Value};
 
@@ -15,6 +16,8 @@ use super::DataError;
 pub enum FileKind {
     Parquet,
     Jsonl,
+    /// An Arrow IPC stream (`.arrow`), as Hugging Face `datasets` writes with `save_to_disk`.
+    Arrow,
 }
 
 /// One resolved input file.
@@ -31,6 +34,8 @@ fn kind_of(path: &Path) -> Option<FileKind> {
         Some(FileKind::Parquet)
     } else if name.ends_with(".jsonl") || name.ends_with(".ndjson") || name.ends_with(".json") {
         Some(FileKind::Jsonl)
+    } else if name.ends_with(".arrow") {
+        Some(FileKind::Arrow)
     } else {
         None
     }
@@ -47,8 +52,73 @@ fn source(path: PathBuf) -> Result<SourceFile, DataError> {
     Ok(SourceFile { path, kind, bytes })
 }
 
-/// Resolves every `--data` argument, in order: a file, a folder (its Parquet/JSONL files,
-/// sorted by name) or a glob pattern (matches sorted).
+/// The data files of a folder that Hugging Face `datasets` wrote with `save_to_disk`
+/// (`state.json` lists its `.arrow` files in order); None for other folders.
+fn saved_dataset(dir: &Path) -> Result<Option<Vec<SourceFile>>, DataError> {
+    if let Ok(text) = std::fs::read_to_string(dir.join("dataset_dict.json")) {
+        let splits: Vec<String> = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v.get("splits").cloned())
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
+        return Err(DataError::DatasetDict {
+            path: dir.to_path_buf(),
+            example: dir.join(splits.first().map_or("train", String::as_str)),
+            splits: splits.join(", "),
+        });
+    }
+    let state_path = dir.join("state.json");
+    let Ok(text) = std::fs::read_to_string(&state_path) else {
+        return Ok(None);
+    };
+    let bad = |message: String| DataError::BadDatasetFolder {
+        path: state_path.clone(),
+        message,
+    };
+    let state: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let names: Vec<&str> = state
+        .get("_data_files")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("no `_data_files` list".into()))?
+        .iter()
+        .map(|f| f.get("filename").and_then(Value::as_str))
+        .collect::<Option<_>>()
+        .ok_or_else(|| bad("a `_data_files` entry has no `filename`".into()))?;
+    if names.is_empty() {
+        return Err(bad("`_data_files` is empty".into()));
+    }
+    let files = names
+        .into_iter()
+        .map(|name| source(dir.join(name)))
+        .collect::<Result<_, _>>()?;
+    Ok(Some(files))
+}
+
+/// The input files of a folder: a `datasets` folder's Arrow files, else its Parquet, JSONL and
+/// Arrow files sorted by name.
+fn folder_sources(dir: &Path) -> Result<Vec<SourceFile>, DataError> {
+    if let Some(files) = saved_dataset(dir)? {
+        return Ok(files);
+    }
+    let mut inside: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| DataError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && kind_of(p).is_some())
+        .collect();
+    inside.sort();
+    if inside.is_empty() {
+        return Err(DataError::EmptyFolder {
+            path: dir.to_path_buf(),
+        });
+    }
+    inside.into_iter().map(source).collect()
+}
+
+/// Resolves every `--data` argument, in order: a file, a folder (a `datasets` `save_to_disk`
+/// folder, or its Parquet/JSONL/Arrow files sorted by name) or a glob pattern (matches sorted).
 pub fn resolve(inputs: &[PathBuf]) -> Result<Vec<SourceFile>, DataError> {
     let mut files = Vec::new();
     for input in inputs {
@@ -72,23 +142,7 @@ pub fn resolve(inputs: &[PathBuf]) -> Result<Vec<SourceFile>, DataError> {
                 files.push(source(p)?);
             }
         } else if input.is_dir() {
-            let mut inside: Vec<PathBuf> = std::fs::read_dir(input)
-                .map_err(|source| DataError::Io {
-                    path: input.clone(),
-                    source,
-                })?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.is_file() && kind_of(p).is_some())
-                .collect();
-            inside.sort();
-            if inside.is_empty() {
-                return Err(DataError::EmptyFolder {
-                    path: input.clone(),
-                });
-            }
-            for p in inside {
-                files.push(source(p)?);
-            }
+            files.extend(folder_sources(input)?);
         } else if input.is_file() {
             files.push(source(input.clone())?);
         } else {
@@ -125,11 +179,22 @@ enum FileRows {
         line: u64,
         row: u64,
     },
-    Parquet {
-        batches: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+    /// Parquet or Arrow: record batches, turned into rows one batch at a time.
+    Batches {
+        kind: FileKind,
+        batches: Box<dyn Iterator<Item = Result<RecordBatch, arrow::error::ArrowError>>>,
         pending: std::vec::IntoIter<Map<String, Value>>,
         row: u64,
     },
+}
+
+/// The error for a Parquet or Arrow file that cannot be read.
+fn unreadable(kind: FileKind, path: &Path, message: String) -> DataError {
+    let path = path.to_path_buf();
+    match kind {
+        FileKind::Arrow => DataError::BadArrow { path, message },
+        _ => DataError::BadParquet { path, message },
+    }
 }
 
 /// What reading a file gave.
@@ -148,7 +213,8 @@ impl FileRows {
             FileRows::Jsonl { lines, line, row } => {
                 jsonl_next(lines.next(), file_index, path, line, row)
             }
-            FileRows::Parquet {
+            FileRows::Batches {
+                kind,
                 batches,
                 pending,
                 row,
@@ -168,10 +234,7 @@ impl FileRows {
                         *pending = batch_to_rows(&batch, path)?.into_iter();
                         Ok(Next::Again)
                     }
-                    Some(Err(e)) => Err(DataError::BadParquet {
-                        path: path.to_path_buf(),
-                        message: e.to_string(),
-                    }),
+                    Some(Err(e)) => Err(unreadable(*kind, path, e.to_string())),
                     None if *row == 0 => Err(DataError::EmptyFile {
                         path: path.to_path_buf(),
                     }),
@@ -277,8 +340,20 @@ impl RowStream {
                     .with_batch_size(1024)
                     .build()
                     .map_err(|e| bad(e.to_string()))?;
-                Ok(FileRows::Parquet {
-                    batches,
+                Ok(FileRows::Batches {
+                    kind: FileKind::Parquet,
+                    batches: Box::new(batches),
+                    pending: Vec::new().into_iter(),
+                    row: 0,
+                })
+            }
+            FileKind::Arrow => {
+                let batches =
+                    arrow::ipc::reader::StreamReader::try_new(BufReader::new(handle), None)
+                        .map_err(|e| unreadable(FileKind::Arrow, &file.path, e.to_string()))?;
+                Ok(FileRows::Batches {
+                    kind: FileKind::Arrow,
+                    batches: Box::new(batches),
                     pending: Vec::new().into_iter(),
                     row: 0,
                 })

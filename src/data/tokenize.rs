@@ -1,6 +1,9 @@
-//! Tokenising pairs (tokenizers, in parallel with rayon) and truncating them like TRL:
-//! `--max-prompt-length` keeps the end of the prompt, `--max-length` cuts the end of the
-//! responses; plain-text responses get EOS appended.
+//! Tokenising pairs (tokenizers, in parallel with rayon) like TRL 0.13's
+//! `DPOTrainer.tokenize_row` (the paper's code base): prompt, chosen and rejected text are
+//! tokenised separately without special tokens, EOS is appended to both responses (plain and
+//! conversational alike; `--response-eos never` for templates that close their turns
+//! themselves), `--max-prompt-length` keeps the end of the prompt and `--max-length` cuts the
+//! end of the responses.
 
 use std::path::Path;
 
@@ -10,6 +13,28 @@ use tokenizers::Tokenizer;
 use super::chat::ChatTemplate;
 use super::pairs::{Content, PairInput};
 use super::{DataError, SkipReason};
+
+/// Whether EOS is appended to every chosen and rejected response.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ResponseEos {
+    /// Append the tokenizer's EOS id to both responses of every text or chat row (TRL 0.13's
+    /// `tokenize_row`, which the paper trained with).
+    #[default]
+    Always,
+    /// Leave responses as tokenised (for templates whose turns already end with EOS).
+    Never,
+}
 
 /// Truncation limits in tokens (None = no limit).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -52,6 +77,7 @@ pub struct Encoder {
     eos_id: Option<u32>,
     bos_id: Option<u32>,
     truncation: Truncation,
+    response_eos: ResponseEos,
 }
 
 impl Encoder {
@@ -61,6 +87,7 @@ impl Encoder {
         eos_id: Option<u32>,
         bos_id: Option<u32>,
         truncation: Truncation,
+        response_eos: ResponseEos,
     ) -> Result<Self, DataError> {
         let tokenizer = Tokenizer::from_file(tokenizer_json).map_err(|e| DataError::Tokenizer {
             message: format!("cannot load `{}`: {e}", tokenizer_json.display()),
@@ -71,6 +98,7 @@ impl Encoder {
             eos_id,
             bos_id,
             truncation,
+            response_eos,
         })
     }
 
@@ -100,6 +128,16 @@ impl Encoder {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// A response's ids, with EOS appended under `ResponseEos::Always` (an empty response stays
+    /// empty, to be counted as a skip).
+    fn encode_response(&self, text: &str) -> Result<Vec<u32>, DataError> {
+        let mut ids = self.encode_text(text)?;
+        if self.response_eos == ResponseEos::Always && !text.is_empty() {
+            ids.extend(self.eos_id);
+        }
+        Ok(ids)
+    }
+
     /// Tokenises and truncates one pair.
     pub fn encode(&self, pair: &PairInput) -> Result<EncodeOutcome, DataError> {
         let (mut prompt, mut chosen, mut rejected) =
@@ -107,21 +145,18 @@ impl Encoder {
                 (Content::Tokens(p), Content::Tokens(c), Content::Tokens(r)) => {
                     (p.clone(), c.clone(), r.clone())
                 }
-                (Content::Text(p), Content::Text(c), Content::Text(r)) => {
-                    let eos: Vec<u32> = self.eos_id.into_iter().collect();
-                    let mut c = self.encode_text(c)?;
-                    let mut r = self.encode_text(r)?;
-                    c.extend(&eos);
-                    r.extend(&eos);
-                    (self.encode_text(p)?, c, r)
-                }
+                (Content::Text(p), Content::Text(c), Content::Text(r)) => (
+                    self.encode_text(p)?,
+                    self.encode_response(c)?,
+                    self.encode_response(r)?,
+                ),
                 (Content::Messages(p), Content::Messages(c), Content::Messages(r)) => {
                     let template = self.template.as_ref().ok_or(DataError::NoChatTemplate)?;
                     let (p, c, r) = template.render_pair(p, c, r, &pair.at)?;
                     (
                         self.encode_text(&p)?,
-                        self.encode_text(&c)?,
-                        self.encode_text(&r)?,
+                        self.encode_response(&c)?,
+                        self.encode_response(&r)?,
                     )
                 }
                 _ => unreachable!("a row's three fields share one format"),

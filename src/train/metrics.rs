@@ -90,6 +90,68 @@ pub struct PairRecord {
     pub ref_rejected: f64,
 }
 
+/// Bytes of one encoded record: two u64, one i8, eleven f64.
+pub const RECORD_BYTES: usize = 8 + 8 + 1 + 11 * 8;
+
+impl PairRecord {
+    /// The record as fixed-size little-endian bytes (how ranks send records to rank 0; exact
+    /// for every value, NaN and infinities included).
+    pub fn to_bytes(&self, out: &mut Vec<u8>) {
+        out.extend(self.pair_id.to_le_bytes());
+        out.extend(self.step.to_le_bytes());
+        out.push(self.pair_step as u8);
+        for v in self.values() {
+            out.extend(v.to_le_bytes());
+        }
+    }
+
+    /// The records encoded by `to_bytes`, back.
+    pub fn from_bytes(bytes: &[u8]) -> Vec<PairRecord> {
+        bytes
+            .chunks_exact(RECORD_BYTES)
+            .map(|b| {
+                let u64_at =
+                    |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+                let f = |k: usize| {
+                    f64::from_le_bytes(b[17 + 8 * k..25 + 8 * k].try_into().expect("8 bytes"))
+                };
+                PairRecord {
+                    pair_id: u64_at(0),
+                    step: u64_at(8),
+                    pair_step: b[16] as i8,
+                    beta_i: f(0),
+                    z: f(1),
+                    g: f(2),
+                    g_plus: f(3),
+                    g_minus: f(4),
+                    reward_chosen: f(5),
+                    reward_rejected: f(6),
+                    logps_chosen: f(7),
+                    logps_rejected: f(8),
+                    ref_chosen: f(9),
+                    ref_rejected: f(10),
+                }
+            })
+            .collect()
+    }
+
+    fn values(&self) -> [f64; 11] {
+        [
+            self.beta_i,
+            self.z,
+            self.g,
+            self.g_plus,
+            self.g_minus,
+            self.reward_chosen,
+            self.reward_rejected,
+            self.logps_chosen,
+            self.logps_rejected,
+            self.ref_chosen,
+            self.ref_rejected,
+        ]
+    }
+}
+
 fn f64_field(name: &str) -> Field {
     Field::new(name, DataType::Float64, false)
 }

@@ -18,6 +18,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::Bundle;
+use crate::dist::Ranks;
 use crate::objective;
 use crate::output::Printable;
 use crate::params::ParamStore;
@@ -143,6 +144,11 @@ pub struct TrainSummary {
     pub resume_found_no_checkpoint: bool,
     pub wall_seconds: f64,
     pub pairs_per_second: f64,
+    /// Processes the run's steps were split over (MPI ranks; 1 without MPI).
+    pub ranks: usize,
+    /// Bytes each rank sends to the step's sums and receives back (the gradient, f32, and
+    /// three f64 totals; reduced to rank 0, then broadcast); 0 for one process.
+    pub sum_bytes_per_step: u64,
 }
 
 impl Printable for TrainSummary {
@@ -166,9 +172,18 @@ impl Printable for TrainSummary {
             ));
         }
         s.push_str(&format!(
-            "  {:.1} pairs/s, wall {:.1}s\n  run folder: {} (metrics.parquet, pairs.parquet, checkpoints/, final/)\n",
-            self.pairs_per_second,
-            self.wall_seconds,
+            "  {:.1} pairs/s, wall {:.1}s\n",
+            self.pairs_per_second, self.wall_seconds
+        ));
+        if self.ranks > 1 {
+            s.push_str(&format!(
+                "  {} ranks, {:.2} MB summed per step and rank\n",
+                self.ranks,
+                self.sum_bytes_per_step as f64 / 1e6
+            ));
+        }
+        s.push_str(&format!(
+            "  run folder: {} (metrics.parquet, pairs.parquet, checkpoints/, final/)\n",
             self.out.display()
         ));
         s
@@ -191,24 +206,38 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
+/// The resolved configuration as recorded in checkpoints, with the number of ranks (`ranks`,
+/// written only for runs of several: a run of one process records none).
+fn config_json(cfg: &TrainConfig, ranks: usize) -> serde_json::Value {
+    let mut json = serde_json::to_value(cfg).expect("config serialises");
+    if ranks > 1 {
+        json["ranks"] = ranks.into();
+    }
+    json
+}
+
+/// The settings that differ between a saved run and now (a missing `ranks` is 1).
 fn resume_differences(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
     let (Some(saved), Some(now)) = (saved.as_object(), now.as_object()) else {
         return vec!["config".into()];
     };
+    let value_of = |map: &serde_json::Map<String, serde_json::Value>, key: &str| {
+        map.get(key)
+            .cloned()
+            .or_else(|| (key == "ranks").then(|| 1.into()))
+    };
+    let mut keys: Vec<&String> = now.keys().chain(saved.keys()).collect();
+    keys.sort();
+    keys.dedup();
     let mut diffs = Vec::new();
-    for (key, value) in now {
+    for key in keys {
         if RESUMABLE_DIFFERENCES.contains(&key.as_str()) {
             continue;
         }
-        if saved.get(key) != Some(value) {
-            diffs.push(format!(
-                "{key}: {} then, {} now",
-                saved
-                    .get(key)
-                    .map(|v| v.to_string())
-                    .unwrap_or_else(|| "unset".into()),
-                value
-            ));
+        let (then, current) = (value_of(saved, key), value_of(now, key));
+        if then != current {
+            let show = |v: Option<serde_json::Value>| v.map_or("unset".into(), |v| v.to_string());
+            diffs.push(format!("{key}: {} then, {} now", show(then), show(current)));
         }
     }
     diffs
@@ -293,6 +322,7 @@ impl RunTables {
 /// A run in progress: its data, graphs, parameters, optimiser, state and records.
 struct Trainer<'a> {
     cfg: &'a TrainConfig,
+    ranks: &'a dyn Ranks,
     bundle: Bundle,
     set: ShardSet,
     length: RunLength,
@@ -332,10 +362,10 @@ fn open_inputs(cfg: &TrainConfig) -> Result<(Bundle, ShardSet), Error> {
 impl<'a> Trainer<'a> {
     /// A new run, or the run in `--out` restored from its latest checkpoint (`--resume`; a
     /// run killed before its first checkpoint starts again from the beginning).
-    fn open(cfg: &'a TrainConfig) -> Result<(Trainer<'a>, Resumed), Error> {
+    fn open(cfg: &'a TrainConfig, ranks: &'a dyn Ranks) -> Result<(Trainer<'a>, Resumed), Error> {
         let (bundle, set) = open_inputs(cfg)?;
         let length = RunLength::of(cfg, set.pairs.len());
-        let config_json = serde_json::to_value(cfg).expect("config serialises");
+        let config_json = config_json(cfg, ranks.size());
         std::fs::create_dir_all(&cfg.out).map_err(|e| write_err(&cfg.out, e))?;
         let existing = checkpoint::latest(&cfg.out);
         let mut params = bundle.load_params()?;
@@ -378,6 +408,7 @@ impl<'a> Trainer<'a> {
         };
         let trainer = Trainer {
             cfg,
+            ranks,
             bundle,
             set,
             length,
@@ -443,9 +474,22 @@ impl<'a> Trainer<'a> {
 
     /// Appends one step's metrics and pair records and advances the run's position.
     fn record(&mut self, result: &StepResult, step: StepLog) {
+        let elapsed_s = self.elapsed_before + self.session_started.elapsed().as_secs_f64();
+        if self.ranks.is_root() {
+            self.push_tables(result, &step, elapsed_s);
+        }
+        self.state.step += 1;
+        self.state.step_in_epoch += 1;
+        self.state.pairs_seen += result.pairs as u64;
+        self.pairs_this_session += result.pairs as u64;
+        self.state.elapsed_s = self.elapsed_before + self.session_started.elapsed().as_secs_f64();
+        self.last_loss = result.loss;
+    }
+
+    /// Rank 0's rows of `metrics.parquet` and `pairs.parquet` for one step.
+    fn push_tables(&mut self, result: &StepResult, step: &StepLog, elapsed_s: f64) {
         let r = &result.records;
         let n = r.len() as f64;
-        let elapsed_s = self.elapsed_before + self.session_started.elapsed().as_secs_f64();
         self.tables
             .metrics
             .push(metrics::metrics_batch(&[StepMetrics {
@@ -471,20 +515,17 @@ impl<'a> Trainer<'a> {
                 elapsed_s,
             }]));
         self.tables.pairs.push(metrics::pairs_batch(r));
-        self.state.step += 1;
-        self.state.step_in_epoch += 1;
-        self.state.pairs_seen += r.len() as u64;
-        self.pairs_this_session += r.len() as u64;
-        self.state.elapsed_s = self.elapsed_before + self.session_started.elapsed().as_secs_f64();
-        self.last_loss = result.loss;
     }
 
     fn pairs_per_second(&self) -> f64 {
         self.pairs_this_session as f64 / self.session_started.elapsed().as_secs_f64().max(1e-9)
     }
 
-    /// Writes the run tables and a checkpoint.
+    /// Writes the run tables and a checkpoint (rank 0; the other ranks have nothing to write).
     fn save(&self) -> Result<(), Error> {
+        if !self.ranks.is_root() {
+            return Ok(());
+        }
         self.tables.save(&self.cfg.out)?;
         crate::crash::point("train.tables-saved");
         checkpoint::save(
@@ -511,13 +552,14 @@ impl<'a> Trainer<'a> {
                 * optim::lr_factor(self.cfg.schedule, self.state.step, warmup, total_steps);
             let beta_used = self.state.beta;
             let mut result = runner.run(
+                self.ranks,
                 &self.set,
                 &step_plan,
                 &self.params,
                 beta_used,
                 self.state.step,
             )?;
-            let mean_step = mean(result.records.iter().map(|r| f64::from(r.pair_step)));
+            let mean_step = result.mean_step;
             let grad_norm = self.apply(&mut result, lr, mean_step);
             let log = StepLog {
                 lr,
@@ -582,17 +624,23 @@ fn accuracy(result: &StepResult) -> f64 {
     )
 }
 
-/// Runs (or resumes) training.
-pub fn run(cfg: &TrainConfig) -> Result<TrainSummary, Error> {
+/// Runs (or resumes) training among `ranks` (one process, or MPI ranks splitting each step's
+/// micro-batches; rank 0 writes the run folder).
+pub fn run(cfg: &TrainConfig, ranks: &dyn Ranks) -> Result<TrainSummary, Error> {
     let started = Instant::now();
-    let (mut trainer, resumed) = Trainer::open(cfg)?;
+    let (mut trainer, resumed) = Trainer::open(cfg, ranks)?;
+    // No rank writes before every rank has looked at the run folder.
+    ranks.barrier();
     let mut runner = StepRunner::new(&trainer.bundle, &trainer.set, cfg)?;
-    let progress = Progress::new(trainer.length.total_steps, "steps", cfg.quiet);
+    let quiet = cfg.quiet || !ranks.is_root();
+    let progress = Progress::new(trainer.length.total_steps, "steps", quiet);
     progress.set_position(trainer.state.step);
     trainer.train(&mut runner, &progress)?;
     progress.finish();
     trainer.save()?;
-    write_final(&cfg.out, &trainer.bundle, &trainer.params)?;
+    if ranks.is_root() {
+        write_final(&cfg.out, &trainer.bundle, &trainer.params)?;
+    }
     Ok(TrainSummary {
         out: cfg.out.clone(),
         steps: trainer.state.step,
@@ -604,5 +652,11 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary, Error> {
         resume_found_no_checkpoint: resumed.fresh_start,
         wall_seconds: started.elapsed().as_secs_f64(),
         pairs_per_second: trainer.pairs_per_second(),
+        ranks: ranks.size(),
+        sum_bytes_per_step: if ranks.size() > 1 {
+            4 * trainer.params.num_elements() as u64 + 3 * 8
+        } else {
+            0
+        },
     })
 }

@@ -5,13 +5,14 @@
 use crate::batch::{self, row_of};
 use crate::bundle::Bundle;
 use crate::data::Side;
+use crate::dist::Ranks;
 use crate::graphs::{LossSettings, ReferenceGraph, TrainBatch, TrainGraph, TrainOutputs};
 use crate::objective;
 use crate::params::ParamStore;
 use crate::shards::{PairLoader, ScoredPair, ShardSet};
 use crate::Error;
 
-use super::metrics::PairRecord;
+use super::metrics::{self, PairRecord};
 use super::optim;
 use super::plan::StepPlan;
 use super::{ReferenceMode, TrainConfig};
@@ -22,8 +23,12 @@ pub struct StepResult {
     pub loss: f64,
     /// d loss / d θ, one buffer per parameter.
     pub grads: Vec<Vec<f32>>,
-    /// One record per pair, in micro-batch order.
+    /// One record per pair, in micro-batch order (rank 0; empty on the other ranks).
     pub records: Vec<PairRecord>,
+    /// Mean per-pair step k̄ over the step's pairs (drives the global β update).
+    pub mean_step: f64,
+    /// Pairs in the step (all ranks).
+    pub pairs: usize,
     /// False when the loss or the gradient norm is NaN or infinite.
     pub finite: bool,
 }
@@ -79,9 +84,13 @@ impl StepRunner {
         }
     }
 
-    /// Runs one optimiser step's micro-batches at global β `beta`.
+    /// Runs one optimiser step at global β `beta`: this rank's share of the micro-batches
+    /// (micro-batch j goes to rank j mod N), then the sums over the ranks. Every rank gets the
+    /// step's gradient, loss and mean per-pair step; rank 0 also gets every pair's record, in
+    /// micro-batch order.
     pub fn run(
         &mut self,
+        ranks: &dyn Ranks,
         set: &ShardSet,
         plan: &StepPlan,
         params: &ParamStore,
@@ -96,10 +105,15 @@ impl StepRunner {
             step_tolerance: self.step_tolerance as f32,
         };
         let mut grads: Vec<Vec<f32>> = params.zeros_like();
-        let mut loss = 0.0f64;
-        let mut finite = true;
-        let mut records = Vec::with_capacity(plan.num_pairs());
-        for micro_batch in &plan.micro_batches {
+        // Loss, non-finite micro-batches, Σ k over pairs: summed over the ranks below.
+        let mut totals = [0.0f64; 3];
+        let mut encoded = Vec::new();
+        let mine = plan
+            .micro_batches
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| j % ranks.size() == ranks.rank());
+        for (j, micro_batch) in mine {
             let pairs: Vec<ScoredPair> = micro_batch
                 .iter()
                 .map(|&i| self.loader.get(&set.pairs[i]))
@@ -109,18 +123,47 @@ impl StepRunner {
             let out = self
                 .train
                 .run(params, &batch, &settings, &mut grads, weight as f32)?;
-            finite &= out.loss.is_finite();
-            loss += weight * f64::from(out.loss);
-            records.extend(pair_records(&pairs, &batch, &out, beta, self.epsilon, step));
+            totals[0] += weight * f64::from(out.loss);
+            totals[1] += f64::from(u8::from(!out.loss.is_finite()));
+            let records = pair_records(&pairs, &batch, &out, beta, self.epsilon, step);
+            totals[2] += records.iter().map(|r| f64::from(r.pair_step)).sum::<f64>();
+            encoded.extend((j as u64).to_le_bytes());
+            encoded.extend((records.len() as u64).to_le_bytes());
+            for r in &records {
+                r.to_bytes(&mut encoded);
+            }
         }
-        finite &= optim::global_norm(&grads).is_finite();
+        for g in &mut grads {
+            ranks.sum_f32(g);
+        }
+        ranks.sum_f64(&mut totals);
+        let finite = totals[1] == 0.0 && optim::global_norm(&grads).is_finite();
         Ok(StepResult {
-            loss,
+            loss: totals[0],
             grads,
-            records,
+            records: decode_in_order(&ranks.gather_to_root(&encoded)),
+            mean_step: totals[2] / total,
+            pairs: plan.num_pairs(),
             finite,
         })
     }
+}
+
+/// Every rank's records (micro-batch index, count, records …), in micro-batch order.
+fn decode_in_order(parts: &[Vec<u8>]) -> Vec<PairRecord> {
+    let mut by_micro_batch: Vec<(u64, Vec<PairRecord>)> = Vec::new();
+    for part in parts {
+        let mut rest = part.as_slice();
+        while rest.len() >= 16 {
+            let index = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+            let count = u64::from_le_bytes(rest[8..16].try_into().expect("8 bytes")) as usize;
+            let bytes = count * metrics::RECORD_BYTES;
+            by_micro_batch.push((index, PairRecord::from_bytes(&rest[16..16 + bytes])));
+            rest = &rest[16 + bytes..];
+        }
+    }
+    by_micro_batch.sort_by_key(|(index, _)| *index);
+    by_micro_batch.into_iter().flat_map(|(_, r)| r).collect()
 }
 
 /// Every pair's decision in one micro-batch's outputs.

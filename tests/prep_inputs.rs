@@ -499,3 +499,45 @@ fn chat_responses_end_with_eos_unless_response_eos_never() {
         "recorded in the shard settings"
     );
 }
+
+/// A chat template is untrusted input: nested `range(10000)` loops (10⁸ steps, gigabytes of
+/// text) end at once with exit code 2 and a message naming the row and the template.
+#[test]
+fn runaway_chat_templates_stop_at_once() {
+    let loops = [
+        "{% for i in range(10000) %}{% for j in range(10000) %}{{ i }}{% endfor %}{% endfor %}",
+        "{% for i in range(10000) %}{% for j in range(10000) %}{% set x = i * j %}{% endfor %}{% endfor %}",
+        "{% set ns = namespace(s=messages[0].content) %}{% for i in range(10000) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    ];
+    for template in loops {
+        let (_tmp, bundle) = bundle_copy();
+        let config_path = bundle.join("tokenizer_config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+        config["chat_template"] = serde_json::json!(template);
+        std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        rehash(&bundle, "tokenizer_config.json");
+        let out_dir = tempfile::tempdir().unwrap();
+        let started = std::time::Instant::now();
+        let out = edpo()
+            .args(["--quiet", "prep", "--limit", "4", "--model"])
+            .arg(&bundle)
+            .arg("--data")
+            .arg(repo_root().join("data-samples/prefs/heldout.chat.jsonl"))
+            .arg("--out")
+            .arg(out_dir.path().join("s"))
+            .output()
+            .unwrap();
+        let elapsed = started.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprintln!("{template}: failed after {elapsed:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("heldout.chat.jsonl` line"), "{stderr}");
+        assert!(stderr.contains("tokenizer_config.json"), "{stderr}");
+        assert!(
+            stderr.contains("ran past its budget") || stderr.contains("rendered more than"),
+            "{stderr}"
+        );
+        assert!(elapsed.as_secs_f64() < 10.0, "took {elapsed:?}");
+    }
+}

@@ -401,7 +401,7 @@ impl ChatTemplate {
         let template = env
             .get_template(TEMPLATE)
             .map_err(|e| DataError::Template {
-                message: e.to_string(),
+                message: format!("chat template: {e}"),
             })?;
         let mut out = CappedOutput {
             buf: Vec::new(),

@@ -96,7 +96,7 @@ pub enum DataError {
     },
     #[error("the data is conversational but the bundle's tokenizer_config.json has no chat template; add one (`chat_template`) and re-export, or pass plain text")]
     NoChatTemplate,
-    #[error("chat template: {message}")]
+    #[error("{message}")]
     Template { message: String },
     #[error("{at}: rendering the chat template failed: {message}")]
     Render { at: RowRef, message: String },

@@ -201,8 +201,11 @@ impl Encoder {
         }))
     }
 
-    /// Encodes many pairs in parallel, keeping their order.
+    /// Encodes many pairs in parallel, keeping their order; a failure is the first failing
+    /// row's (in row order, whichever thread got there first).
     pub fn encode_all(&self, pairs: &[PairInput]) -> Result<Vec<EncodeOutcome>, DataError> {
-        pairs.par_iter().map(|p| self.encode(p)).collect()
+        let results: Vec<Result<EncodeOutcome, DataError>> =
+            pairs.par_iter().map(|p| self.encode(p)).collect();
+        results.into_iter().collect()
     }
 }

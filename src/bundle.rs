@@ -105,10 +105,38 @@ pub struct FileEntry {
     pub bytes: u64,
 }
 
+/// The manifest's `goldens` section (layout: `python/edpo_export/goldens.py`, ARCHITECTURE.md).
+/// Format 1 (fp32 outputs, fixed `tolerances`) is only recognised, to ask for a re-export.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GoldensSpec {
     pub file: String,
-    pub tolerances: BTreeMap<String, f64>,
+    #[serde(default = "goldens_format_1")]
+    pub format: u32,
+    /// An output passes when ONNX Runtime's error against float64 is at most
+    /// `factor` × PyTorch fp32's error + `floor` × max(1, largest |float64 value|).
+    #[serde(default)]
+    pub factor: f64,
+    #[serde(default)]
+    pub floor: f64,
+    /// Float64 top-K ranks stored beyond K.
+    #[serde(default)]
+    pub extra_ranks: usize,
+    /// Seeded ±1 projections stored per gradient tensor.
+    #[serde(default)]
+    pub projections: usize,
+    /// Parameters whose whole float64 gradient is stored.
+    #[serde(default)]
+    pub full_grads: Vec<String>,
+    /// Output → max |PyTorch fp32 − float64| on the golden batch.
+    #[serde(default)]
+    pub torch_fp32_error: BTreeMap<String, f64>,
+    /// Stored parameter name → PyTorch fp32's relative gradient error.
+    #[serde(default)]
+    pub torch_fp32_grad_error: BTreeMap<String, f64>,
+}
+
+fn goldens_format_1() -> u32 {
+    1
 }
 
 /// `edpo-model.json`, written by `python -m edpo_export`.

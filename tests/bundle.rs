@@ -34,6 +34,75 @@ fn sample_bundle_reproduces_pytorch_goldens() {
     );
 }
 
+/// Multiplies one float32 tensor of `params.safetensors` by `factor` in place (same offsets:
+/// the reference graph's external weights still point at the right bytes) and rehashes it.
+fn scale_param_in_place(bundle: &std::path::Path, name: &str, factor: f32) {
+    let path = bundle.join("params.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let offsets = &header[name]["data_offsets"];
+    let begin = 8 + header_len + offsets[0].as_u64().unwrap() as usize;
+    let end = 8 + header_len + offsets[1].as_u64().unwrap() as usize;
+    for chunk in bytes[begin..end].chunks_exact_mut(4) {
+        let value = f32::from_le_bytes(chunk.try_into().unwrap()) * factor;
+        chunk.copy_from_slice(&value.to_le_bytes());
+    }
+    std::fs::write(&path, bytes).unwrap();
+    rehash(bundle, "params.safetensors");
+}
+
+#[test]
+fn scaled_final_norm_gain_is_caught_far_outside_the_band() {
+    // `model.norm.weight` multiplies the normalised final hidden state: nothing re-normalises
+    // it, so every logit scales by 1.001. The hash is updated; only the numbers can tell.
+    let (_tmp, bundle) = bundle_copy();
+    scale_param_in_place(&bundle, "model.norm.weight", 1.0 + 1e-3);
+    let opened = Bundle::open(&bundle).expect("hashes match");
+    let report = edpo::goldens::verify_bundle(&opened, &config()).expect("goldens run");
+    assert!(!report.passed());
+    for label in [
+        "reference token_logps (max abs)",
+        "train logps (max abs)",
+        "gradients, 21 tensors (rel)",
+    ] {
+        let c = report
+            .check(label)
+            .unwrap_or_else(|| panic!("no check `{label}`"));
+        let (err, band) = (c.error.unwrap(), c.band.unwrap());
+        assert!(
+            !c.ok && err > 3.0 * band,
+            "{label}: error {err:.2e} vs band {band:.2e}"
+        );
+    }
+}
+
+#[test]
+fn goldens_of_format_1_ask_for_a_reexport() {
+    let (_tmp, bundle) = bundle_copy();
+    let path = bundle.join("edpo-model.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    manifest["goldens"] = serde_json::json!({
+        "file": "goldens.safetensors",
+        "tolerances": {"loss_abs": 1e-5, "grad_rel": 1e-4, "logps_abs": 1e-4},
+    });
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    let opened = Bundle::open(&bundle).expect("an old manifest still opens");
+    let err = match edpo::goldens::verify_bundle(&opened, &config()) {
+        Ok(_) => panic!("format-1 goldens must be refused"),
+        Err(e) => e,
+    };
+    assert_eq!(err.exit_code(), 2);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("goldens.safetensors")
+            && msg.contains("format 1")
+            && msg.contains("python -m edpo_export"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn missing_file_is_named() {
     let (_tmp, bundle) = bundle_copy();

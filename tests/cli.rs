@@ -20,7 +20,16 @@ fn verify_json_is_machine_readable() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["passed"], serde_json::Value::Bool(true));
-    assert!(v["checks"].as_array().unwrap().len() >= 9);
+    assert!(v["factor"].as_f64().unwrap() > 1.0 && v["floor"].as_f64().unwrap() > 0.0);
+    let checks = v["checks"].as_array().unwrap();
+    assert!(checks.len() >= 9);
+    // Every numeric check states ONNX Runtime's error, its band and PyTorch fp32's error.
+    let numeric: Vec<_> = checks.iter().filter(|c| c.get("band").is_some()).collect();
+    assert!(numeric.len() >= 7, "{checks:?}");
+    for c in numeric {
+        let (err, band) = (c["error"].as_f64().unwrap(), c["band"].as_f64().unwrap());
+        assert!(err <= band && c["torch_fp32"].as_f64().is_some(), "{c}");
+    }
 }
 
 #[test]
@@ -36,6 +45,27 @@ fn corrupted_bundle_exits_2_naming_the_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("tokenizer.json") && err.contains("sha256"),
+        "{err}"
+    );
+}
+
+#[test]
+fn verify_of_old_goldens_exits_2_asking_for_a_reexport() {
+    let (_tmp, bundle) = bundle_copy();
+    let path = bundle.join("edpo-model.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    manifest["goldens"] = serde_json::json!({"file": "goldens.safetensors", "tolerances": {}});
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    let out = edpo()
+        .args(["verify", "--model"])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("goldens format 1") && err.contains("re-export"),
         "{err}"
     );
 }

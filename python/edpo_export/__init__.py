@@ -5,11 +5,12 @@ tokenizer, PyTorch goldens, manifest), and the check of a bundle against its gol
     python -m edpo_export --verify BUNDLE
 
 Modules: `cli` (the command line), `bundle` (writes a bundle), `graphs` (loads the model and
-traces both graphs), `goldens` (the fixed batch and PyTorch's outputs on it), `verify` (a
-bundle against its goldens in ONNX Runtime), `common` (file names, graph I/O specs,
-tolerances, helpers) and `objective` (the ε-DPO objective in PyTorch: traced into the training
-graph, and the oracle of the tests and baselines; it imports torch, so it is not imported
-here). The other modules import torch, onnx and transformers only when they run.
+traces both graphs), `goldens` (the fixed batch and PyTorch's float64 outputs on it), `verify`
+(a bundle against its goldens in ONNX Runtime, within noise bands), `common` (file names,
+graph I/O specs, the goldens' band settings, helpers) and `objective` (the ε-DPO objective
+in PyTorch: traced into the training graph, and the oracle of the tests and baselines; it
+imports torch, so it is not imported here). The other modules import torch, onnx and
+transformers only when they run.
 """
 
 from .cli import main

@@ -12,7 +12,8 @@ The bundle (see ../shared/spec/architecture.md, export-notes.md):
                        loss of objective.md §2–§7 and one `grad.<param>` output per parameter.
   params.safetensors   θ₀ with Hugging Face names (tied weights stored once).
   tokenizer.json, tokenizer_config.json (chat template inlined), config.json
-  goldens.safetensors  a fixed batch and what PyTorch computed for both graphs on it.
+  goldens.safetensors  a fixed batch, PyTorch's float64 outputs of both graphs on it and a
+                       bounded gradient sample (goldens.py); verify judges ONNX Runtime by them.
   edpo-model.json      manifest: graph I/O contract, parameters, tied weights, hashes, versions.
 """
 

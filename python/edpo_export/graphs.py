@@ -73,6 +73,8 @@ class ReferenceScorer:
     def build(model, k: int):
         import torch
 
+        from .objective import at_least_fp32
+
         class Scorer(torch.nn.Module):
             def __init__(self, inner):
                 super().__init__()
@@ -80,7 +82,7 @@ class ReferenceScorer:
 
             def forward(self, input_ids, attention_mask):
                 logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-                logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+                logp = torch.log_softmax(at_least_fp32(logits[:, :-1, :]), dim=-1)
                 tok = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
                 top_vals, top_ids = torch.topk(logp, k, dim=-1)
                 token_logps = torch.cat([torch.zeros_like(tok[:, :1]), tok], dim=1)

@@ -18,6 +18,11 @@ import torch.nn.functional as F
 TAIL_FLOOR = 1e-10
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or unchanged when it is float64 (the goldens' float64 pass keeps its dtype)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def label_logps(logp_next: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Gather log p(label) from [N, T-1, V] log-probs predicting labels [N, T-1]."""
     return logp_next.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
@@ -135,7 +140,7 @@ class EpsDpoLoss(torch.nn.Module):
             hidden, h_pad, weight, token_logps, p_topk, lse = self._chunked_logps(input_ids, attention_mask, topk_ids)
         else:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-            logp_next = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+            logp_next = torch.log_softmax(at_least_fp32(logits[:, :-1, :]), dim=-1)
             token_logps = label_logps(logp_next, labels)
             p_topk = logp_next.detach().gather(-1, topk_ids)
         mask = loss_mask[:, 1:] > 0

@@ -29,7 +29,7 @@ def test_export_then_verify_passes(exported, arch, capsys):
         assert alias not in {p["name"] for p in manifest["params"]}
     else:
         assert tied == {}
-    steps = set(np.asarray(__import__("safetensors.numpy").numpy.load_file(bundle / "goldens.safetensors")["train.out.steps"]).tolist())
+    steps = set(np.asarray(__import__("safetensors.numpy").numpy.load_file(bundle / "goldens.safetensors")["train.f64.steps"]).tolist())
     assert steps == {-1, 0, 1}, f"golden batch exercises every step value, got {steps}"
 
 

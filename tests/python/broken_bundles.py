@@ -9,11 +9,29 @@ import hashlib
 import json
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import numpy as np
 
+from conftest import edpo_bin
+
 MANIFEST = "edpo-model.json"
+# The weight scaled by 1 + 1e-3 (the final norm's gain: nothing after it cancels the scale) and
+# two gradient outputs of equal shape swapped, in the broken-bundle tests.
+SCALED = "model.norm.weight"
+SWAPPED = ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight")
+
+
+def rust_verify(bundle):
+    """(exit code, {check label: check}, stderr) of `edpo verify --json`."""
+    out = subprocess.run([edpo_bin(), "verify", "--json", "--model", str(bundle)], capture_output=True, text=True)
+    checks = {c["check"]: c for c in json.loads(out.stdout)["checks"]} if out.returncode in (0, 1) else {}
+    return out.returncode, checks, out.stderr
+
+
+def failed(checks: dict) -> set[str]:
+    return {label for label, c in checks.items() if not c["ok"]}
 
 
 def copy_bundle(src: Path, dst: Path, only: tuple[str, ...] | None = None) -> Path:

@@ -1,22 +1,20 @@
 """`verify` on a real model, SmolLM2-135M-Instruct (30 layers, vocabulary 49,152): the
 correct export passes in Python and Rust, and the scaled-weight and swapped-gradient breaks of
 test_verify.py fail outside the noise band. Marked `real` and skipped unless EDPO_REAL=1
-(`EDPO_REAL=1 pytest tests/python/test_real_verify.py -s` prints the numbers); the first run
+(`EDPO_REAL=1 pytest -m real tests/python/test_real_verify.py -s`, or `make test-real`, prints the numbers); the first run
 exports the model (~4 min, ~5 GB RAM) into ~/.cache/edpo/real/smollm2-<exporter sources hash>,
 later runs reuse it until the exporter's sources change (EDPO_REAL_CACHE moves the folder)."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from broken_bundles import copy_bundle, scale_weight, swap_gradient_outputs
+from broken_bundles import SCALED, SWAPPED, copy_bundle, failed, rust_verify, scale_weight, swap_gradient_outputs
 from conftest import PY_ENV
-from test_verify import SCALED, SWAPPED, failed, rust_verify
 
 pytestmark = [
     pytest.mark.real,
@@ -29,19 +27,9 @@ CACHE = Path(os.environ.get("EDPO_REAL_CACHE", Path.home() / ".cache" / "edpo" /
 @pytest.fixture(scope="module")
 def smollm2_bundle() -> Path:
     """The SmolLM2 bundle of the current exporter sources, exported once."""
-    from edpo_bench.common import export_sources_tag
-    from edpo_experiments.smollm2 import ensure
+    from edpo_experiments.smollm2 import bundle
 
-    bundle = CACHE / f"smollm2-{export_sources_tag()}"
-    if not (bundle / "edpo-model.json").is_file():
-        partial = bundle.with_name(bundle.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        subprocess.run(
-            [sys.executable, "-m", "edpo_export", "--model", str(ensure()), "--out", str(partial), "--threads", "2"],
-            check=True, env=PY_ENV,
-        )  # fmt: skip
-        partial.rename(bundle)
-    return bundle
+    return bundle()
 
 
 def show(title: str, checks: dict) -> None:

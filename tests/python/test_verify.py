@@ -7,28 +7,12 @@ scales by 1.001); the rotary base of the reference graph halved; the joint graph
 outputs of layer 0's `gate_proj` and `up_proj` (same shape) swapped; a format-1 manifest."""
 
 import json
-import subprocess
 
 import pytest
 
-from broken_bundles import as_goldens_format_1, copy_bundle, scale_weight, set_rotary_base, swap_gradient_outputs
-from conftest import BUNDLE, edpo_bin
+from broken_bundles import SCALED, SWAPPED, as_goldens_format_1, copy_bundle, failed, rust_verify, scale_weight, set_rotary_base, swap_gradient_outputs
+from conftest import BUNDLE
 from edpo_export.verify import verify
-
-SCALED = "model.norm.weight"
-SWAPPED = ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight")
-
-
-def rust_verify(bundle):
-    """(exit code, {check label: check}, stderr) of `edpo verify --json`."""
-    out = subprocess.run([edpo_bin(), "verify", "--json", "--model", str(bundle)], capture_output=True, text=True)
-    checks = {c["check"]: c for c in json.loads(out.stdout)["checks"]} if out.returncode in (0, 1) else {}
-    return out.returncode, checks, out.stderr
-
-
-def failed(checks: dict) -> set[str]:
-    return {label for label, c in checks.items() if not c["ok"]}
-
 
 def test_sample_bundle_passes_with_margins():
     code, checks, err = rust_verify(BUNDLE)

@@ -13,7 +13,7 @@ EDPO := $(CARGO_TARGET_DIR)/debug/edpo
 # The Python packages (edpo_export, edpo_bench, edpo_experiments) live in python/.
 export PYTHONPATH := $(CURDIR)/python
 
-.PHONY: setup build build-release test test-real test-rust test-mpi test-python lint demo samples bench bench-prep bench-train study-k chat-templates
+.PHONY: setup build build-release real bench-real test test-real test-rust test-mpi test-python lint demo samples bench bench-prep bench-train study-k chat-templates
 
 setup:
 	@command -v cargo >/dev/null || { echo "error: cargo not found; install Rust with rustup" >&2; exit 2; }
@@ -67,6 +67,15 @@ bench-prep: build-release
 
 bench-train: build-release
 	$(PY) -m edpo_bench.train
+
+# The real model (SmolLM2-135M-Instruct) with real chat pairs: export, prep and train against
+# the PyTorch baselines at max lengths 256…2,048 (about an hour here).
+bench-real: build-release
+	$(PY) -m edpo_bench.real
+
+# The whole pipeline on the real model and real conversations (see README "A real model").
+real: build-release
+	$(PY) -m edpo_experiments.real
 
 # The cached-vs-exact ε-step study (issue: top-K agreement): LM-trains the bench model on the
 # Python standard library (cached under ~/.cache/edpo/study), then compares for K = 1…256, V.

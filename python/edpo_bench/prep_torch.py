@@ -19,6 +19,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-tokens", type=int, default=8192)
     ap.add_argument("--topk", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=0, help="cut responses so prompt + response fits (0 = no limit)")
+    ap.add_argument("--max-prompt-length", type=int, default=0, help="keep the end of longer prompts (0 = no limit)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -32,12 +34,22 @@ def main():
     model.tie_weights()
     tok = AutoTokenizer.from_pretrained(bundle)
     seqs = []
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     for line in Path(args.data).read_text().splitlines():
         row = json.loads(line)
-        enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-        p = enc(row["prompt"])
-        for resp in (row["chosen"], row["rejected"]):
-            seqs.append((p, enc(resp) + [tok.eos_token_id]))
+        if isinstance(row["prompt"], list):  # chat rows: TRL 0.13's maybe_apply_chat_template
+            prompt = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+            texts = [tok.apply_chat_template(row["prompt"] + row[c], tokenize=False)[len(prompt) :] for c in ("chosen", "rejected")]
+        else:
+            prompt, texts = row["prompt"], [row["chosen"], row["rejected"]]
+        p = enc(prompt)
+        if args.max_prompt_length:
+            p = p[-args.max_prompt_length :]
+        for resp in texts:
+            r = enc(resp) + [tok.eos_token_id]
+            if args.max_length:
+                r = r[: max(0, args.max_length - len(p))]
+            seqs.append((p, r))
     order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
     batches, cur, longest = [], [], 0
     for i in order:

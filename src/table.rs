@@ -173,11 +173,20 @@ fn this_writer() -> &'static Writer {
         // Containers on one host may share its name but not its pids: the namespace tells.
         let pid_ns: String = std::fs::read_link("/proc/self/ns/pid")
             .ok()
-            .map(|l| l.to_string_lossy().chars().filter(char::is_ascii_digit).collect())
+            .map(|l| {
+                l.to_string_lossy()
+                    .chars()
+                    .filter(char::is_ascii_digit)
+                    .collect()
+            })
             .unwrap_or_default();
         Writer {
             host: if host.is_empty() { "host".into() } else { host },
-            pid_ns: if pid_ns.is_empty() { "0".into() } else { pid_ns },
+            pid_ns: if pid_ns.is_empty() {
+                "0".into()
+            } else {
+                pid_ns
+            },
             pid: std::process::id(),
         }
     })
@@ -337,7 +346,10 @@ mod tests {
         let w = Writer::of_tmp(&name).expect("parses");
         let me = this_writer();
         assert_eq!((w.host.as_str(), w.pid), (me.host.as_str(), me.pid));
-        assert!(Writer::of_tmp("part-00001.parquet.tmp").is_none(), "old-style name");
+        assert!(
+            Writer::of_tmp("part-00001.parquet.tmp").is_none(),
+            "old-style name"
+        );
     }
 
     #[test]
@@ -359,7 +371,10 @@ mod tests {
             std::fs::write(dir.path().join(f), b"x").unwrap();
         }
         assert_eq!(remove_stale_tmp(dir.path()), 1);
-        assert!(!dir.path().join(&files[0]).exists(), "dead local writer's file removed");
+        assert!(
+            !dir.path().join(&files[0]).exists(),
+            "dead local writer's file removed"
+        );
         for f in &files[1..] {
             assert!(dir.path().join(f).exists(), "{f} kept");
         }

@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use arrow::record_batch::RecordBatch;
@@ -371,7 +372,7 @@ fn skip_batches(
 
 /// Whether a JSONL line holds no row: only whitespace (as `str::trim` sees it). A line that is
 /// not UTF-8 counts as a row (reading it is an error, reported by whoever reads it).
-fn blank_line(line: &[u8]) -> bool {
+pub(crate) fn blank_line(line: &[u8]) -> bool {
     let ascii_space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r');
     if line.iter().all(|&b| ascii_space(b)) {
         return true;
@@ -442,23 +443,8 @@ fn jsonl_next(
         Some(Ok(bytes)) => bytes,
     };
     *line += 1;
-    let bad_json = |message: String| DataError::BadJson {
-        path: path.to_path_buf(),
-        line: *line,
-        message,
-    };
-    let text = std::str::from_utf8(&bytes).map_err(|e| DataError::Utf8 {
-        path: path.to_path_buf(),
-        line: *line,
-        message: e.to_string(),
-    })?;
-    let text = text.trim();
-    if text.is_empty() {
+    let Some(fields) = parse_jsonl_line(&bytes, path, *line)? else {
         return Ok(Next::Again);
-    }
-    let value: Value = serde_json::from_str(text).map_err(|e| bad_json(e.to_string()))?;
-    let Value::Object(fields) = value else {
-        return Err(bad_json("the line is not a JSON object".into()));
     };
     let out = SourceRow {
         file_index,
@@ -468,6 +454,33 @@ fn jsonl_next(
     };
     *row += 1;
     Ok(Next::Row(out))
+}
+
+/// Line `line` of JSONL file `path` as a JSON object; None for a blank line.
+pub(crate) fn parse_jsonl_line(
+    bytes: &[u8],
+    path: &Path,
+    line: u64,
+) -> Result<Option<Map<String, Value>>, DataError> {
+    let bad_json = |message: String| DataError::BadJson {
+        path: path.to_path_buf(),
+        line,
+        message,
+    };
+    let text = std::str::from_utf8(bytes).map_err(|e| DataError::Utf8 {
+        path: path.to_path_buf(),
+        line,
+        message: e.to_string(),
+    })?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let value: Value = serde_json::from_str(text).map_err(|e| bad_json(e.to_string()))?;
+    let Value::Object(fields) = value else {
+        return Err(bad_json("the line is not a JSON object".into()));
+    };
+    Ok(Some(fields))
 }
 
 /// A Parquet file's reader builder (footer read), and its row count.
@@ -497,28 +510,36 @@ pub(crate) fn parquet_builder(
     Ok((builder, rows))
 }
 
-/// The row groups of a Parquet file that overlap rows [start, end), and a selection of those
-/// rows relative to the first of them.
+/// The row groups of a Parquet file that hold rows of `ranges` (file rows, sorted, disjoint),
+/// and the selection of those rows within the groups kept.
 pub(crate) fn parquet_selection(
     metadata: &parquet::file::metadata::ParquetMetaData,
-    start: u64,
-    end: u64,
+    ranges: &[Range<u64>],
 ) -> (Vec<usize>, RowSelection) {
-    let (mut groups, mut first) = (Vec::new(), None);
+    let (mut groups, mut selectors) = (Vec::new(), Vec::new());
     let mut at = 0u64;
     for (g, group) in metadata.row_groups().iter().enumerate() {
-        let rows = group.num_rows().max(0) as u64;
-        if at + rows > start && at < end {
-            groups.push(g);
-            first.get_or_insert(at);
+        let span = at..at + group.num_rows().max(0) as u64;
+        at = span.end;
+        let mut pos = span.start;
+        for r in ranges {
+            let (start, end) = (r.start.max(span.start), r.end.min(span.end));
+            if start >= end {
+                continue;
+            }
+            if groups.last() != Some(&g) {
+                groups.push(g);
+            }
+            if start > pos {
+                selectors.push(RowSelector::skip((start - pos) as usize));
+            }
+            selectors.push(RowSelector::select((end - start) as usize));
+            pos = end;
         }
-        at += rows;
+        if groups.last() == Some(&g) && span.end > pos {
+            selectors.push(RowSelector::skip((span.end - pos) as usize));
+        }
     }
-    let first = first.unwrap_or(start);
-    let selectors = vec![
-        RowSelector::skip((start - first) as usize),
-        RowSelector::select((end - start) as usize),
-    ];
     (groups, RowSelection::from(selectors))
 }
 
@@ -576,7 +597,8 @@ impl RowStream {
         };
         let mut builder = builder.with_batch_size(1024);
         if start > 0 || end < total {
-            let (groups, selection) = parquet_selection(builder.metadata(), start, end);
+            let (groups, selection) =
+                parquet_selection(builder.metadata(), std::slice::from_ref(&(start..end)));
             builder = builder
                 .with_row_groups(groups)
                 .with_row_selection(selection);
@@ -740,7 +762,7 @@ pub(crate) fn batch_to_rows(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::Arc;
 

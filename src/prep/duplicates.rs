@@ -77,6 +77,7 @@ pub(super) fn earlier_pairs(
             candidates.push(row);
         }
     })?;
+    tracing::debug!(?candidates, "rows whose ids rows read here repeat");
     let earlier = parse_candidates(files, parser, &candidates)?;
     Ok(DuplicatePass {
         earlier,

@@ -55,8 +55,8 @@ fn write_jsonl(path: &Path, rows: &[serde_json::Map<String, serde_json::Value>],
     std::fs::write(path, text).unwrap();
 }
 
-/// The same rows as Parquet, 16 rows per row group (shards start inside row groups).
-fn write_parquet(path: &Path, rows: &[serde_json::Map<String, serde_json::Value>]) {
+/// The rows as one Arrow record batch of strings.
+fn record_batch(rows: &[serde_json::Map<String, serde_json::Value>]) -> RecordBatch {
     let column = |name: &str| -> ArrayRef {
         let values: StringArray = rows
             .iter()
@@ -64,9 +64,25 @@ fn write_parquet(path: &Path, rows: &[serde_json::Map<String, serde_json::Value>
             .collect();
         Arc::new(values)
     };
-    let batch =
-        RecordBatch::try_from_iter(["id", "prompt", "chosen", "rejected"].map(|n| (n, column(n))))
-            .unwrap();
+    RecordBatch::try_from_iter(["id", "prompt", "chosen", "rejected"].map(|n| (n, column(n))))
+        .unwrap()
+}
+
+/// The same rows as an Arrow IPC stream (the `datasets` save_to_disk format), 16 rows a batch.
+fn write_arrow(path: &Path, rows: &[serde_json::Map<String, serde_json::Value>]) {
+    let batch = record_batch(rows);
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = arrow::ipc::writer::StreamWriter::try_new(file, &batch.schema()).unwrap();
+    for start in (0..batch.num_rows()).step_by(16) {
+        let n = 16.min(batch.num_rows() - start);
+        writer.write(&batch.slice(start, n)).unwrap();
+    }
+    writer.finish().unwrap();
+}
+
+/// The same rows as Parquet, 16 rows per row group (shards start inside row groups).
+fn write_parquet(path: &Path, rows: &[serde_json::Map<String, serde_json::Value>]) {
+    let batch = record_batch(rows);
     let props = parquet::file::properties::WriterProperties::builder()
         .set_max_row_group_row_count(Some(16))
         .build();
@@ -150,14 +166,16 @@ fn run_workers(
 }
 
 #[test]
-fn three_concurrent_workers_write_the_files_of_one_process() {
+fn three_concurrent_workers_write_the_files_of_one_process_in_every_format() {
     let tmp = tempfile::tempdir().unwrap();
     let rows = rows_with_duplicates();
     let jsonl = tmp.path().join("pairs.jsonl");
     let parquet = tmp.path().join("pairs.parquet");
+    let arrow = tmp.path().join("pairs.arrow");
     write_jsonl(&jsonl, &rows, true);
     write_parquet(&parquet, &rows);
-    for data in [jsonl, parquet] {
+    write_arrow(&arrow, &rows);
+    for data in [jsonl, parquet, arrow] {
         let kind = data.extension().unwrap().to_string_lossy().into_owned();
         let one = tmp.path().join(format!("one-{kind}"));
         let alone = summary_of(spawn(prep(std::slice::from_ref(&data), &one)));

@@ -13,7 +13,7 @@ EDPO := $(CARGO_TARGET_DIR)/debug/edpo
 # The Python packages (edpo_export, edpo_bench, edpo_experiments) live in python/.
 export PYTHONPATH := $(CURDIR)/python
 
-.PHONY: setup build build-release test test-real test-rust test-python lint demo samples bench bench-prep bench-train study-k
+.PHONY: setup build build-release test test-real test-rust test-python lint demo samples bench bench-prep bench-train bench-prep-workers study-k slurm-check
 
 setup:
 	@command -v cargo >/dev/null || { echo "error: cargo not found; install Rust with rustup" >&2; exit 2; }
@@ -35,6 +35,12 @@ test-python: setup
 # with transformers/TRL. The tests marked `real` in tests/python.
 test-real: build
 	EDPO_REAL=1 EDPO_BIN=$(EDPO) $(PY) -m pytest tests/python -q -p no:warnings -m real
+
+# deploy/slurm/prep.sbatch on a real single-node Slurm (installed with apt-get if missing,
+# daemons started and stopped by the script): a 3-task array over data-samples/ must write the
+# files of one `edpo prep` process, byte for byte. Not in `make test` (needs root for apt-get).
+slurm-check: build
+	scripts/slurm_local.sh $(EDPO)
 
 lint:
 	cargo fmt --all -- --check

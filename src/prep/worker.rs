@@ -166,9 +166,13 @@ fn slurm(id: &str, env: &impl Fn(&str) -> Option<String>) -> Result<(Worker, Str
             why: format!("with SLURM_ARRAY_TASK_MIN={min}, step {step} and {count} tasks this is not one of an evenly spaced range of task ids; submit with `--array=A-B` or `--array=A-B:STEP`, or pass `--worker I/N`"),
         });
     };
+    let step_text = if step > 1 {
+        format!(", over SLURM_ARRAY_TASK_STEP={step}")
+    } else {
+        String::new()
+    };
     let from = format!(
-        "SLURM_ARRAY_TASK_ID={task} (minus SLURM_ARRAY_TASK_MIN={min}{}, of SLURM_ARRAY_TASK_COUNT={count})",
-        if step > 1 { format!(", over step {step}") } else { String::new() }
+        "SLURM_ARRAY_TASK_ID={task} minus SLURM_ARRAY_TASK_MIN={min}{step_text}; SLURM_ARRAY_TASK_COUNT={count}"
     );
     Ok((Worker { index, count }, from))
 }

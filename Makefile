@@ -64,6 +64,11 @@ bench-prep: build-release
 bench-train: build-release
 	$(PY) -m edpo_bench.train
 
+# Prep split across worker processes: wall time for 1, 2 and 4 workers sharing the cores, and
+# the per-worker input cost (first row, duplicate-id pass, peak RSS) at 1M rows.
+bench-prep-workers: build-release
+	$(PY) -m edpo_bench.prep_workers
+
 # The cached-vs-exact ε-step study (issue: top-K agreement): LM-trains the bench model on the
 # Python standard library (cached under ~/.cache/edpo/study), then compares for K = 1…256, V.
 # Then two more training seeds per pair kind (top-K rows only) and the side-by-side table.

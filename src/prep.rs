@@ -4,9 +4,9 @@
 //! Determinism is what makes resume safe: shard i always holds the usable pairs among input
 //! rows [i·S, (i+1)·S) (S = `shard_size`), scored in the same batches, so a rerun after a
 //! crash rewrites only missing shards and produces exactly the pairs of an uninterrupted run.
-//! It also lets many processes share the work ([`worker`]): worker I of N scores shards
-//! i ≡ I (mod N), reading only their rows ([`duplicates`] keeps the duplicate-id rule whole),
-//! and the complete manifest is written by whichever finds every shard in place ([`output`]).
+//! It also lets many processes share the work (`worker`): worker I of N scores shards
+//! i ≡ I (mod N), reading only their rows (`duplicates` keeps the duplicate-id rule whole), and
+//! the complete manifest is written by whichever finds every shard in place (`output`).
 
 mod duplicates;
 mod output;

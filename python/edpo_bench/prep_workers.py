@@ -25,6 +25,10 @@ from pathlib import Path
 
 from edpo_bench.common import CACHE, ROOT, bench_bundle, bench_pairs, edpo_release, write_results
 
+# The release binary measured: EDPO_BIN, else the build's (a shared target folder may hold
+# another checkout's build: copy yours and point EDPO_BIN at it).
+EDPO = os.environ.get("EDPO_BIN") or str(edpo_release())
+
 
 def digest(folder: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
@@ -32,9 +36,10 @@ def digest(folder: Path) -> dict:
 
 def run_workers(bundle: Path, data: Path, out: Path, workers: int, threads: int, args) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [str(edpo_release()), "--quiet", "--threads", str(threads), "prep", "--json", "--model", str(bundle),
+    cmd = [EDPO, "--quiet", "--threads", str(threads), "prep", "--json", "--model", str(bundle),
            "--data", str(data), "--out", str(out), "--shard-size", str(args.shard_size),
            "--batch-tokens", str(args.batch_tokens)]  # fmt: skip
+    load_before = os.getloadavg()
     t0 = time.time()
     procs = [subprocess.Popen(cmd + ["--worker", f"{i}/{workers}"], stdout=subprocess.PIPE) for i in range(workers)]
     per_worker = []
@@ -45,11 +50,15 @@ def run_workers(bundle: Path, data: Path, out: Path, workers: int, threads: int,
             raise SystemExit(f"worker failed: {' '.join(p.args)}")
         s = json.loads(out_bytes)
         per_worker.append({"worker": s["worker"], "wall_s": s["wall_seconds"], "shards": s["shards"],
-                           "tokens": s["sequence_tokens"], "peak_rss_mb": usage.ru_maxrss / 1024.0})  # fmt: skip
+                           "tokens": s["sequence_tokens"], "cpu_s": usage.ru_utime + usage.ru_stime,
+                           "peak_rss_mb": usage.ru_maxrss / 1024.0})  # fmt: skip
     wall = time.time() - t0
     tokens = sum(w["tokens"] for w in per_worker)
+    # Other processes on the machine change wall times: the load average before and after.
     return {"workers": workers, "threads_per_worker": threads, "wall_s": wall, "tokens": tokens,
-            "tokens_per_s": tokens / wall, "per_worker": per_worker, "files": digest(out)}  # fmt: skip
+            "tokens_per_s": tokens / wall, "cpu_s": sum(w["cpu_s"] for w in per_worker),
+            "load_average": {"before": load_before, "after": os.getloadavg()},
+            "per_worker": per_worker, "files": digest(out)}  # fmt: skip
 
 
 def scaling(args) -> dict:
@@ -103,7 +112,7 @@ def input_cost(data: Path, worker: int, workers: int, shard_size: int) -> dict:
     """Starts worker `worker` of `workers` over `data`, stops it after its duplicate-id pass."""
     out = CACHE / "shards-input-cost"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [str(edpo_release()), "--quiet", "--threads", "1", "prep", "--model", str(ROOT / "data-samples" / "bundle"),
+    cmd = [EDPO, "--quiet", "--threads", "1", "prep", "--model", str(ROOT / "data-samples" / "bundle"),
            "--data", str(data), "--out", str(out), "--shard-size", str(shard_size), "--worker", f"{worker}/{workers}"]  # fmt: skip
     env = {**os.environ, "EDPO_LOG": "edpo::prep=info", "NO_COLOR": "1"}
     t0 = time.time()
@@ -133,12 +142,16 @@ def main():
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--skip-scaling", action="store_true")
     args = ap.parse_args()
-    res = {"machine": {"cores": os.cpu_count(), "load_average_at_start": os.getloadavg()}}
+    res = {"binary": EDPO, "machine": {"cores": os.cpu_count(), "load_average_at_start": os.getloadavg()}}
     jsonl, parquet = million_rows(args.rows)
     res["input_cost"] = {"rows": args.rows, "shard_size": 2048, "files": {}}
     for data in (jsonl, parquet):
-        res["input_cost"]["files"][data.suffix[1:]] = {"bytes": data.stat().st_size, "workers": [input_cost(data, w, 4, 2048) for w in (0, 3)]}
-        for r in res["input_cost"]["files"][data.suffix[1:]]["workers"]:
+        # Each measurement three times (a warm page cache after the first); the median is shown.
+        runs = {w: [input_cost(data, w, 4, 2048) for _ in range(3)] for w in (0, 3)}
+        median = {w: sorted(rs, key=lambda r: r["own_rows_s"] + r["id_scan_s"])[1] for w, rs in runs.items()}
+        res["input_cost"]["files"][data.suffix[1:]] = {"bytes": data.stat().st_size, "workers": list(median.values()),
+                                                        "all_runs": [r for rs in runs.values() for r in rs]}  # fmt: skip
+        for r in median.values():
             print(f"  {data.suffix[1:]} worker {r['worker']}: first row {r['first_row_s']:.3f} s, own rows {r['own_rows_s']:.2f} s, "
                   f"id scan {r['id_scan_s']:.2f} s ({r['rows_scanned']} rows), peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
     if not args.skip_scaling:

@@ -13,7 +13,7 @@ EDPO := $(CARGO_TARGET_DIR)/debug/edpo
 # The Python packages (edpo_export, edpo_bench, edpo_experiments) live in python/.
 export PYTHONPATH := $(CURDIR)/python
 
-.PHONY: setup build build-release real bench-real test test-real test-rust test-mpi test-python lint demo samples bench bench-prep bench-train study-k chat-templates
+.PHONY: setup build build-release real bench-real test test-real test-rust test-mpi test-python lint demo samples bench bench-prep bench-train bench-prep-workers study-k chat-templates slurm-check
 
 setup:
 	@command -v cargo >/dev/null || { echo "error: cargo not found; install Rust with rustup" >&2; exit 2; }
@@ -44,6 +44,12 @@ chat-templates:
 # with transformers/TRL. The tests marked `real` in tests/python.
 test-real: build
 	EDPO_REAL=1 EDPO_BIN=$(EDPO) $(PY) -m pytest tests/python -q -p no:warnings -m real
+
+# deploy/slurm/prep.sbatch on a real single-node Slurm (installed with apt-get if missing,
+# daemons started and stopped by the script): a 3-task array over data-samples/ must write the
+# files of one `edpo prep` process, byte for byte. Not in `make test` (needs root for apt-get).
+slurm-check: build
+	scripts/slurm_local.sh $(EDPO)
 
 lint:
 	cargo fmt --all -- --check
@@ -76,6 +82,11 @@ bench-real: build-release
 # The whole pipeline on the real model and real conversations (see README "A real model").
 real: build-release
 	$(PY) -m edpo_experiments.real
+
+# Prep split across worker processes: wall time for 1, 2 and 4 workers sharing the cores, and
+# the per-worker input cost (first row, duplicate-id pass, peak RSS) at 1M rows.
+bench-prep-workers: build-release
+	$(PY) -m edpo_bench.prep_workers
 
 # The cached-vs-exact ε-step study (issue: top-K agreement): LM-trains the bench model on the
 # Python standard library (cached under ~/.cache/edpo/study), then compares for K = 1…256, V.

@@ -207,6 +207,24 @@ pub struct PrepArgs {
     #[serde(default)]
     pub overwrite: bool,
 
+    /// Score only shards i ≡ I (mod N) into the shared `--out`, as worker I of N (e.g. `0/4`).
+    /// Without it, I and N come from a Slurm job array (SLURM_ARRAY_TASK_ID minus
+    /// SLURM_ARRAY_TASK_MIN, SLURM_ARRAY_TASK_COUNT) or a Kubernetes Indexed Job
+    /// (JOB_COMPLETION_INDEX with `--workers`); else one process scores every shard. The
+    /// worker that completes the last shard writes the complete manifest.json.
+    #[arg(long, value_name = "I/N")]
+    pub worker: Option<String>,
+
+    /// Number of workers, for a Kubernetes Indexed Job (its `completions`).
+    #[arg(long, env = "EDPO_WORKERS")]
+    pub workers: Option<usize>,
+
+    /// Score nothing: write the complete manifest.json once every shard is in `--out` (after
+    /// the workers, e.g. as a dependent job), or name the missing shards.
+    #[arg(long)]
+    #[serde(default)]
+    pub finalize: bool,
+
     /// Print the summary as JSON.
     #[arg(long)]
     #[serde(skip)]

@@ -16,6 +16,7 @@ use crate::cli::{EvalArgs, GlobalArgs, PrepArgs, StudyKArgs, TrainArgs, VerifyAr
 use crate::data::tokenize::{ResponseEos, Truncation};
 use crate::data::{Columns, Format, PromptMismatch};
 use crate::eval::EvalConfig;
+use crate::prep::worker::{self, Worker, WorkerError};
 use crate::prep::PrepConfig;
 use crate::runtime::{Device, SessionConfig};
 use crate::study::{Estimator, StudyConfig};
@@ -31,6 +32,8 @@ pub enum ConfigError {
     Missing(&'static str),
     #[error("`--{flag}`: {message}")]
     Value { flag: &'static str, message: String },
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
 }
 
 /// Settings of `edpo prep` (keys of its `--config` file and names of its flags).
@@ -55,6 +58,9 @@ pub struct PrepSettings {
     pub shard_size: usize,
     pub limit: Option<u64>,
     pub overwrite: bool,
+    pub worker: Option<String>,
+    pub workers: Option<usize>,
+    pub finalize: bool,
 }
 
 impl Default for PrepSettings {
@@ -79,6 +85,9 @@ impl Default for PrepSettings {
             shard_size: 2048,
             limit: None,
             overwrite: false,
+            worker: None,
+            workers: None,
+            finalize: false,
         }
     }
 }
@@ -328,6 +337,11 @@ pub fn prep_config(args: &PrepArgs, global: &GlobalArgs) -> Result<PrepConfig, C
     if s.data.is_empty() {
         return Err(ConfigError::Missing("data"));
     }
+    let (worker, worker_from) = if s.finalize {
+        (Worker::ALONE, "--finalize".to_string())
+    } else {
+        worker::resolve(s.worker.as_deref(), s.workers, |k| std::env::var(k).ok())?
+    };
     Ok(PrepConfig {
         model: required(s.model, "model")?,
         data: s.data,
@@ -352,6 +366,9 @@ pub fn prep_config(args: &PrepArgs, global: &GlobalArgs) -> Result<PrepConfig, C
         limit: s.limit,
         overwrite: s.overwrite,
         quiet: global.quiet || args.json,
+        worker,
+        worker_from,
+        finalize: s.finalize,
     })
 }
 

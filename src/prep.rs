@@ -4,9 +4,16 @@
 //! Determinism is what makes resume safe: shard i always holds the usable pairs among input
 //! rows [i·S, (i+1)·S) (S = `shard_size`), scored in the same batches, so a rerun after a
 //! crash rewrites only missing shards and produces exactly the pairs of an uninterrupted run.
+//! It also lets many processes share the work (`worker`): worker I of N scores shards
+//! i ≡ I (mod N), reading only their rows (`duplicates` keeps the duplicate-id rule whole), and
+//! the complete manifest is written by whichever finds every shard in place (`output`).
+
+mod duplicates;
+mod output;
+pub mod worker;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use serde_json::json;
@@ -24,10 +31,12 @@ use crate::progress::Progress;
 use crate::runtime::SessionConfig;
 use crate::scoring::{score_pair_rows, BatchStats};
 use crate::shards::{
-    list_shards, shard_file_name, write_shard, ResponseScores, ScoredPair, ShardManifest,
-    ShardMetadata, ShardStats,
+    shard_file_name, write_shard, ResponseScores, ScoredPair, ShardManifest, ShardMetadata,
+    ShardStats,
 };
 use crate::Error;
+use duplicates::EarlierPairs;
+pub use worker::Worker;
 
 pub const EDPO_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -41,6 +50,12 @@ pub enum PrepError {
     OtherSettings { dir: PathBuf, what: String },
     #[error("output folder `{dir}` is not writable: {message}; choose another `--out` or fix its permissions")]
     Unwritable { dir: PathBuf, message: String },
+    #[error("`--finalize`: `{dir}` lacks shards {missing} of {total}; run the workers that score them again (shard i is worker i mod N's), or the same command without `--finalize` to score them here")]
+    Incomplete {
+        dir: PathBuf,
+        missing: String,
+        total: usize,
+    },
     #[error("{at}: cannot tell the data format from the first row: {why} (columns: {columns}); pass `--format` and the column flags")]
     UnknownFormat {
         at: String,
@@ -73,6 +88,25 @@ pub struct PrepConfig {
     pub limit: Option<u64>,
     pub overwrite: bool,
     pub quiet: bool,
+    /// Which shards this process scores (all of them: [`Worker::ALONE`]).
+    pub worker: Worker,
+    /// Where `worker` came from (a flag, Slurm or Kubernetes variables), for the summary.
+    pub worker_from: String,
+    /// Only write the complete manifest (every shard must be in place); score nothing.
+    pub finalize: bool,
+}
+
+/// Where a prep process's time went before scoring, in seconds: reaching its first row, the
+/// duplicate-id pass (its own rows' ids, then the other rows' before them), validating its rows.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct InputTimes {
+    pub first_row_s: f64,
+    pub duplicate_pass_s: f64,
+    pub validate_s: f64,
+    /// Rows outside this process's shards whose pair ids were read.
+    pub id_rows_scanned: u64,
+    /// Of those, rows read in full because a row of its own repeats their id.
+    pub id_candidates: u64,
 }
 
 /// What a prep run did.
@@ -93,6 +127,13 @@ pub struct PrepSummary {
     pub wall_seconds: f64,
     pub pairs_per_second: f64,
     pub tokens_per_second: f64,
+    /// This process's part, `I/N` (`0/1`: one process, every shard).
+    pub worker: String,
+    pub worker_from: String,
+    /// Shards of the whole input, and whether every one is in place (manifest complete).
+    pub shards_total: usize,
+    pub complete: bool,
+    pub input: InputTimes,
 }
 
 impl PrepSummary {
@@ -106,6 +147,24 @@ impl PrepSummary {
         self.response_tokens += stats.response_tokens;
         self.sequence_tokens += stats.sequence_tokens;
         self.padded_tokens += stats.padded_tokens;
+    }
+}
+
+impl PrepSummary {
+    /// What a worker did and whether the output is complete.
+    fn worker_line(&self) -> String {
+        let done = if self.complete {
+            format!(
+                "all {} shards in place, manifest.json complete",
+                self.shards_total
+            )
+        } else {
+            "other shards still missing: the worker that completes the last one writes manifest.json (or run the same command with `--finalize`)".to_string()
+        };
+        format!(
+            "  worker {} ({}): {} of {} shards; {done}\n",
+            self.worker, self.worker_from, self.shards, self.shards_total
+        )
     }
 }
 
@@ -129,6 +188,9 @@ impl Printable for PrepSummary {
                 .map(|r| r.describe())
                 .unwrap_or("");
             s.push_str(&format!("  skipped {n:>6} {reason}: {why}\n"));
+        }
+        if self.worker != "0/1" {
+            s.push_str(&self.worker_line());
         }
         s.push_str(&format!(
             "  tokens scored {} (response tokens {}), padding {:.1}%\n  wall {:.1}s, {:.1} pairs/s, {:.0} tokens/s\n",
@@ -296,75 +358,128 @@ fn plan(cfg: &PrepConfig) -> Result<Plan, Error> {
     })
 }
 
+/// How the rows of one shard are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// Skipped without parsing: another worker's shard, or one complete already.
+    Skip,
+    /// Parsed (pair ids and skips), not tokenised.
+    Parse,
+    /// Parsed and tokenised.
+    Tokenize,
+}
+
 /// Reads input rows shard by shard: parse, drop duplicates, tokenise; counts skips.
 struct ShardReader<'a> {
     stream: RowStream,
     parser: RowParser<'a>,
     encoder: &'a Encoder,
+    /// Pair ids of the rows read so far that parsed into pairs.
     seen: HashSet<u64>,
+    /// The pairs among the rows not read (complete shards, other workers') that rows read
+    /// would repeat.
+    earlier: &'a EarlierPairs,
     next_row: u64,
+    next_index: usize,
     limit: Option<u64>,
     shard_size: usize,
+    /// When the first row of a shard read (not skipped) was parsed.
+    first_row_at: Option<Instant>,
 }
 
-/// The usable pairs of one shard's input rows.
+/// One shard's input rows: counted only (skipped), or read into its usable pairs.
 struct ShardInput {
+    index: usize,
     first_source_row: u64,
     rows_in: u64,
+    read: bool,
     pairs: Vec<TokenizedPair>,
+    /// (input row, pair id) of every row that parsed into a pair, duplicates included.
+    ids: Vec<(u64, u64)>,
     skipped: BTreeMap<String, u64>,
 }
 
+fn count_skip(skipped: &mut BTreeMap<String, u64>, reason: SkipReason) {
+    *skipped.entry(reason.name().into()).or_default() += 1;
+}
+
 impl ShardReader<'_> {
-    fn next_shard(&mut self, tokenize: bool) -> Result<Option<ShardInput>, Error> {
+    /// The next shard, read as `how` says for its index (None after the last input row).
+    fn next_shard(&mut self, how: impl Fn(usize) -> Read) -> Result<Option<ShardInput>, Error> {
+        let index = self.next_index;
         let first = self.next_row;
-        let mut inputs: Vec<PairInput> = Vec::new();
-        let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
-        let mut rows_in = 0u64;
-        while rows_in < self.shard_size as u64 {
-            if self.limit.is_some_and(|l| self.next_row >= l) {
-                break;
+        let size = self.shard_size as u64;
+        let want = self
+            .limit
+            .map_or(size, |l| l.saturating_sub(first).min(size));
+        if want == 0 {
+            return Ok(None);
+        }
+        let mode = how(index);
+        let mut shard = ShardInput {
+            index,
+            first_source_row: first,
+            rows_in: 0,
+            read: mode != Read::Skip,
+            pairs: Vec::new(),
+            ids: Vec::new(),
+            skipped: BTreeMap::new(),
+        };
+        if mode == Read::Skip {
+            shard.rows_in = self.stream.skip_rows(want)?;
+        } else {
+            // Decode a Parquet file for this shard's rows only when the next shard is skipped.
+            let window = (how(index + 1) == Read::Skip).then_some(want);
+            self.stream.set_window(window);
+            let inputs = self.read_rows(want, &mut shard)?;
+            if mode == Read::Tokenize {
+                self.tokenize(&inputs, &mut shard)?;
             }
+        }
+        if shard.rows_in == 0 {
+            return Ok(None);
+        }
+        self.next_row += shard.rows_in;
+        self.next_index += 1;
+        Ok(Some(shard))
+    }
+
+    /// Parses up to `want` rows into `shard`; returns the pairs left after the duplicate rule.
+    fn read_rows(&mut self, want: u64, shard: &mut ShardInput) -> Result<Vec<PairInput>, Error> {
+        let mut inputs = Vec::new();
+        while shard.rows_in < want {
             let Some(row) = self.stream.next_row()? else {
                 break;
             };
+            self.first_row_at.get_or_insert_with(Instant::now);
+            let source_row = shard.first_source_row + shard.rows_in;
             let path = self.stream.files()[row.file_index].path.clone();
-            let outcome = self.parser.parse(&row, &path, self.next_row)?;
-            self.next_row += 1;
-            rows_in += 1;
+            let outcome = self.parser.parse(&row, &path, source_row)?;
+            shard.rows_in += 1;
             match outcome {
-                RowOutcome::Skip(reason) => *skipped.entry(reason.name().into()).or_default() += 1,
+                RowOutcome::Skip(reason) => count_skip(&mut shard.skipped, reason),
                 RowOutcome::Pair(pair) => {
-                    if !self.seen.insert(pair.pair_id) {
-                        *skipped
-                            .entry(SkipReason::DuplicateId.name().into())
-                            .or_default() += 1;
-                    } else {
+                    shard.ids.push((source_row, pair.pair_id));
+                    let fresh = self.seen.insert(pair.pair_id);
+                    if fresh && !self.earlier.repeats(pair.pair_id, source_row) {
                         inputs.push(pair);
+                    } else {
+                        count_skip(&mut shard.skipped, SkipReason::DuplicateId);
                     }
                 }
             }
         }
-        if rows_in == 0 {
-            return Ok(None);
-        }
-        let mut pairs = Vec::new();
-        if tokenize {
-            for outcome in self.encoder.encode_all(&inputs)? {
-                match outcome {
-                    EncodeOutcome::Pair(p) => pairs.push(p),
-                    EncodeOutcome::Skip(reason) => {
-                        *skipped.entry(reason.name().into()).or_default() += 1
-                    }
-                }
+        Ok(inputs)
+    }
+
+    fn tokenize(&self, inputs: &[PairInput], shard: &mut ShardInput) -> Result<(), Error> {
+        for outcome in self.encoder.encode_all(inputs)? {
+            match outcome {
+                EncodeOutcome::Pair(p) => shard.pairs.push(p),
+                EncodeOutcome::Skip(reason) => count_skip(&mut shard.skipped, reason),
             }
         }
-        Ok(Some(ShardInput {
-            first_source_row: first,
-            rows_in,
-            pairs,
-            skipped,
-        }))
+        Ok(())
     }
 }
 
@@ -413,95 +528,29 @@ fn score_pairs(
     Ok((scored, stats))
 }
 
-fn check_writable(dir: &Path) -> Result<(), PrepError> {
-    let unwritable = |message: String| PrepError::Unwritable {
-        dir: dir.to_path_buf(),
-        message,
-    };
-    std::fs::create_dir_all(dir).map_err(|e| unwritable(e.to_string()))?;
-    let probe = dir.join(".edpo-write-probe");
-    std::fs::write(&probe, b"ok").map_err(|e| unwritable(e.to_string()))?;
-    std::fs::remove_file(&probe).map_err(|e| unwritable(e.to_string()))
-}
-
-/// What `--out` already holds.
-enum Existing {
-    /// Shards of this very run (same fingerprint), complete ones by index.
-    Resumable(BTreeMap<usize, ShardStats>),
-    /// Shards of another run or model: refused unless `--overwrite`, and deleted only after
-    /// the new input was validated (a failed run must not lose what was there).
-    Foreign { what: String, files: Vec<PathBuf> },
-}
-
-fn existing_shards(dir: &Path, plan: &Plan) -> Result<Existing, Error> {
-    let manifest = ShardManifest::read(dir)?;
-    let files = list_shards(dir)?;
-    let foreign = match &manifest {
-        Some(m) if m.fingerprint != plan.fingerprint => Some(format!(
-            "bundle {} vs {}, settings fingerprint {} vs {}",
-            short(&m.bundle_sha256),
-            short(&plan.bundle.bundle_sha256),
-            short(&m.fingerprint),
-            short(&plan.fingerprint)
-        )),
-        None if !files.is_empty() => Some("shards without a manifest.json".to_string()),
-        _ => None,
-    };
-    if let Some(what) = foreign {
-        return Ok(Existing::Foreign { what, files });
-    }
-    let mut done = BTreeMap::new();
-    for f in files {
-        // A shard is complete when it was renamed into place; its own metadata says which
-        // run and which input rows it holds.
-        let Ok(meta) = ShardMetadata::read(&f) else {
-            continue;
-        };
-        if meta.fingerprint == plan.fingerprint {
-            done.insert(meta.shard.index, meta.shard);
-        }
-    }
-    Ok(Existing::Resumable(done))
-}
-
-fn short(hash: &str) -> &str {
-    &hash[..hash.len().min(12)]
-}
-
-/// The shards of this run already complete in `--out`, and the foreign files `--overwrite`
-/// will replace (refused without it).
-fn claim_output(
-    cfg: &PrepConfig,
-    plan: &Plan,
-) -> Result<(BTreeMap<usize, ShardStats>, Vec<PathBuf>), Error> {
-    check_writable(&cfg.out)?;
-    match existing_shards(&cfg.out, plan)? {
-        Existing::Resumable(done) => Ok((done, Vec::new())),
-        Existing::Foreign { what, .. } if !cfg.overwrite => Err(PrepError::OtherSettings {
-            dir: cfg.out.clone(),
-            what,
-        }
-        .into()),
-        Existing::Foreign { files, .. } => Ok((BTreeMap::new(), files)),
-    }
-}
-
 impl Plan {
     /// A reader of the input, shard by shard, from the first row.
-    fn reader<'a>(&'a self, cfg: &'a PrepConfig) -> ShardReader<'a> {
+    fn reader<'a>(&'a self, cfg: &'a PrepConfig, earlier: &'a EarlierPairs) -> ShardReader<'a> {
         ShardReader {
             stream: RowStream::new(self.files.clone()),
-            parser: RowParser {
-                columns: &cfg.columns,
-                format: self.format,
-                vocab_size: self.bundle.manifest.vocab_size,
-                prompt_mismatch: cfg.prompt_mismatch,
-            },
+            parser: self.parser(cfg),
             encoder: &self.encoder,
             seen: HashSet::new(),
+            earlier,
             next_row: 0,
+            next_index: 0,
             limit: cfg.limit,
             shard_size: cfg.shard_size,
+            first_row_at: None,
+        }
+    }
+
+    fn parser<'a>(&'a self, cfg: &'a PrepConfig) -> RowParser<'a> {
+        RowParser {
+            columns: &cfg.columns,
+            format: self.format,
+            vocab_size: self.bundle.manifest.vocab_size,
+            prompt_mismatch: cfg.prompt_mismatch,
         }
     }
 
@@ -519,39 +568,127 @@ impl Plan {
     }
 }
 
-/// Pass 1: reads, parses and tokenises every shard not done yet (no scoring), so that a bad
-/// row stops the run before hours of scoring; returns the number of pairs, for progress.
+/// The shards this process scores: its worker's, less those complete already.
+struct Work {
+    worker: Worker,
+    done: BTreeMap<usize, ShardStats>,
+}
+
+impl Work {
+    fn scores(&self, index: usize) -> bool {
+        self.worker.owns(index) && !self.done.contains_key(&index)
+    }
+
+    /// Shards scored here are read `mode`, the others skipped.
+    fn read(&self, mode: Read) -> impl Fn(usize) -> Read + '_ {
+        move |index| if self.scores(index) { mode } else { Read::Skip }
+    }
+}
+
+/// Peak resident memory of this process so far, in MB (0 where unknown).
+fn peak_rss_mb() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct we own; zeroed is a valid rusage.
+    let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } == 0;
+    if !ok {
+        return 0.0;
+    }
+    // SAFETY: initialised above (zeroed, then filled by getrusage).
+    unsafe { usage.assume_init() }.ru_maxrss as f64 / 1024.0
+}
+
+/// The duplicate-id rule's part outside the rows scored here: the rows of the shards scored
+/// here are parsed for their pair ids, then the other rows before them are scanned for theirs
+/// (nothing to do when this process scores every shard from the first).
+fn duplicate_pass(
+    cfg: &PrepConfig,
+    plan: &Plan,
+    work: &Work,
+    times: &mut InputTimes,
+) -> Result<EarlierPairs, Error> {
+    if !cfg.worker.shared() && work.done.is_empty() {
+        return Ok(EarlierPairs::default());
+    }
+    let started = Instant::now();
+    let none = EarlierPairs::default();
+    let mut reader = plan.reader(cfg, &none);
+    let (mut own, mut own_ids) = (Vec::new(), Vec::new());
+    while let Some(shard) = reader.next_shard(work.read(Read::Parse))? {
+        if shard.read {
+            own.push(shard.first_source_row..shard.first_source_row + shard.rows_in);
+            own_ids.extend(shard.ids);
+        }
+    }
+    times.first_row_s = reader
+        .first_row_at
+        .map_or(0.0, |t| t.duration_since(started).as_secs_f64());
+    let pass = duplicates::earlier_pairs(&plan.files, &plan.parser(cfg), &own, &own_ids)?;
+    times.duplicate_pass_s = started.elapsed().as_secs_f64();
+    times.id_rows_scanned = pass.rows_scanned;
+    times.id_candidates = pass.candidates;
+    tracing::info!(
+        worker = %cfg.worker,
+        first_row_s = times.first_row_s,
+        own_rows_s = times.duplicate_pass_s - pass.seconds,
+        id_scan_s = pass.seconds,
+        rows_scanned = pass.rows_scanned,
+        candidates = pass.candidates,
+        peak_rss_mb = peak_rss_mb(),
+        "duplicate-id pass done"
+    );
+    Ok(pass.earlier)
+}
+
+/// Pass 1: reads, parses and tokenises the shards scored here (no scoring), so that a bad row
+/// stops the run before hours of scoring; returns this worker's pairs (for progress) and the
+/// number of shards of the whole input.
 fn count_pairs(
     cfg: &PrepConfig,
     plan: &Plan,
-    done: &BTreeMap<usize, ShardStats>,
-) -> Result<u64, Error> {
-    let mut reader = plan.reader(cfg);
-    let (mut pairs, mut index) = (0u64, 0usize);
-    while let Some(shard) = reader.next_shard(!done.contains_key(&index))? {
-        pairs += done
-            .get(&index)
-            .map_or(shard.pairs.len() as u64, |s| s.pairs);
-        index += 1;
+    work: &Work,
+    earlier: &EarlierPairs,
+    times: &mut InputTimes,
+) -> Result<(u64, usize), Error> {
+    let started = Instant::now();
+    let mut reader = plan.reader(cfg, earlier);
+    let (mut pairs, mut shards) = (0u64, 0usize);
+    while let Some(shard) = reader.next_shard(work.read(Read::Tokenize))? {
+        pairs += match work.done.get(&shard.index) {
+            Some(stats) if cfg.worker.owns(shard.index) => stats.pairs,
+            _ => shard.pairs.len() as u64,
+        };
+        shards += 1;
     }
-    Ok(pairs)
+    if times.first_row_s == 0.0 {
+        times.first_row_s = reader
+            .first_row_at
+            .map_or(0.0, |t| t.duration_since(started).as_secs_f64());
+    }
+    times.validate_s = started.elapsed().as_secs_f64();
+    tracing::info!(
+        worker = %cfg.worker,
+        validate_s = times.validate_s,
+        shards,
+        peak_rss_mb = peak_rss_mb(),
+        "rows validated"
+    );
+    Ok((pairs, shards))
 }
 
-/// Scores one shard's pairs and writes its file and the updated manifest.
+/// Scores one shard's pairs and writes its file (and, one process alone, the updated manifest).
 fn write_scored_shard(
     cfg: &PrepConfig,
     plan: &Plan,
     graph: &mut ReferenceGraph,
-    index: usize,
     shard: ShardInput,
-    manifest: &mut ShardManifest,
+    manifest: Option<&mut ShardManifest>,
 ) -> Result<ShardStats, Error> {
     let n_pairs = shard.pairs.len() as u64;
     let (scored, batch_stats) =
         score_pairs(graph, shard.pairs, plan.topk, cfg.batch_tokens, plan.pad_id)?;
     let stats = ShardStats {
-        file: shard_file_name(index),
-        index,
+        file: shard_file_name(shard.index),
+        index: shard.index,
         first_source_row: shard.first_source_row,
         rows_in: shard.rows_in,
         pairs: n_pairs,
@@ -569,60 +706,56 @@ fn write_scored_shard(
         &plan.shard_metadata(&stats),
     )?;
     crate::crash::point("prep.shard-written");
-    manifest.shards.retain(|s| s.index != index);
-    manifest.shards.push(stats.clone());
-    manifest.shards.sort_by_key(|s| s.index);
-    manifest.write(&cfg.out)?;
+    if let Some(manifest) = manifest {
+        manifest.shards.retain(|s| s.index != stats.index);
+        manifest.shards.push(stats.clone());
+        manifest.shards.sort_by_key(|s| s.index);
+        manifest.write(&cfg.out)?;
+    }
     Ok(stats)
 }
 
-/// Runs prep end to end.
-pub fn run(cfg: &PrepConfig) -> Result<PrepSummary, Error> {
-    let started = Instant::now();
-    let plan = plan(cfg)?;
-    let (done, replace) = claim_output(cfg, &plan)?;
-    let total_pairs = count_pairs(cfg, &plan, &done)?;
-    for f in &replace {
-        std::fs::remove_file(f).map_err(|e| PrepError::Unwritable {
-            dir: cfg.out.clone(),
-            message: e.to_string(),
-        })?;
-    }
-    let mut manifest = ShardManifest {
-        edpo_version: EDPO_VERSION.into(),
-        bundle_sha256: plan.bundle.bundle_sha256.clone(),
-        fingerprint: plan.fingerprint.clone(),
-        topk: plan.topk,
-        settings: plan.settings.clone(),
-        complete: false,
-        shards: done.values().cloned().collect(),
-    };
-    manifest.write(&cfg.out)?;
-
+/// Pass 2: scores the shards of this process and writes them; counts this worker's shards
+/// complete already as reused.
+fn score_shards(
+    cfg: &PrepConfig,
+    plan: &Plan,
+    work: &Work,
+    earlier: &EarlierPairs,
+    total_pairs: u64,
+    mut manifest: Option<&mut ShardManifest>,
+) -> Result<PrepSummary, Error> {
     let mut graph: Option<ReferenceGraph> = None;
     let progress = Progress::new(total_pairs, "pairs", cfg.quiet);
-    let mut reader = plan.reader(cfg);
+    let mut reader = plan.reader(cfg, earlier);
     let mut summary = PrepSummary {
         out: cfg.out.clone(),
         format: plan.format.name().into(),
         topk: plan.topk,
+        worker: cfg.worker.to_string(),
         ..PrepSummary::default()
     };
-    let (mut index, mut scored_pairs, mut scored_tokens) = (0usize, 0u64, 0u64);
+    let (mut scored_pairs, mut scored_tokens) = (0u64, 0u64);
     let scoring_started = Instant::now();
-    while let Some(shard) = reader.next_shard(!done.contains_key(&index))? {
-        let stats = if let Some(stats) = done.get(&index) {
-            summary.shards_reused += 1;
-            stats.clone()
-        } else {
+    while let Some(shard) = reader.next_shard(work.read(Read::Tokenize))? {
+        let stats = if shard.read {
             let graph = match graph.as_mut() {
                 Some(g) => g,
                 None => graph.insert(ReferenceGraph::new(&plan.bundle, None, &cfg.session)?),
             };
-            let stats = write_scored_shard(cfg, &plan, graph, index, shard, &mut manifest)?;
+            let stats = write_scored_shard(cfg, plan, graph, shard, manifest.as_deref_mut())?;
             scored_pairs += stats.pairs;
             scored_tokens += stats.sequence_tokens;
             stats
+        } else if let Some(stats) = work
+            .done
+            .get(&shard.index)
+            .filter(|_| cfg.worker.owns(shard.index))
+        {
+            summary.shards_reused += 1;
+            stats.clone()
+        } else {
+            continue; // another worker's
         };
         progress.inc(stats.pairs);
         let secs = scoring_started.elapsed().as_secs_f64().max(1e-9);
@@ -632,20 +765,118 @@ pub fn run(cfg: &PrepConfig) -> Result<PrepSummary, Error> {
             scored_tokens as f64 / secs
         ));
         summary.add(&stats);
-        index += 1;
+        summary.shards += 1;
     }
     progress.finish();
-    manifest.complete = true;
-    manifest.write(&cfg.out)?;
-    summary.shards = index;
+    let secs = scoring_started.elapsed().as_secs_f64().max(1e-9);
+    summary.pairs_per_second = scored_pairs as f64 / secs;
+    summary.tokens_per_second = scored_tokens as f64 / secs;
+    Ok(summary)
+}
+
+/// The number of shards of the whole input (its rows counted, not read).
+fn count_shards(cfg: &PrepConfig, plan: &Plan) -> Result<usize, Error> {
+    let none = EarlierPairs::default();
+    let mut reader = plan.reader(cfg, &none);
+    let mut shards = 0;
+    while reader.next_shard(|_| Read::Skip)?.is_some() {
+        shards += 1;
+    }
+    Ok(shards)
+}
+
+/// `--finalize`: writes the complete manifest when every shard is in place, else says which
+/// are missing.
+fn finalize_only(cfg: &PrepConfig, plan: &Plan) -> Result<PrepSummary, Error> {
+    output::check_same_run(cfg, plan)?;
+    let total = count_shards(cfg, plan)?;
+    let manifest =
+        output::finalize(cfg, plan, total)?.map_err(|missing| PrepError::Incomplete {
+            dir: cfg.out.clone(),
+            missing: ranges_text(&missing),
+            total,
+        })?;
+    let mut summary = PrepSummary {
+        out: cfg.out.clone(),
+        format: plan.format.name().into(),
+        topk: plan.topk,
+        worker: "finalize".into(),
+        shards: total,
+        shards_reused: total,
+        shards_total: total,
+        complete: true,
+        ..PrepSummary::default()
+    };
+    for stats in &manifest.shards {
+        summary.add(stats);
+    }
+    Ok(summary)
+}
+
+/// Shard indices as short text: "3, 7-9, 12".
+fn ranges_text(indices: &[usize]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < indices.len() {
+        let mut j = i;
+        while j + 1 < indices.len() && indices[j + 1] == indices[j] + 1 {
+            j += 1;
+        }
+        parts.push(if j > i {
+            format!("{}-{}", indices[i], indices[j])
+        } else {
+            indices[i].to_string()
+        });
+        i = j + 1;
+    }
+    parts.join(", ")
+}
+
+/// Runs prep end to end: this process's shards (all of them, or its worker's), then the
+/// complete manifest if every shard is in place.
+pub fn run(cfg: &PrepConfig) -> Result<PrepSummary, Error> {
+    let started = Instant::now();
+    let plan = plan(cfg)?;
+    if cfg.finalize {
+        let mut summary = finalize_only(cfg, &plan)?;
+        summary.wall_seconds = started.elapsed().as_secs_f64();
+        return Ok(summary);
+    }
+    let (done, replace) = output::claim_output(cfg, &plan)?;
+    let work = Work {
+        worker: cfg.worker,
+        done,
+    };
+    let mut times = InputTimes::default();
+    let earlier = duplicate_pass(cfg, &plan, &work, &mut times)?;
+    let (total_pairs, total_shards) = count_pairs(cfg, &plan, &work, &earlier, &mut times)?;
+    output::remove_replaced(cfg, &plan, &replace)?;
+    // One process keeps the manifest up to date as it goes; workers leave it alone.
+    let mut manifest = if cfg.worker.shared() {
+        output::ensure_manifest(cfg, &plan, &work.done)?;
+        None
+    } else {
+        let m = output::manifest(&plan, work.done.values().cloned().collect(), false);
+        m.write(&cfg.out)?;
+        Some(m)
+    };
+    let mut summary = score_shards(cfg, &plan, &work, &earlier, total_pairs, manifest.as_mut())?;
+    summary.complete = match manifest {
+        Some(mut m) => {
+            m.complete = true;
+            m.write(&cfg.out)?;
+            true
+        }
+        None => output::finalize(cfg, &plan, total_shards)?.is_ok(),
+    };
+    summary.shards_total = total_shards;
+    summary.worker_from = cfg.worker_from.clone();
+    summary.input = times;
     summary.padding_fraction = if summary.padded_tokens > 0 {
         1.0 - summary.sequence_tokens as f64 / summary.padded_tokens as f64
     } else {
         0.0
     };
     summary.wall_seconds = started.elapsed().as_secs_f64();
-    let secs = scoring_started.elapsed().as_secs_f64().max(1e-9);
-    summary.pairs_per_second = scored_pairs as f64 / secs;
-    summary.tokens_per_second = scored_tokens as f64 / secs;
     Ok(summary)
 }

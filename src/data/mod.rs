@@ -6,6 +6,7 @@
 //! counted [`SkipReason`].
 
 pub mod chat;
+pub mod ids;
 pub mod pairs;
 pub mod source;
 pub mod tokenize;

@@ -1,12 +1,14 @@
 //! Input files: resolving `--data` paths (files, folders, globs) and streaming their rows as
-//! JSON objects, one source at a time, with file and row positions for error messages.
+//! JSON objects, one source at a time, with file and row positions for error messages; rows
+//! another prep worker reads are skipped without being parsed.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use arrow::record_batch::RecordBatch;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
 use serde_json::{Map, Value};
 
 use super::DataError;
@@ -166,16 +168,26 @@ pub struct SourceRow {
     pub fields: Map<String, Value>,
 }
 
-/// Streams rows from the resolved files in order.
+/// Streams rows from the resolved files in order, and skips rows cheaply: a Parquet file is
+/// opened at the row wanted (its row groups before it are not read), a JSONL file's lines are
+/// counted by a byte scan without parsing them, an Arrow stream's batches are decoded but not
+/// turned into rows (an IPC stream has no index to seek with).
 pub struct RowStream {
     files: Vec<SourceFile>,
     current: usize,
     reader: Option<FileRows>,
+    /// The row of the current (Parquet) file where its next opening starts.
+    start: u64,
+    /// Rows the caller will read before it skips again (None: until the end): a Parquet file
+    /// is opened for those rows only.
+    window: Option<u64>,
+    /// Row counts of Parquet files, read from their footers once.
+    parquet_rows: Vec<Option<u64>>,
 }
 
 enum FileRows {
     Jsonl {
-        lines: std::io::Split<BufReader<File>>,
+        reader: BufReader<File>,
         line: u64,
         row: u64,
     },
@@ -185,6 +197,8 @@ enum FileRows {
         batches: Box<dyn Iterator<Item = Result<RecordBatch, arrow::error::ArrowError>>>,
         pending: std::vec::IntoIter<Map<String, Value>>,
         row: u64,
+        /// Rows in the file (Parquet: from its footer; the opening may select fewer).
+        total: Option<u64>,
     },
 }
 
@@ -204,20 +218,44 @@ enum Next {
     Again,
     /// The file is done.
     End,
+    /// A Parquet file's selected rows are done before the file: open it again at this row.
+    Reopen(u64),
+}
+
+/// How far a skip inside one file went.
+enum Skipped {
+    /// All the rows asked for.
+    Within(u64),
+    /// This many, up to the end of the file.
+    FileEnd(u64),
+    /// This many; the (Parquet) file is to be opened again at row `at`.
+    Reopen { skipped: u64, at: u64 },
 }
 
 impl FileRows {
     /// The next step through file `file_index` (at `path`).
     fn next(&mut self, file_index: usize, path: &Path) -> Result<Next, DataError> {
         match self {
-            FileRows::Jsonl { lines, line, row } => {
-                jsonl_next(lines.next(), file_index, path, line, row)
+            FileRows::Jsonl { reader, line, row } => {
+                let mut bytes = Vec::new();
+                let read = match reader.read_until(b'\n', &mut bytes) {
+                    Ok(0) => None,
+                    Ok(_) => {
+                        if bytes.last() == Some(&b'\n') {
+                            bytes.pop();
+                        }
+                        Some(Ok(bytes))
+                    }
+                    Err(e) => Some(Err(e)),
+                };
+                jsonl_next(read, file_index, path, line, row)
             }
             FileRows::Batches {
                 kind,
                 batches,
                 pending,
                 row,
+                total,
             } => {
                 if let Some(fields) = pending.next() {
                     let out = SourceRow {
@@ -238,11 +276,146 @@ impl FileRows {
                     None if *row == 0 => Err(DataError::EmptyFile {
                         path: path.to_path_buf(),
                     }),
+                    None if total.is_some_and(|t| *row < t) => Ok(Next::Reopen(*row)),
                     None => Ok(Next::End),
                 }
             }
         }
     }
+
+    /// Skips up to `n` rows of this file without turning them into rows.
+    fn skip(&mut self, n: u64, path: &Path) -> Result<Skipped, DataError> {
+        match self {
+            FileRows::Jsonl { reader, line, row } => skip_lines(reader, n, path, line, row),
+            FileRows::Batches {
+                kind,
+                batches,
+                pending,
+                row,
+                total,
+            } => {
+                let from_pending = (pending.len() as u64).min(n);
+                if from_pending > 0 {
+                    pending.nth(from_pending as usize - 1);
+                    *row += from_pending;
+                }
+                let left = n - from_pending;
+                if left == 0 {
+                    return Ok(Skipped::Within(n));
+                }
+                if let Some(total) = *total {
+                    // Parquet: open again at the row wanted rather than decode what lies between.
+                    let in_file = total - *row;
+                    return Ok(if left >= in_file {
+                        Skipped::FileEnd(from_pending + in_file)
+                    } else {
+                        Skipped::Reopen {
+                            skipped: n,
+                            at: *row + left,
+                        }
+                    });
+                }
+                skip_batches(*kind, batches, pending, row, left, path)
+                    .map(|s| add_skipped(s, from_pending))
+            }
+        }
+    }
+}
+
+fn add_skipped(s: Skipped, more: u64) -> Skipped {
+    match s {
+        Skipped::Within(k) => Skipped::Within(k + more),
+        Skipped::FileEnd(k) => Skipped::FileEnd(k + more),
+        Skipped::Reopen { skipped, at } => Skipped::Reopen {
+            skipped: skipped + more,
+            at,
+        },
+    }
+}
+
+/// Skips `n` rows of an Arrow stream: whole batches are dropped, a batch that holds the first
+/// row wanted is cut there and its rest becomes `pending`.
+fn skip_batches(
+    kind: FileKind,
+    batches: &mut dyn Iterator<Item = Result<RecordBatch, arrow::error::ArrowError>>,
+    pending: &mut std::vec::IntoIter<Map<String, Value>>,
+    row: &mut u64,
+    n: u64,
+    path: &Path,
+) -> Result<Skipped, DataError> {
+    let mut left = n;
+    while left > 0 {
+        match batches.next() {
+            Some(Ok(batch)) => {
+                let rows = batch.num_rows() as u64;
+                if rows <= left {
+                    left -= rows;
+                    *row += rows;
+                    continue;
+                }
+                let rest = batch.slice(left as usize, (rows - left) as usize);
+                *pending = batch_to_rows(&rest, path)?.into_iter();
+                *row += left;
+                left = 0;
+            }
+            Some(Err(e)) => return Err(unreadable(kind, path, e.to_string())),
+            None if *row == 0 => {
+                return Err(DataError::EmptyFile {
+                    path: path.to_path_buf(),
+                })
+            }
+            None => return Ok(Skipped::FileEnd(n - left)),
+        }
+    }
+    Ok(Skipped::Within(n))
+}
+
+/// Whether a JSONL line holds no row: only whitespace (as `str::trim` sees it). A line that is
+/// not UTF-8 counts as a row (reading it is an error, reported by whoever reads it).
+pub(crate) fn blank_line(line: &[u8]) -> bool {
+    let ascii_space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r');
+    if line.iter().all(|&b| ascii_space(b)) {
+        return true;
+    }
+    if line.iter().any(|&b| b.is_ascii() && !ascii_space(b)) {
+        return false;
+    }
+    std::str::from_utf8(line).is_ok_and(|s| s.trim().is_empty())
+}
+
+/// Skips `n` rows of a JSONL file by scanning its bytes for line ends (no JSON parsing).
+fn skip_lines(
+    reader: &mut BufReader<File>,
+    n: u64,
+    path: &Path,
+    line: &mut u64,
+    row: &mut u64,
+) -> Result<Skipped, DataError> {
+    let mut buf = Vec::new();
+    let mut skipped = 0;
+    while skipped < n {
+        buf.clear();
+        let read = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|source| DataError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if read == 0 {
+            if *row == 0 {
+                return Err(DataError::EmptyFile {
+                    path: path.to_path_buf(),
+                });
+            }
+            return Ok(Skipped::FileEnd(skipped));
+        }
+        *line += 1;
+        if !blank_line(&buf) {
+            *row += 1;
+            skipped += 1;
+        }
+    }
+    Ok(Skipped::Within(n))
 }
 
 /// One step through a JSONL file: `read` is the next line read (None at the end of the
@@ -270,23 +443,8 @@ fn jsonl_next(
         Some(Ok(bytes)) => bytes,
     };
     *line += 1;
-    let bad_json = |message: String| DataError::BadJson {
-        path: path.to_path_buf(),
-        line: *line,
-        message,
-    };
-    let text = std::str::from_utf8(&bytes).map_err(|e| DataError::Utf8 {
-        path: path.to_path_buf(),
-        line: *line,
-        message: e.to_string(),
-    })?;
-    let text = text.trim();
-    if text.is_empty() {
+    let Some(fields) = parse_jsonl_line(&bytes, path, *line)? else {
         return Ok(Next::Again);
-    }
-    let value: Value = serde_json::from_str(text).map_err(|e| bad_json(e.to_string()))?;
-    let Value::Object(fields) = value else {
-        return Err(bad_json("the line is not a JSON object".into()));
     };
     let out = SourceRow {
         file_index,
@@ -298,12 +456,103 @@ fn jsonl_next(
     Ok(Next::Row(out))
 }
 
+/// Line `line` of JSONL file `path` as a JSON object; None for a blank line.
+pub(crate) fn parse_jsonl_line(
+    bytes: &[u8],
+    path: &Path,
+    line: u64,
+) -> Result<Option<Map<String, Value>>, DataError> {
+    let bad_json = |message: String| DataError::BadJson {
+        path: path.to_path_buf(),
+        line,
+        message,
+    };
+    let text = std::str::from_utf8(bytes).map_err(|e| DataError::Utf8 {
+        path: path.to_path_buf(),
+        line,
+        message: e.to_string(),
+    })?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let value: Value = serde_json::from_str(text).map_err(|e| bad_json(e.to_string()))?;
+    let Value::Object(fields) = value else {
+        return Err(bad_json("the line is not a JSON object".into()));
+    };
+    Ok(Some(fields))
+}
+
+/// A Parquet file's reader builder (footer read), and its row count.
+pub(crate) fn parquet_builder(
+    file: &SourceFile,
+) -> Result<(ParquetRecordBatchReaderBuilder<File>, u64), DataError> {
+    if file.bytes == 0 {
+        return Err(DataError::EmptyFile {
+            path: file.path.clone(),
+        });
+    }
+    let handle = File::open(&file.path).map_err(|source| DataError::Io {
+        path: file.path.clone(),
+        source,
+    })?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(handle).map_err(|e| DataError::BadParquet {
+            path: file.path.clone(),
+            message: e.to_string(),
+        })?;
+    let rows = builder.metadata().file_metadata().num_rows().max(0) as u64;
+    if rows == 0 {
+        return Err(DataError::EmptyFile {
+            path: file.path.clone(),
+        });
+    }
+    Ok((builder, rows))
+}
+
+/// The row groups of a Parquet file that hold rows of `ranges` (file rows, sorted, disjoint),
+/// and the selection of those rows within the groups kept.
+pub(crate) fn parquet_selection(
+    metadata: &parquet::file::metadata::ParquetMetaData,
+    ranges: &[Range<u64>],
+) -> (Vec<usize>, RowSelection) {
+    let (mut groups, mut selectors) = (Vec::new(), Vec::new());
+    let mut at = 0u64;
+    for (g, group) in metadata.row_groups().iter().enumerate() {
+        let span = at..at + group.num_rows().max(0) as u64;
+        at = span.end;
+        let mut pos = span.start;
+        for r in ranges {
+            let (start, end) = (r.start.max(span.start), r.end.min(span.end));
+            if start >= end {
+                continue;
+            }
+            if groups.last() != Some(&g) {
+                groups.push(g);
+            }
+            if start > pos {
+                selectors.push(RowSelector::skip((start - pos) as usize));
+            }
+            selectors.push(RowSelector::select((end - start) as usize));
+            pos = end;
+        }
+        if groups.last() == Some(&g) && span.end > pos {
+            selectors.push(RowSelector::skip((span.end - pos) as usize));
+        }
+    }
+    (groups, RowSelection::from(selectors))
+}
+
 impl RowStream {
     pub fn new(files: Vec<SourceFile>) -> Self {
+        let n = files.len();
         RowStream {
             files,
             current: 0,
             reader: None,
+            start: 0,
+            window: None,
+            parquet_rows: vec![None; n],
         }
     }
 
@@ -311,8 +560,64 @@ impl RowStream {
         &self.files
     }
 
-    fn open(&self, index: usize) -> Result<FileRows, DataError> {
+    /// Tells the stream that at most `rows` rows will be read before the next skip (None:
+    /// until the end), so that a Parquet file is decoded for those rows only.
+    pub fn set_window(&mut self, rows: Option<u64>) {
+        self.window = rows;
+    }
+
+    fn next_file(&mut self) {
+        self.reader = None;
+        self.current += 1;
+        self.start = 0;
+    }
+
+    /// The row count of Parquet file `index`, from its footer.
+    fn parquet_rows(&mut self, index: usize) -> Result<u64, DataError> {
+        if let Some(rows) = self.parquet_rows[index] {
+            return Ok(rows);
+        }
+        let (_, rows) = parquet_builder(&self.files[index])?;
+        self.parquet_rows[index] = Some(rows);
+        Ok(rows)
+    }
+
+    fn open_parquet(&mut self, index: usize) -> Result<FileRows, DataError> {
         let file = &self.files[index];
+        let bad = |message: String| DataError::BadParquet {
+            path: file.path.clone(),
+            message,
+        };
+        let (builder, total) = parquet_builder(file)?;
+        self.parquet_rows[index] = Some(total);
+        let start = self.start.min(total);
+        let end = match self.window {
+            Some(w) if w > 0 => (start + w).min(total),
+            _ => total,
+        };
+        let mut builder = builder.with_batch_size(1024);
+        if start > 0 || end < total {
+            let (groups, selection) =
+                parquet_selection(builder.metadata(), std::slice::from_ref(&(start..end)));
+            builder = builder
+                .with_row_groups(groups)
+                .with_row_selection(selection);
+        }
+        let batches = builder.build().map_err(|e| bad(e.to_string()))?;
+        Ok(FileRows::Batches {
+            kind: FileKind::Parquet,
+            batches: Box::new(batches),
+            pending: Vec::new().into_iter(),
+            row: start,
+            total: Some(total),
+        })
+    }
+
+    fn open(&mut self, index: usize) -> Result<FileRows, DataError> {
+        let file = &self.files[index];
+        if file.kind == FileKind::Parquet {
+            return self.open_parquet(index);
+        }
         let io = |source| DataError::Io {
             path: file.path.clone(),
             source,
@@ -323,42 +628,22 @@ impl RowStream {
             });
         }
         let handle = File::open(&file.path).map_err(io)?;
-        match file.kind {
-            FileKind::Jsonl => Ok(FileRows::Jsonl {
-                lines: BufReader::new(handle).split(b'\n'),
+        if file.kind == FileKind::Jsonl {
+            return Ok(FileRows::Jsonl {
+                reader: BufReader::with_capacity(1 << 16, handle),
                 line: 0,
                 row: 0,
-            }),
-            FileKind::Parquet => {
-                let bad = |message: String| DataError::BadParquet {
-                    path: file.path.clone(),
-                    message,
-                };
-                let builder = ParquetRecordBatchReaderBuilder::try_new(handle)
-                    .map_err(|e| bad(e.to_string()))?;
-                let batches = builder
-                    .with_batch_size(1024)
-                    .build()
-                    .map_err(|e| bad(e.to_string()))?;
-                Ok(FileRows::Batches {
-                    kind: FileKind::Parquet,
-                    batches: Box::new(batches),
-                    pending: Vec::new().into_iter(),
-                    row: 0,
-                })
-            }
-            FileKind::Arrow => {
-                let batches =
-                    arrow::ipc::reader::StreamReader::try_new(BufReader::new(handle), None)
-                        .map_err(|e| unreadable(FileKind::Arrow, &file.path, e.to_string()))?;
-                Ok(FileRows::Batches {
-                    kind: FileKind::Arrow,
-                    batches: Box::new(batches),
-                    pending: Vec::new().into_iter(),
-                    row: 0,
-                })
-            }
+            });
         }
+        let batches = arrow::ipc::reader::StreamReader::try_new(BufReader::new(handle), None)
+            .map_err(|e| unreadable(FileKind::Arrow, &file.path, e.to_string()))?;
+        Ok(FileRows::Batches {
+            kind: FileKind::Arrow,
+            batches: Box::new(batches),
+            pending: Vec::new().into_iter(),
+            row: 0,
+            total: None,
+        })
     }
 
     /// The next row, or None at the end of the last file.
@@ -371,15 +656,59 @@ impl RowStream {
             let path = self.files[file_index].path.clone();
             let reader = self.reader.as_mut().expect("opened above");
             match reader.next(file_index, &path)? {
-                Next::Row(row) => return Ok(Some(row)),
+                Next::Row(row) => {
+                    if let Some(w) = self.window.as_mut() {
+                        *w = w.saturating_sub(1);
+                    }
+                    return Ok(Some(row));
+                }
                 Next::Again => continue,
-                Next::End => {
+                Next::End => self.next_file(),
+                Next::Reopen(at) => {
                     self.reader = None;
-                    self.current += 1;
+                    self.start = at;
                 }
             }
         }
         Ok(None)
+    }
+
+    /// Skips up to `n` rows without reading them as rows; returns how many there were (fewer
+    /// at the end of the input).
+    pub fn skip_rows(&mut self, n: u64) -> Result<u64, DataError> {
+        let mut left = n;
+        while left > 0 && self.current < self.files.len() {
+            let index = self.current;
+            let Some(reader) = self.reader.as_mut() else {
+                if self.files[index].kind == FileKind::Parquet {
+                    // Not open: count rows from the footer, open later where reading starts.
+                    let total = self.parquet_rows(index)?;
+                    let here = (total - self.start.min(total)).min(left);
+                    left -= here;
+                    self.start += here;
+                    if self.start >= total {
+                        self.next_file();
+                    }
+                } else {
+                    self.reader = Some(self.open(index)?);
+                }
+                continue;
+            };
+            let path = self.files[index].path.clone();
+            match reader.skip(left, &path)? {
+                Skipped::Within(k) => left -= k,
+                Skipped::FileEnd(k) => {
+                    left -= k;
+                    self.next_file();
+                }
+                Skipped::Reopen { skipped, at } => {
+                    left -= skipped;
+                    self.reader = None;
+                    self.start = at;
+                }
+            }
+        }
+        Ok(n - left)
     }
 
     /// Column names of a Parquet file (None for JSONL, whose rows may differ).
@@ -404,7 +733,7 @@ impl RowStream {
 }
 
 /// Converts an Arrow record batch into JSON objects (nulls become JSON null).
-fn batch_to_rows(
+pub(crate) fn batch_to_rows(
     batch: &arrow::record_batch::RecordBatch,
     path: &Path,
 ) -> Result<Vec<Map<String, Value>>, DataError> {
@@ -430,4 +759,124 @@ fn batch_to_rows(
             message: e.to_string(),
         })?;
     Ok(rows)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Int64Array, StringArray};
+
+    /// A batch of rows `from..from + n`: an `id` (null every 5th row) and a `text`.
+    fn batch(from: i64, n: i64) -> RecordBatch {
+        let ids: Int64Array = (from..from + n)
+            .map(|i| (i % 5 != 0).then_some(i))
+            .collect();
+        let texts: StringArray = (from..from + n).map(|i| Some(format!("row {i}"))).collect();
+        RecordBatch::try_from_iter([
+            ("id", Arc::new(ids) as ArrayRef),
+            ("text", Arc::new(texts) as ArrayRef),
+        ])
+        .unwrap()
+    }
+
+    /// A JSONL file with blank, whitespace-only and no-break-space-only lines between rows,
+    /// a Parquet file of row groups of 7 rows and an Arrow stream of batches of 6 rows.
+    pub(crate) fn mixed_inputs(dir: &Path) -> Vec<SourceFile> {
+        let mut jsonl = String::new();
+        for i in 0..23 {
+            jsonl.push_str(&format!("{{\"id\": {i}, \"text\": \"line {i}\"}}\n"));
+            match i % 4 {
+                0 => jsonl.push('\n'),
+                1 => jsonl.push_str(" \t\r\n"),
+                2 => jsonl.push_str("\u{a0}\n"),
+                _ => {}
+            }
+        }
+        std::fs::write(dir.join("a.jsonl"), jsonl).unwrap();
+        let file = File::create(dir.join("b.parquet")).unwrap();
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_max_row_group_row_count(Some(7))
+            .build();
+        let mut w =
+            parquet::arrow::ArrowWriter::try_new(file, batch(0, 1).schema(), Some(props)).unwrap();
+        w.write(&batch(100, 30)).unwrap();
+        w.close().unwrap();
+        let file = File::create(dir.join("c.arrow")).unwrap();
+        let mut w = arrow::ipc::writer::StreamWriter::try_new(file, &batch(0, 1).schema()).unwrap();
+        for k in 0..4 {
+            w.write(&batch(200 + 6 * k, 6)).unwrap();
+        }
+        w.finish().unwrap();
+        let names = ["a.jsonl", "b.parquet", "c.arrow"];
+        resolve(&names.map(|n| dir.join(n))).unwrap()
+    }
+
+    fn key(r: &SourceRow) -> (usize, u64, Option<u64>, String) {
+        (
+            r.file_index,
+            r.file_row,
+            r.line,
+            Value::Object(r.fields.clone()).to_string(),
+        )
+    }
+
+    fn all_rows(files: &[SourceFile]) -> Vec<(usize, u64, Option<u64>, String)> {
+        let mut s = RowStream::new(files.to_vec());
+        std::iter::from_fn(|| s.next_row().unwrap())
+            .map(|r| key(&r))
+            .collect()
+    }
+
+    #[test]
+    fn skipping_then_reading_gives_the_rows_a_full_read_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = mixed_inputs(dir.path());
+        let all = all_rows(&files);
+        assert_eq!(all.len(), 23 + 30 + 24);
+        // (skip, read) steps, with and without a window, across row groups and files.
+        let plans: [&[(u64, u64)]; 5] = [
+            &[(0, 5), (3, 4), (10, 9), (2, 30), (1, 100)],
+            &[(22, 2), (6, 1), (7, 7)],
+            &[(53, 3), (5, 6)],
+            &[(1, 1), (1, 1), (1, 1), (40, 1), (12, 2)],
+            &[(76, 1), (5, 5)],
+        ];
+        for (p, plan) in plans.iter().enumerate() {
+            for window in [false, true] {
+                let mut s = RowStream::new(files.clone());
+                let mut at = 0usize;
+                for &(skip, read) in plan.iter() {
+                    let skipped = s.skip_rows(skip).unwrap();
+                    assert_eq!(skipped as usize, skip.min((all.len() - at) as u64) as usize);
+                    at += skipped as usize;
+                    s.set_window(window.then_some(read));
+                    for _ in 0..read {
+                        let got = s.next_row().unwrap().map(|r| key(&r));
+                        assert_eq!(
+                            got.as_ref(),
+                            all.get(at),
+                            "plan {p} window {window} row {at}"
+                        );
+                        at += usize::from(got.is_some());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn blank_lines_are_what_trim_makes_empty() {
+        for line in ["", " ", "\t\r", "\u{a0}", "\u{3000} ", "\x0b"] {
+            assert!(blank_line(line.as_bytes()), "{line:?}");
+        }
+        for line in ["{}", " x", "\u{e9}", "\u{feff}"] {
+            assert!(!blank_line(line.as_bytes()), "{line:?}");
+        }
+        assert!(
+            !blank_line(b"\xff\xfe"),
+            "not UTF-8: a row (reading it fails)"
+        );
+    }
 }

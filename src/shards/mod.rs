@@ -162,9 +162,10 @@ mod tests {
             },
         };
         write_shard(&path, &pairs, &metadata).unwrap();
-        assert!(
-            !path.with_extension("parquet.tmp").exists(),
-            "renamed into place"
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "renamed into place, no temporary file left"
         );
         assert_eq!(read_shard(&path).unwrap(), pairs);
         assert_eq!(ShardMetadata::read(&path).unwrap(), metadata);

@@ -367,6 +367,8 @@ impl<'a> Trainer<'a> {
         let length = RunLength::of(cfg, set.pairs.len());
         let config_json = config_json(cfg, ranks.size());
         std::fs::create_dir_all(&cfg.out).map_err(|e| write_err(&cfg.out, e))?;
+        // Run tables' temporary files left by a killed run.
+        crate::table::remove_stale_tmp(&cfg.out);
         let existing = checkpoint::latest(&cfg.out);
         let mut params = bundle.load_params()?;
         let mut optimizer = AdamW::new(cfg.adam, &params);

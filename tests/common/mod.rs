@@ -61,8 +61,18 @@ pub fn replace_bytes(path: &Path, from: &[u8], to: &[u8]) -> usize {
     count
 }
 
+/// The edpo binary, without the variables that would make a prep process a worker of a
+/// Slurm array or a Kubernetes Indexed Job (should the tests run inside one).
 pub fn edpo() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_edpo"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edpo"));
+    for var in [
+        "SLURM_ARRAY_TASK_ID",
+        "JOB_COMPLETION_INDEX",
+        "EDPO_WORKERS",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
 }
 
 pub fn run_ok(cmd: &mut Command) -> Output {

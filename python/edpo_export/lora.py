@@ -182,7 +182,7 @@ def save_adapter(peft_model, out: Path, base_model_dir: Path) -> list[str]:
     folder = out / ADAPTER_DIR
     folder.mkdir(parents=True, exist_ok=True)
     config = peft_model.peft_config["default"]
-    config.base_model_name_or_path = str(base_model_dir.resolve())
+    config.base_model_name_or_path = str(base_model_dir)
     config.inference_mode = True
     config.save_pretrained(folder)
     save_file(adapter_state(peft_model), folder / "adapter_model.safetensors", metadata={"format": "pt"})

@@ -268,8 +268,7 @@ fn plan(cfg: &PrepConfig) -> Result<Plan, Error> {
     }
     let settings = json!({
         "edpo_version": EDPO_VERSION,
-        "bundle_sha256": bundle.bundle_sha256,
-        "params_sha256": bundle.manifest.files.get(&bundle.manifest.params_file).map(|f| f.sha256.clone()),
+        "reference_sha256": bundle.reference_sha256,
         "topk": topk,
         "format": format.name(),
         "columns": cfg.columns,
@@ -438,9 +437,9 @@ fn existing_shards(dir: &Path, plan: &Plan) -> Result<Existing, Error> {
     let files = list_shards(dir)?;
     let foreign = match &manifest {
         Some(m) if m.fingerprint != plan.fingerprint => Some(format!(
-            "bundle {} vs {}, settings fingerprint {} vs {}",
-            short(&m.bundle_sha256),
-            short(&plan.bundle.bundle_sha256),
+            "reference {} vs {}, settings fingerprint {} vs {}",
+            short(&m.reference_sha256),
+            short(&plan.bundle.reference_sha256),
             short(&m.fingerprint),
             short(&plan.fingerprint)
         )),
@@ -510,6 +509,7 @@ impl Plan {
         ShardMetadata {
             version: EDPO_VERSION.to_string(),
             bundle_sha256: self.bundle.bundle_sha256.clone(),
+            reference_sha256: self.bundle.reference_sha256.clone(),
             fingerprint: self.fingerprint.clone(),
             topk: self.topk,
             template_sha256: self.encoder.template_sha256().unwrap_or("").to_string(),
@@ -591,6 +591,7 @@ pub fn run(cfg: &PrepConfig) -> Result<PrepSummary, Error> {
     let mut manifest = ShardManifest {
         edpo_version: EDPO_VERSION.into(),
         bundle_sha256: plan.bundle.bundle_sha256.clone(),
+        reference_sha256: plan.bundle.reference_sha256.clone(),
         fingerprint: plan.fingerprint.clone(),
         topk: plan.topk,
         settings: plan.settings.clone(),

@@ -97,9 +97,10 @@ def strip_model_prefix(name: str) -> str:
     return name[len("model.") :] if name.startswith("model.") else name
 
 
-def finish_onnx(onnx_program, param_names: set[str], output_names: list[str], optimize: bool, rename=None):
+def finish_onnx(onnx_program, param_names: set[str], output_names: list[str], optimize: bool, rename=None, tied=None):
     """Rename initializers to HF names, turn parameters into graph inputs (named by `rename`
-    where it has them), name outputs."""
+    where it has them), name outputs. `tied` ({alias: stored name}): a tied parameter that the
+    exporter lifted under an alias's name (e.g. `lm_head.weight`) is found by it."""
     import onnx_ir as ir
 
     rename = rename or {}
@@ -114,6 +115,8 @@ def finish_onnx(onnx_program, param_names: set[str], output_names: list[str], op
             graph.initializers[new] = value
     for name in sorted(param_names):
         value = graph.initializers.pop(name, None)
+        for alias in [a for a, stored in (tied or {}).items() if stored == name and value is None]:
+            value = graph.initializers.pop(alias, None)
         if value is None:
             raise RuntimeError(f"parameter {name} has no initializer in the exported graph")
         value.const_value = None
@@ -225,7 +228,8 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
     program = torch.onnx.export(jep, example, dynamo=True, external_data=False, optimize=False, verbose=False)
     log(f"joint graph translated to ONNX in {time.time() - t0:.1f}s")
     params = {name for name, _ in untied.named_parameters()}
-    model = finish_onnx(program, params, output_names, optimize, lora[0] if lora else None)
+    rename, tied = (lora[0], lora[2]) if lora else (None, None)
+    model = finish_onnx(program, params, output_names, optimize, rename, tied)
     import onnx_ir as ir
 
     if lora is None:

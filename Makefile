@@ -98,10 +98,14 @@ study-k: build-release
 	    $(PY) -m edpo_experiments.study_k --pair-kind $$kind --seed $$seed --estimators topk || exit 1; done; done
 	$(PY) -m edpo_experiments.study_k --summarize
 
-# Regenerate data-samples/ (pairs, tokenizer, configs, the tiny bundle); see data-samples/README.md.
+# Regenerate data-samples/ (pairs, tokenizer, configs, the tiny bundle and its LoRA twin); see data-samples/README.md.
 samples: setup
 	$(PY) -m edpo_experiments.make_samples --out data-samples
 	rm -rf data-samples/bundle
 	$(PY) -m edpo_export --model data-samples/configs/llama-tiny --random-init 0 \
 	    --topk-default 16 --out data-samples/bundle
 	$(PY) -m edpo_export --verify data-samples/bundle
+	rm -rf data-samples/bundle-lora
+	$(PY) -m edpo_export --model data-samples/configs/llama-tiny --random-init 0 \
+	    --topk-default 16 --lora --lora-rank 8 --lora-alpha 16 --out data-samples/bundle-lora
+	$(PY) -m edpo_export --verify data-samples/bundle-lora

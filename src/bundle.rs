@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::lora::{self, LoraSpec};
 use crate::params::ParamStore;
 
 pub const MANIFEST_FILE: &str = "edpo-model.json";
@@ -64,6 +65,10 @@ pub struct TrainGraphSpec {
     pub param_inputs: BTreeMap<String, String>,
     /// `grad.<graph input>` output name → graph parameter input name.
     pub grad_outputs: BTreeMap<String, String>,
+    /// LoRA bundles: the frozen base weights, initializers of the graph whose data are
+    /// references into `params.safetensors` (graph initializer name → stored name).
+    #[serde(default)]
+    pub base_weights: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -159,6 +164,13 @@ pub struct Manifest {
     pub files: BTreeMap<String, FileEntry>,
     #[serde(default)]
     pub tools: BTreeMap<String, String>,
+    /// LoRA bundles (`python -m edpo_export --lora`): the adapters the joint graph trains.
+    #[serde(default)]
+    pub lora: Option<LoraSpec>,
+    /// What the reference computes (see [`Bundle::reference_sha256`]); bundles exported before
+    /// it was recorded have none, and edpo computes it from their file hashes.
+    #[serde(default)]
+    pub reference_sha256: Option<String>,
 }
 
 /// An opened, integrity-checked bundle.
@@ -168,6 +180,12 @@ pub struct Bundle {
     pub manifest: Manifest,
     /// sha256 of `edpo-model.json`: identifies the bundle (it lists every file's hash).
     pub bundle_sha256: String,
+    /// Identifies what the reference computes: the sha256 of the lines "<file> <sha256>\n",
+    /// sorted by file name, of the reference graph, the weights file, `tokenizer.json`,
+    /// `tokenizer_config.json` (its chat template) and, when the reference includes a LoRA
+    /// adapter (`--lora-init`), the adapter's two files. Shards are keyed on it, so a full and
+    /// a LoRA bundle of one base model accept each other's shards.
+    pub reference_sha256: String,
 }
 
 impl Bundle {
@@ -201,6 +219,8 @@ impl Bundle {
         if let Some(g) = &manifest.goldens {
             required.push(g.file.as_str());
         }
+        let adapter_files = manifest.lora.as_ref().map(LoraSpec::adapter_files);
+        required.extend(adapter_files.iter().flatten().map(String::as_str));
         for name in required {
             if !manifest.files.contains_key(name) {
                 return Err(BundleError::BadManifest {
@@ -223,10 +243,22 @@ impl Bundle {
                 });
             }
         }
+        let reference_sha256 = reference_identity(&manifest);
+        if let Some(recorded) = &manifest.reference_sha256 {
+            if *recorded != reference_sha256 {
+                return Err(BundleError::BadManifest {
+                    path: manifest_path,
+                    message: format!(
+                        "`reference_sha256` {recorded} does not match its files ({reference_sha256})"
+                    ),
+                });
+            }
+        }
         Ok(Bundle {
             dir: dir.to_path_buf(),
             manifest,
             bundle_sha256: sha256_hex(&bytes),
+            reference_sha256,
         })
     }
 
@@ -252,6 +284,90 @@ impl Bundle {
     pub fn load_params_from(&self, path: &Path) -> Result<ParamStore, crate::Error> {
         Ok(ParamStore::load(path, &self.param_layout())?)
     }
+
+    /// The LoRA section of a LoRA bundle.
+    pub fn lora(&self) -> Option<&LoraSpec> {
+        self.manifest.lora.as_ref()
+    }
+
+    /// (name, shape) of every tensor training updates: the adapters of a LoRA bundle, else
+    /// every stored parameter.
+    pub fn trainable_layout(&self) -> Vec<(String, Vec<usize>)> {
+        match self.lora() {
+            Some(spec) => spec
+                .params
+                .iter()
+                .map(|p| (p.name.clone(), p.shape.clone()))
+                .collect(),
+            None => self.param_layout(),
+        }
+    }
+
+    /// The tensors training starts from: the initial adapter (`adapter/`) or θ₀.
+    pub fn load_trainable(&self) -> Result<ParamStore, crate::Error> {
+        match self.lora() {
+            Some(spec) => self.load_trainable_from(&self.path(&spec.adapter_files()[1])),
+            None => self.load_params(),
+        }
+    }
+
+    /// Trainable tensors from a safetensors file with this bundle's trainable names and shapes.
+    pub fn load_trainable_from(&self, path: &Path) -> Result<ParamStore, crate::Error> {
+        Ok(ParamStore::load(path, &self.trainable_layout())?)
+    }
+
+    /// The reference's weights where they differ from `params.safetensors`: a `--lora-init`
+    /// adapter merged into the adapted modules' weights; None when the reference is the base.
+    pub fn reference_weights(&self) -> Result<Option<ParamStore>, crate::Error> {
+        match self.lora() {
+            Some(spec) if spec.reference_includes_adapter => Ok(Some(lora::merged_weights(
+                self,
+                spec,
+                &self.load_trainable()?,
+            )?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The scoring weights of trained parameters at `path` (`--params` of eval and study-k):
+    /// a full bundle's parameters, or a LoRA bundle's adapters (a safetensors file, a run's
+    /// `final/` or a checkpoint folder) merged into the adapted modules' weights.
+    pub fn policy_weights_from(&self, path: &Path) -> Result<ParamStore, crate::Error> {
+        match self.lora() {
+            Some(spec) => {
+                let adapters = self.load_trainable_from(&lora::adapter_file(path))?;
+                lora::merged_weights(self, spec, &adapters)
+            }
+            None => self.load_params_from(path),
+        }
+    }
+}
+
+/// The reference identity of a manifest (see [`Bundle::reference_sha256`]); the Python twin
+/// is `reference_sha256` in `python/edpo_export/common.py`.
+fn reference_identity(manifest: &Manifest) -> String {
+    let mut names: Vec<String> = vec![
+        manifest.graphs.reference.file.clone(),
+        manifest.params_file.clone(),
+        "tokenizer.json".into(),
+        "tokenizer_config.json".into(),
+    ];
+    if let Some(spec) = manifest
+        .lora
+        .as_ref()
+        .filter(|l| l.reference_includes_adapter)
+    {
+        names.extend(spec.adapter_files());
+    }
+    names.sort();
+    let text: String = names
+        .iter()
+        .map(|n| {
+            let hash = manifest.files.get(n).map_or("-", |f| f.sha256.as_str());
+            format!("{n} {hash}\n")
+        })
+        .collect();
+    sha256_hex(text.as_bytes())
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {

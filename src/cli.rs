@@ -372,6 +372,12 @@ pub struct TrainArgs {
     #[serde(default)]
     pub resume: bool,
 
+    /// LoRA bundles: also write `final/merged/`, the base model with the trained adapter merged
+    /// (W + alpha/r · B·A), as a Hugging Face model folder.
+    #[arg(long)]
+    #[serde(default)]
+    pub merge: bool,
+
     /// Where the graphs run: `cpu`, `cuda` or `cuda:N`.
     #[arg(long, env = "EDPO_DEVICE")]
     pub device: Option<String>,
@@ -389,7 +395,8 @@ pub struct EvalArgs {
     #[arg(long, env = "EDPO_MODEL", required = true)]
     pub model: Option<PathBuf>,
 
-    /// Parameters to evaluate (e.g. RUN/final/model.safetensors); default: the reference.
+    /// Parameters to evaluate (e.g. RUN/final/model.safetensors; of a LoRA bundle: its adapter,
+    /// RUN/final or a checkpoint, merged into the base); default: the reference.
     #[arg(long)]
     pub params: Option<PathBuf>,
 
@@ -436,7 +443,8 @@ pub struct StudyKArgs {
     #[arg(long, required = true)]
     pub shards: Option<PathBuf>,
 
-    /// Policy parameters (e.g. a checkpoint's model.safetensors); default: the reference.
+    /// Policy parameters (e.g. a checkpoint's model.safetensors; of a LoRA bundle: its adapter,
+    /// merged into the base); default: the reference.
     #[arg(long)]
     pub params: Option<PathBuf>,
 

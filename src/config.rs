@@ -123,6 +123,7 @@ pub struct TrainSettings {
     pub save_every: u64,
     pub keep_checkpoints: usize,
     pub resume: bool,
+    pub merge: bool,
     pub device: String,
 }
 
@@ -155,6 +156,7 @@ impl Default for TrainSettings {
             save_every: 0,
             keep_checkpoints: 2,
             resume: false,
+            merge: false,
             device: "cpu".into(),
         }
     }
@@ -410,6 +412,7 @@ pub fn train_config(args: &TrainArgs, global: &GlobalArgs) -> Result<TrainConfig
         save_every: s.save_every,
         keep_checkpoints: s.keep_checkpoints,
         resume: s.resume,
+        merge: s.merge,
         session: session(&s.device, global)?,
         quiet: global.quiet || args.json,
     })

@@ -11,6 +11,7 @@ use crate::data::DataError;
 use crate::goldens::GoldensError;
 use crate::graphs::GraphError;
 use crate::inspect::InspectError;
+use crate::lora::LoraError;
 use crate::params::ParamsError;
 use crate::prep::PrepError;
 use crate::report::ReportError;
@@ -51,6 +52,8 @@ pub enum Error {
     Inspect(#[from] InspectError),
     #[error(transparent)]
     Report(#[from] ReportError),
+    #[error(transparent)]
+    Lora(#[from] LoraError),
 }
 
 /// The user can fix it: a flag, an input file, the installation.
@@ -71,6 +74,7 @@ impl Error {
             Error::Table(e) => matches!(e, TableError::Write { .. }),
             Error::Params(e) => matches!(e, ParamsError::Write { .. }),
             Error::Report(e) => matches!(e, ReportError::Draw { .. }),
+            Error::Lora(e) => matches!(e, LoraError::Write { .. }),
             Error::Config(_)
             | Error::Bundle(_)
             | Error::Goldens(_)

@@ -147,9 +147,9 @@ fn summarise(cfg: &EvalConfig, scores: &[PairScore], ratio: (f64, u64)) -> EvalR
 
 pub fn run(cfg: &EvalConfig) -> Result<EvalReport, Error> {
     let bundle = Bundle::open(&cfg.model)?;
-    let set = ShardSet::open(&cfg.shards, &bundle.bundle_sha256)?;
+    let set = ShardSet::open(&cfg.shards, &bundle)?;
     let params = match &cfg.params {
-        Some(p) => Some(bundle.load_params_from(p)?),
+        Some(p) => Some(bundle.policy_weights_from(p)?),
         None => None,
     };
     let mut graph = ReferenceGraph::new(&bundle, params.as_ref(), &cfg.session)?;

@@ -129,7 +129,10 @@ pub struct ReferenceGraph {
 }
 
 impl ReferenceGraph {
-    /// Builds the session; `params` replaces the bundle's weights (None: `params.safetensors`).
+    /// Builds the session. `params` replaces the bundle's weights of the stored names it holds
+    /// (a full bundle's parameters, or a LoRA policy's merged weights of the adapted modules);
+    /// None scores with the reference: `params.safetensors`, with a LoRA bundle's `--lora-init`
+    /// adapter merged in (`Bundle::reference_weights`).
     pub fn new(
         bundle: &Bundle,
         params: Option<&ParamStore>,
@@ -137,27 +140,24 @@ impl ReferenceGraph {
     ) -> Result<Self, crate::Error> {
         let spec = &bundle.manifest.graphs.reference;
         let mut builder = session_builder(config)?;
-        if let Some(params) = params {
-            for (graph_name, stored) in &spec.weights {
-                let p = params
-                    .get(stored)
-                    .ok_or_else(|| crate::params::ParamsError::Missing {
-                        path: bundle.path(&bundle.manifest.params_file),
-                        name: stored.clone(),
-                    })?;
-                let value: DynValue = Tensor::from_array((p.shape.clone(), p.data.clone()))
-                    .map_err(|e| GraphError::Load {
-                        file: spec.file.clone(),
-                        message: e.to_string(),
-                    })?
-                    .into_dyn();
-                builder = builder
-                    .with_external_initializer(graph_name, Arc::new(value))
-                    .map_err(|e| GraphError::Load {
-                        file: spec.file.clone(),
-                        message: e.to_string(),
-                    })?;
-            }
+        let reference = match params {
+            Some(_) => None,
+            None => bundle.reference_weights()?,
+        };
+        let load_err = |message: String| GraphError::Load {
+            file: spec.file.clone(),
+            message,
+        };
+        for (graph_name, stored) in &spec.weights {
+            let Some(p) = params.or(reference.as_ref()).and_then(|s| s.get(stored)) else {
+                continue;
+            };
+            let value: DynValue = Tensor::from_array((p.shape.clone(), p.data.clone()))
+                .map_err(|e| load_err(e.to_string()))?
+                .into_dyn();
+            builder = builder
+                .with_external_initializer(graph_name, Arc::new(value))
+                .map_err(|e| load_err(e.to_string()))?;
         }
         let session = builder
             .commit_from_file(bundle.path(&spec.file))

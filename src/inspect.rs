@@ -186,6 +186,7 @@ fn prep_settings(path: &Path, metadata: &BTreeMap<String, String>) -> Option<ser
             "complete": m.complete,
             "shards": m.shards.len(),
             "bundle_sha256": m.bundle_sha256,
+            "reference_sha256": m.reference_sha256,
             "topk": m.topk,
         })),
         None => metadata

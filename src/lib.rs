@@ -18,6 +18,7 @@ pub mod eval;
 pub mod goldens;
 pub mod graphs;
 pub mod inspect;
+pub mod lora;
 pub mod objective;
 pub mod output;
 pub mod params;

@@ -138,6 +138,65 @@ impl ParamStore {
         Ok(ParamStore::new(params))
     }
 
+    /// Reads only the float32 tensors `names` of a safetensors file (seeking to each, so a
+    /// few tensors of a large file cost their own size), in the order given.
+    pub fn load_named(path: &Path, names: &[String]) -> Result<Self, ParamsError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let io = |source| ParamsError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let format = |message: String| ParamsError::Format {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).map_err(io)?;
+        let header_len = usize::try_from(u64::from_le_bytes(len))
+            .ok()
+            .filter(|&n| n <= 100 << 20)
+            .ok_or_else(|| format("header length out of range".into()))?;
+        let mut header = vec![0u8; header_len];
+        file.read_exact(&mut header).map_err(io)?;
+        let header: HashMap<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| format(e.to_string()))?;
+        let mut params = Vec::with_capacity(names.len());
+        for name in names {
+            let entry = header.get(name).ok_or_else(|| ParamsError::Missing {
+                path: path.to_path_buf(),
+                name: name.clone(),
+            })?;
+            let dtype = entry["dtype"].as_str().unwrap_or("?");
+            if dtype != "F32" {
+                return Err(ParamsError::Dtype {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    dtype: dtype.to_string(),
+                });
+            }
+            let shape: Vec<usize> = serde_json::from_value(entry["shape"].clone())
+                .map_err(|e| format(format!("`{name}`: {e}")))?;
+            let [begin, end]: [u64; 2] = serde_json::from_value(entry["data_offsets"].clone())
+                .map_err(|e| format(format!("`{name}`: {e}")))?;
+            if end - begin != 4 * shape.iter().product::<usize>() as u64 {
+                return Err(format(format!(
+                    "`{name}`: data length does not match its shape"
+                )));
+            }
+            let mut bytes = vec![0u8; (end - begin) as usize];
+            file.seek(SeekFrom::Start(8 + header_len as u64 + begin))
+                .map_err(io)?;
+            file.read_exact(&mut bytes).map_err(io)?;
+            params.push(Param {
+                name: name.clone(),
+                shape,
+                data: f32_from_le_bytes(&bytes),
+            });
+        }
+        Ok(ParamStore::new(params))
+    }
+
     /// Writes the parameters as a safetensors file (atomically: temporary file, then rename).
     pub fn save(
         &self,

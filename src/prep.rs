@@ -330,8 +330,7 @@ fn plan(cfg: &PrepConfig) -> Result<Plan, Error> {
     }
     let settings = json!({
         "edpo_version": EDPO_VERSION,
-        "bundle_sha256": bundle.bundle_sha256,
-        "params_sha256": bundle.manifest.files.get(&bundle.manifest.params_file).map(|f| f.sha256.clone()),
+        "reference_sha256": bundle.reference_sha256,
         "topk": topk,
         "format": format.name(),
         "columns": cfg.columns,
@@ -559,6 +558,7 @@ impl Plan {
         ShardMetadata {
             version: EDPO_VERSION.to_string(),
             bundle_sha256: self.bundle.bundle_sha256.clone(),
+            reference_sha256: self.bundle.reference_sha256.clone(),
             fingerprint: self.fingerprint.clone(),
             topk: self.topk,
             template_sha256: self.encoder.template_sha256().unwrap_or("").to_string(),

@@ -443,9 +443,9 @@ impl Study<'_> {
 pub fn run(cfg: &StudyConfig) -> Result<StudyReport, Error> {
     let bundle = Bundle::open(&cfg.model)?;
     let vocab = bundle.manifest.vocab_size;
-    let set = ShardSet::open(&cfg.shards, &bundle.bundle_sha256)?;
+    let set = ShardSet::open(&cfg.shards, &bundle)?;
     let params = match &cfg.params {
-        Some(p) => Some(bundle.load_params_from(p)?),
+        Some(p) => Some(bundle.policy_weights_from(p)?),
         None => None,
     };
     let topks: Vec<usize> = cfg.topks.iter().map(|&k| k.min(vocab)).collect();

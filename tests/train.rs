@@ -167,28 +167,42 @@ fn resume_with_other_settings_is_refused() {
 }
 
 #[test]
-fn shards_of_another_bundle_are_refused_naming_both_hashes() {
+fn shards_of_another_reference_are_refused_naming_both_hashes() {
     let tmp = tempfile::tempdir().unwrap();
     let shards = tmp.path().join("shards");
     prep(&shards, 32);
-    let mut manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(shards.join("manifest.json")).unwrap()).unwrap();
+    let manifest_path = shards.join("manifest.json");
+    let original = std::fs::read(&manifest_path).unwrap();
+    let rewrite = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut manifest: serde_json::Value = serde_json::from_slice(&original).unwrap();
+        edit(&mut manifest);
+        std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    };
+    let bundle = edpo::bundle::Bundle::open(&sample_bundle()).unwrap();
     let fake = "f".repeat(64);
-    manifest["bundle_sha256"] = serde_json::json!(fake);
-    std::fs::write(
-        shards.join("manifest.json"),
-        serde_json::to_vec(&manifest).unwrap(),
-    )
-    .unwrap();
-    let out = train_cmd(&shards, &tmp.path().join("run"), &[])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    let real = edpo::bundle::Bundle::open(&sample_bundle())
-        .unwrap()
-        .bundle_sha256;
-    assert!(err.contains(&fake) && err.contains(&real), "{err}");
+    let refused = |run: &str, real: &str| {
+        let out = train_cmd(&shards, &tmp.path().join(run), &[])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(err.contains(&fake) && err.contains(real), "{err}");
+    };
+    // Shards are keyed on what the reference computes, not on the bundle's manifest.
+    rewrite(&|m| m["reference_sha256"] = serde_json::json!(fake));
+    refused("run-a", &bundle.reference_sha256);
+    rewrite(&|m| m["bundle_sha256"] = serde_json::json!(fake));
+    assert!(edpo::shards::ShardSet::open(&shards, &bundle).is_ok());
+    // Shards written before reference identities: only their own bundle reads them.
+    rewrite(&|m| {
+        m.as_object_mut().unwrap().remove("reference_sha256");
+    });
+    assert!(edpo::shards::ShardSet::open(&shards, &bundle).is_ok());
+    rewrite(&|m| {
+        m.as_object_mut().unwrap().remove("reference_sha256");
+        m["bundle_sha256"] = serde_json::json!(fake);
+    });
+    refused("run-b", &bundle.bundle_sha256);
 }
 
 /// Rewrites every shard with `poison` applied to its pairs (keeping its metadata).
@@ -297,7 +311,7 @@ fn the_pair_loader_hands_out_every_row_and_rereads_a_row_asked_for_again() {
     let shards = tmp.path().join("shards");
     prep(&shards, 450); // three shards: 200, 200, 50 rows
     let bundle = edpo::bundle::Bundle::open(&sample_bundle()).unwrap();
-    let set = edpo::shards::ShardSet::open(&shards, &bundle.bundle_sha256).unwrap();
+    let set = edpo::shards::ShardSet::open(&shards, &bundle).unwrap();
     let mut loader = edpo::shards::PairLoader::new(&set);
     // The order of an epoch: shard after shard, so each row leaves the cache once used.
     let plan = edpo::train::plan::epoch_plan(&set, 7, 0, 64, 16);

@@ -3,6 +3,12 @@ reference logits computed online by a frozen reference model, eager autograd, to
 decay on biases and norms, as the Hugging Face Trainer), transformers' LR schedules,
 clip_grad_norm_, and the global β rule after every optimiser step.
 
+LoRA: with a LoRA bundle (`python -m edpo_export --lora`), or `--adapter DIR` (any PEFT LoRA
+adapter), the policy is base + the adapter through PEFT, only the adapter is trained, and the
+reference is base + that adapter merged when any lora_B is non-zero (an SFT adapter as the
+starting point), else the base — edpo's rule. `--save-params` then writes the adapter with
+PEFT's saved key names.
+
 Two uses:
   * the fidelity oracle for `edpo train --reference online` (tests): `--order RUN/pairs.parquet`
     replays edpo's exact step composition and the result JSON holds the loss/β trajectories,
@@ -32,6 +38,38 @@ def load_model(bundle: Path):
     assert not unexpected, unexpected
     model.tie_weights()
     return model
+
+
+def load_models(bundle: Path, adapter: Path | None):
+    """(policy, reference, whether the policy is a PEFT model): the bundle's model, or base +
+    `adapter` (default: a LoRA bundle's own adapter/) with the reference as edpo defines it."""
+    manifest = json.loads((bundle / "edpo-model.json").read_text())
+    if adapter is None and manifest.get("lora"):
+        adapter = bundle / manifest["lora"]["adapter_dir"]
+    if adapter is None:
+        return load_model(bundle), load_model(bundle), False
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    policy = PeftModel.from_pretrained(load_model(bundle), adapter, is_trainable=True)
+    b_nonzero = any(bool(v.abs().max() > 0) for k, v in load_file(adapter / "adapter_model.safetensors").items() if "lora_B" in k)
+    reference = load_model(bundle)
+    if b_nonzero:
+        reference = PeftModel.from_pretrained(reference, adapter).merge_and_unload()
+    return policy, reference, True
+
+
+def save_params(policy, path: str, lora: bool) -> None:
+    """The trained parameters: every parameter (a tied weight once), or the adapter by PEFT key."""
+    from safetensors.torch import save_file
+
+    if lora:
+        from peft import get_peft_model_state_dict
+
+        save_file({n: p.detach().contiguous() for n, p in get_peft_model_state_dict(policy).items()}, path)
+        return
+    tied = {n for n, _ in policy.named_parameters(remove_duplicate=False)} - {n for n, _ in policy.named_parameters()}
+    save_file({n: p.detach().contiguous() for n, p in policy.named_parameters() if n not in tied}, path)
 
 
 def read_pairs(shards: Path) -> dict:
@@ -89,16 +127,18 @@ def main():
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", help="result JSON")
-    ap.add_argument("--save-params", help="final parameters as safetensors")
+    ap.add_argument("--save-params", help="final parameters as safetensors (LoRA: the adapter, PEFT key names)")
+    ap.add_argument("--adapter", help="PEFT LoRA adapter folder to train (default: a LoRA bundle's adapter/)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     bundle, shards = Path(args.bundle), Path(args.shards)
-    policy = load_model(bundle).eval()  # TRL disables dropout; the exported graph has none
-    reference = load_model(bundle).eval()
+    policy, reference, lora = load_models(bundle, Path(args.adapter) if args.adapter else None)
+    policy.eval()  # TRL disables dropout; the exported graph has none
+    reference.eval()
     for p in reference.parameters():
         p.requires_grad_(False)
-    pad_id = policy.config.pad_token_id or 0
+    pad_id = reference.config.pad_token_id or 0
     pairs = read_pairs(shards)
     if args.order:
         import pyarrow.parquet as pq
@@ -111,8 +151,9 @@ def main():
     else:
         ids = list(pairs)
         plan = [ids[(i * args.batch_size) % len(ids):][: args.batch_size] for i in range(args.steps)]
-    no_decay = [p for n, p in policy.named_parameters() if n.endswith(".bias") or "norm" in n.lower() or ".ln_" in n]
-    decay = [p for n, p in policy.named_parameters() if all(p is not q for q in no_decay)]
+    trainable = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+    no_decay = [p for n, p in trainable if n.endswith(".bias") or "norm" in n.lower() or ".ln_" in n]
+    decay = [p for n, p in trainable if all(p is not q for q in no_decay)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
@@ -149,7 +190,7 @@ def main():
                 k = int(out["steps"][j])
                 step_k.append(k)
                 result["pairs"].append({"step": step, "pair_id": r["pair_id"], "k": k, "g": g, "g_plus": gp, "g_minus": gm, "delta": delta})
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], args.max_grad_norm)
         opt.step()
         result["loss"].append(step_loss)
         result["beta"].append(beta)
@@ -159,10 +200,7 @@ def main():
     result["pairs_per_s"] = sum(len(p) for p in plan) / result["seconds"]
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.save_params:
-        from safetensors.torch import save_file
-
-        tied = {n for n, _ in policy.named_parameters(remove_duplicate=False)} - {n for n, _ in policy.named_parameters()}
-        save_file({n: p.detach().contiguous() for n, p in policy.named_parameters() if n not in tied}, args.save_params)
+        save_params(policy, args.save_params, lora)
     text = json.dumps(result)
     if args.out:
         Path(args.out).write_text(text)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .common import (
     FORMAT_VERSION, GOLDENS_FILE, MANIFEST, PARAMS_FILE, REFERENCE_FILE, REFERENCE_INPUTS, REFERENCE_OUTPUTS,
-    TRAIN_BATCH_INPUTS, TRAIN_FILE, TRAIN_STAT_OUTPUTS, fail, log, peak_rss_mb, sha256_file,
+    TOKENIZER_FILES, TRAIN_BATCH_INPUTS, TRAIN_FILE, TRAIN_STAT_OUTPUTS, fail, log, peak_rss_mb, reference_sha256,
+    sha256_file,
 )  # fmt: skip
 from .goldens import compute_goldens, golden_batch
 from .graphs import export_reference_graph, export_train_graph, load_model, tied_pairs, untied_copy
@@ -68,6 +69,48 @@ def tool_versions() -> dict:
     }
 
 
+def train_graph_full(model, args, grad_of: list[str], graph_param_inputs: dict) -> dict:
+    """The goldens of a full fine-tuning bundle (its joint graph takes every parameter): the
+    manifest's train graph entries, the goldens and their manifest section."""
+    goldens, section = compute_goldens(model, args.topk_default)
+    return {
+        "param_inputs": graph_param_inputs,
+        "grad_outputs": {f"grad.{g}": g for g in grad_of},
+        "goldens": goldens,
+        "goldens_section": section,
+    }
+
+
+def train_graph_lora(model, args, out: Path, example, tied: dict) -> dict:
+    """Joint graph of a LoRA adapter over the frozen base (lora.py), the initial adapter folder
+    and the goldens of the PEFT model; adds the manifest's `lora` section and the adapter files."""
+    from . import lora
+
+    peft_model = lora.attach(model, args)  # injects into `model`; its base weights are saved already
+    inner = peft_model.base_model.model
+    names = lora.graph_names(peft_model)
+    reference_includes_adapter = lora.lora_b_nonzero(peft_model)
+    adapters = lora.adapter_modules(peft_model)
+    log(f"LoRA: {len(adapters)} modules, rank {adapters[0]['rank']}, scaling {adapters[0]['scaling']:g}, "
+        f"{sum(p.numel() for p in inner.parameters() if p.requires_grad) / 1e6:.3f}M trainable; "
+        f"reference = base{' + the --lora-init adapter' if reference_includes_adapter else ''}")  # fmt: skip
+    grad_of = export_train_graph(
+        inner, out / TRAIN_FILE, args.optimize, example, args.lm_head_chunks, lora=(names, out / PARAMS_FILE, tied)
+    )
+    adapter_files = lora.save_adapter(peft_model, out, Path(args.model))
+    trainable = [names[n] for n, p in inner.named_parameters() if p.requires_grad]
+    goldens, section = compute_goldens(inner, args.topk_default, adapter=(names, lora.golden_adapter(names)))
+    return {
+        "param_inputs": {name: name for name in trainable},
+        "grad_outputs": {f"grad.{g}": g for g in grad_of},
+        "base_weights": {names[n]: tied.get(names[n], names[n]) for n, p in inner.named_parameters() if not p.requires_grad},
+        "goldens": goldens,
+        "goldens_section": section,
+        "lora": lora.manifest_section(peft_model, args, reference_includes_adapter),
+        "adapter_files": adapter_files,
+    }
+
+
 def export(args) -> None:
     import torch
     from safetensors.torch import save_file
@@ -80,11 +123,15 @@ def export(args) -> None:
     tied = tied_pairs(model)
     untied = untied_copy(model)
     untied._edpo_tied = tied  # alias → stored name, for the reference graph's weight offsets
+    weights = {name: tied.get(name, name) for name, _ in untied.named_parameters()}
     vocab = model.get_output_embeddings().weight.shape[0]
     log(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {vocab}, tied {tied}")
 
     stored = {name: p.detach().contiguous() for name, p in model.named_parameters()}
     save_file(stored, out / PARAMS_FILE, metadata={"format": "pt"})
+    params = [{"name": n, "shape": list(p.shape), "dtype": "float32"} for n, p in stored.items()]
+    num_parameters = sum(p.numel() for p in stored.values())
+    del stored
     model.config.save_pretrained(out)
     special = copy_tokenizer(model_dir, Path(args.tokenizer) if args.tokenizer else None, out)
     if special["vocab_size"] > vocab:
@@ -101,23 +148,22 @@ def export(args) -> None:
     export_reference_graph(untied, out / REFERENCE_FILE, out / PARAMS_FILE, args.optimize, (ids[:3], attn[:3]))
     t_ref = time.time() - t0
     t0 = time.time()
-    grad_of = export_train_graph(untied, out / TRAIN_FILE, args.optimize, example, args.lm_head_chunks)
+    if args.lora:
+        del untied  # the LoRA graph is traced on the tied model (its base weights get no gradient)
+        train = train_graph_lora(model, args, out, example, tied)
+    else:
+        grad_of = export_train_graph(untied, out / TRAIN_FILE, args.optimize, example, args.lm_head_chunks)
+        del untied  # the goldens need the tied model only (and room for its float64 copy)
+        train = train_graph_full(model, args, grad_of, weights)
     t_train = time.time() - t0
+    save_file({name: value.clone() for name, value in train["goldens"].items()}, out / GOLDENS_FILE)  # no shared storage
 
-    graph_param_inputs = {name: tied.get(name, name) for name, _ in untied.named_parameters()}
-    del untied  # the goldens need the tied model only (and room for its float64 copy)
-    t0 = time.time()
-    goldens, goldens_section = compute_goldens(model, args.topk_default)
-    save_file({name: value.clone() for name, value in goldens.items()}, out / GOLDENS_FILE)  # no shared storage
-    log(f"goldens (float64 and fp32 PyTorch) computed in {time.time() - t0:.1f}s")
-
-    params = [{"name": n, "shape": list(p.shape), "dtype": "float32"} for n, p in stored.items()]
     manifest = {
         "format_version": FORMAT_VERSION,
         "architecture": type(model).__name__,
         "model_type": model.config.model_type,
         "vocab_size": vocab,
-        "num_parameters": sum(p.numel() for p in stored.values()),
+        "num_parameters": num_parameters,
         "dtype": "float32",
         "topk_default": k,
         "special_tokens": {key: special[key] for key in ("eos", "bos", "pad")},
@@ -130,17 +176,19 @@ def export(args) -> None:
                 "file": REFERENCE_FILE,
                 "inputs": io_entries(REFERENCE_INPUTS),
                 "outputs": io_entries(REFERENCE_OUTPUTS),
-                "weights": graph_param_inputs,
+                "weights": weights,
             },
             "train": {
                 "file": TRAIN_FILE,
                 "inputs": io_entries(TRAIN_BATCH_INPUTS),
                 "outputs": io_entries(TRAIN_STAT_OUTPUTS),
-                "param_inputs": graph_param_inputs,
-                "grad_outputs": {f"grad.{g}": g for g in grad_of},
+                "param_inputs": train["param_inputs"],
+                "grad_outputs": train["grad_outputs"],
+                **({"base_weights": train["base_weights"]} if "base_weights" in train else {}),
             },
         },
-        "goldens": {"file": GOLDENS_FILE, **goldens_section},
+        "goldens": {"file": GOLDENS_FILE, **train["goldens_section"]},
+        **({"lora": train["lora"]} if "lora" in train else {}),
         "export": {
             "optimized": bool(args.optimize),
             "lm_head_chunks": args.lm_head_chunks,
@@ -152,9 +200,13 @@ def export(args) -> None:
         "tools": tool_versions(),
         "files": {},
     }
-    for name in [REFERENCE_FILE, TRAIN_FILE, PARAMS_FILE, GOLDENS_FILE, "tokenizer.json", "tokenizer_config.json", "config.json"]:
+    adapter_files = train.get("adapter_files", [])
+    names = [REFERENCE_FILE, TRAIN_FILE, PARAMS_FILE, GOLDENS_FILE, *TOKENIZER_FILES, "config.json", *adapter_files]
+    for name in names:
         path = out / name
         manifest["files"][name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    with_adapter = adapter_files if train.get("lora", {}).get("reference_includes_adapter") else []
+    manifest["reference_sha256"] = reference_sha256(manifest["files"], [REFERENCE_FILE, PARAMS_FILE, *TOKENIZER_FILES, *with_adapter])
     manifest["export"]["seconds_total"] = round(time.time() - t_start, 2)
     manifest["export"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

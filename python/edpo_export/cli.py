@@ -1,6 +1,8 @@
 """Export a Hugging Face causal LM into an edpo model bundle, or verify one.
 
     python -m edpo_export --model HF_DIR --out BUNDLE [--topk-default K] [--optimize]
+    python -m edpo_export --model HF_DIR --out BUNDLE --lora [--lora-rank R] [--lora-alpha A]
+                          [--lora-targets q_proj,v_proj | all-linear] [--lora-init ADAPTER_DIR]
     python -m edpo_export --verify BUNDLE
 
 The bundle (see ../shared/spec/architecture.md, export-notes.md):
@@ -12,6 +14,11 @@ The bundle (see ../shared/spec/architecture.md, export-notes.md):
                        loss of objective.md §2–§7 and one `grad.<param>` output per parameter.
   params.safetensors   θ₀ with Hugging Face names (tied weights stored once).
   tokenizer.json, tokenizer_config.json (chat template inlined), config.json
+  adapter/             LoRA bundles (--lora): the initial adapter as a PEFT folder
+                       (adapter_config.json, adapter_model.safetensors). Their joint graph takes
+                       the adapter matrices as its only parameter inputs and returns only their
+                       gradients; the frozen base weights are initializers read from
+                       params.safetensors, like the reference graph's (lora.py).
   goldens.safetensors  a fixed batch, PyTorch's float64 outputs of both graphs on it and a
                        bounded gradient sample (goldens.py); verify judges ONNX Runtime by them.
   edpo-model.json      manifest: graph I/O contract, parameters, tied weights, hashes, versions.
@@ -42,6 +49,17 @@ def main(argv=None, prog: str | None = None) -> int:
         "--lm-head-chunks", type=int, default=16, metavar="C",
         help="slices of the output projection in the training graph (0 = dense [N,T,V] logits; default 16)",
     )  # fmt: skip
+    lora = parser.add_argument_group("LoRA (a bundle that trains adapters over the frozen base; lora.py)")
+    lora.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every parameter")
+    lora.add_argument("--lora-rank", type=int, metavar="R", help="adapter rank r (default 8, PEFT's)")
+    lora.add_argument("--lora-alpha", type=float, metavar="A", help="lora_alpha; scaling = alpha / r (default: r)")
+    lora.add_argument(
+        "--lora-targets", type=lambda s: [t for t in s.split(",") if t], metavar="NAMES",
+        help="modules to adapt, comma-separated as PEFT names them (q_proj,v_proj), or all-linear "
+        "(every linear layer but the output projection); default: PEFT's defaults for the architecture",
+    )  # fmt: skip
+    lora.add_argument("--lora-init", metavar="ADAPTER_DIR", help="start from this PEFT LoRA adapter (its rank, alpha, targets); the reference is base + adapter")
+    lora.add_argument("--lora-seed", type=int, default=0, help="seed of a fresh adapter's lora_A (lora_B starts at 0)")
     parser.add_argument("--optimize", action="store_true", help="run the onnxscript optimiser on both graphs (slow for deep models)")
     parser.add_argument("--verify", metavar="BUNDLE", help="run the bundle's graphs in onnxruntime against its goldens")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
@@ -58,6 +76,12 @@ def main(argv=None, prog: str | None = None) -> int:
         fail("`--topk-default` must be ≥ 1")
     if args.lm_head_chunks < 0:
         fail("`--lm-head-chunks` must be ≥ 0 (0 = dense logits)")
+    if args.lora_init:
+        args.lora = True
+    if not args.lora and (args.lora_rank or args.lora_alpha is not None or args.lora_targets):
+        fail("`--lora-rank`, `--lora-alpha` and `--lora-targets` need `--lora`")
+    if args.lora_rank is not None and args.lora_rank < 1:
+        fail("`--lora-rank` must be ≥ 1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     export(args)
     return 0

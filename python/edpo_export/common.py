@@ -14,6 +14,9 @@ REFERENCE_FILE = "reference.onnx"
 TRAIN_FILE = "policy.train.onnx"
 PARAMS_FILE = "params.safetensors"
 GOLDENS_FILE = "goldens.safetensors"
+# LoRA bundles: the initial adapter as a PEFT folder (adapter_config.json, adapter_model.safetensors).
+ADAPTER_DIR = "adapter"
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json"]
 # TopK size used while tracing the scoring graph; replaced by the graph input `k` afterwards.
 TRACE_TOPK = 7
 # Default K of the sparse reference cache: the smallest K with ≥ 99% agreement of the cached
@@ -86,6 +89,16 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def reference_sha256(files: dict, names: list[str]) -> str:
+    """The identity of what the reference computes: sha256 of the lines "<file> <sha256>\n"
+    of `names` (the reference graph, the weights file, the tokenizer files and, when the
+    reference includes a LoRA adapter, the adapter's two files), sorted by file name. Shards
+    are keyed on it, so a full and a LoRA bundle of one base model share shards. The Rust twin
+    is `Bundle::reference_sha256` (src/bundle.rs)."""
+    text = "".join(f"{name} {files[name]['sha256']}\n" for name in sorted(names))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def peak_rss_mb() -> float:

@@ -11,6 +11,10 @@ goldens.safetensors (N = 2B rows, chosen then rejected; K = `reference.in.k`; E 
     reference.f64.token_logps                             float64 [N, T]
     reference.f64.topk_logps, reference.f64.topk_ids      float64 / int64 [N, T, K + E], ranks 0…K+E−1
     train.in.<input>                                      the joint graph's inputs (float32 / int64)
+    train.in.param.<param>                                float32 [shape]  LoRA bundles: the adapter
+                                                                        values the goldens use (every
+                                                                        lora_B non-zero); verify feeds
+                                                                        them instead of the bundle's
     train.f64.loss []; train.f64.logps, train.f64.logps_plus, train.f64.logps_minus [N]   float64
     train.f64.steps                                       int64 [B]     per-pair k in float64
     train.f64.step_margin                                 float64 [B]   min distance of g₊ − g and
@@ -20,7 +24,7 @@ goldens.safetensors (N = 2B rows, chosen then rejected; K = `reference.in.k`; E 
     train.grad.full.<param>                               float64 [shape]  for the names in `full_grads`
 
 Gradients are keyed by stored parameter name (params.safetensors; a tied weight's gradients
-summed). The manifest's `goldens` section:
+summed; a LoRA bundle's: its adapter matrices, PEFT's saved key names). The manifest's `goldens` section:
 
     file, format (2), factor, floor, extra_ranks (E), projections (R), full_grads [names],
     torch_fp32_error {"reference.token_logps", "reference.topk_logps" (first K ranks),
@@ -176,13 +180,15 @@ def train_inputs(model, ids, attn, loss_mask, k: int) -> dict:
     }
 
 
-def train_outputs(model, train_in: dict):
+def train_outputs(model, train_in: dict, names: dict | None = None):
     """Eager autograd in the model's dtype (the dense ε-DPO loss on the tied model): the five
-    outputs and {stored parameter name: gradient}."""
+    outputs and {stored parameter name: gradient} of every parameter that requires one
+    (`names` maps parameter names to stored names where they differ: a LoRA bundle's adapters)."""
     import torch
 
     from .objective import EpsDpoLoss
 
+    names = names or {}
     dtype = next(model.parameters()).dtype
     args = [train_in[n] if train_in[n].dtype == torch.int64 else train_in[n].to(dtype) for n, _, _ in TRAIN_BATCH_INPUTS]
     model.zero_grad(set_to_none=True)
@@ -190,14 +196,16 @@ def train_outputs(model, train_in: dict):
     outs[0].backward()
     grads = {}
     for name, p in model.named_parameters():
-        grads[name], p.grad = p.grad.detach(), None  # handed over, not copied (memory of deep models)
+        if p.requires_grad:
+            grads[names.get(name, name)], p.grad = p.grad.detach(), None  # handed over, not copied
     return dict(zip(TRAIN_OUTPUTS, [o.detach() for o in outs])), grads
 
 
-def full_gradient_names(model) -> list[str]:
-    """Up to FULL_GRADS small tensors (≤ FULL_GRAD_MAX_NUMEL elements), evenly spread over the
-    parameter list (for a Llama: the first layer's norm … the final norm)."""
-    small = [name for name, p in model.named_parameters() if p.numel() <= FULL_GRAD_MAX_NUMEL]
+def full_gradient_names(model, names: dict | None = None) -> list[str]:
+    """Up to FULL_GRADS small trainable tensors (≤ FULL_GRAD_MAX_NUMEL elements, stored names),
+    evenly spread over the parameter list (for a Llama: the first layer's norm … the final norm)."""
+    names = names or {}
+    small = [names.get(n, n) for n, p in model.named_parameters() if p.requires_grad and p.numel() <= FULL_GRAD_MAX_NUMEL]
     if len(small) <= FULL_GRADS:
         return small
     picks = sorted({round(i * (len(small) - 1) / (FULL_GRADS - 1)) for i in range(FULL_GRADS)})
@@ -241,28 +249,40 @@ def gradient_goldens(grads32: dict, grads64: dict, full: list[str], tensors: dic
     return rel
 
 
-def compute_goldens(model, topk: int) -> tuple[dict, dict]:
+def compute_goldens(model, topk: int, adapter=None) -> tuple[dict, dict]:
     """(tensors of goldens.safetensors, the manifest's `goldens` section without `file`):
-    PyTorch float64 outputs of both graphs on the fixed batch and PyTorch fp32's errors."""
+    PyTorch float64 outputs of both graphs on the fixed batch and PyTorch fp32's errors.
+
+    `adapter` (a LoRA bundle): (graph names {parameter: stored name}, a function that sets the
+    goldens' adapter values on the model and returns them by stored name). The model holds the
+    PEFT adapter at its initial values: the reference (base + initial adapter) is scored
+    first; the joint graph's goldens then use the adapter values the function sets (stored as
+    `train.in.param.<name>`, what verify feeds the graph), with gradients of the adapters only.
+    """
     vocab = model.get_output_embeddings().weight.shape[0]
     ids, attn, loss_mask = golden_batch(vocab)
     k = min(topk, vocab)
     ranks = min(k + EXTRA_RANKS, vocab)
+    names = adapter[0] if adapter else None
     model64 = copy.deepcopy(model).double()
     tensors: dict = {}
     errors: dict = {}
     ids_differ = reference_goldens(model, model64, ids, attn, k, ranks, tensors, errors)
+    if adapter:
+        del model64
+        tensors.update({f"train.in.param.{name}": value.float() for name, value in adapter[1](model).items()})
+        model64 = copy.deepcopy(model).double()
     train_in = train_inputs(model, ids, attn, loss_mask, k)
-    out64, grads64 = train_outputs(model64, train_in)
+    out64, grads64 = train_outputs(model64, train_in, names)
     del model64
-    out32, grads32 = train_outputs(model, train_in)
+    out32, grads32 = train_outputs(model, train_in, names)
     tensors.update({f"train.in.{name}": value for name, value in train_in.items()})
     tensors.update({f"train.f64.{name}": value for name, value in out64.items()})
     tau = train_in["step_tolerance"].double()
     tensors["train.f64.step_margin"] = step_margins(out64["logps"], out64["logps_plus"], out64["logps_minus"], tau)
     for name in TRAIN_OUTPUTS[:4]:
         errors[f"train.{name}"] = max_abs_error(out32[name], out64[name])
-    full = full_gradient_names(model)
+    full = full_gradient_names(model, names)
     grad_errors = gradient_goldens(grads32, grads64, full, tensors)
     section = {
         "format": GOLDENS_FORMAT,

@@ -97,10 +97,13 @@ def strip_model_prefix(name: str) -> str:
     return name[len("model.") :] if name.startswith("model.") else name
 
 
-def finish_onnx(onnx_program, param_names: set[str], output_names: list[str], optimize: bool):
-    """Rename initializers to HF names, turn parameters into graph inputs, name outputs."""
+def finish_onnx(onnx_program, param_names: set[str], output_names: list[str], optimize: bool, rename=None, tied=None):
+    """Rename initializers to HF names, turn parameters into graph inputs (named by `rename`
+    where it has them), name outputs. `tied` ({alias: stored name}): a tied parameter that the
+    exporter lifted under an alias's name (e.g. `lm_head.weight`) is found by it."""
     import onnx_ir as ir
 
+    rename = rename or {}
     model = onnx_program.model
     graph = model.graph
     for old in list(graph.initializers):
@@ -112,9 +115,12 @@ def finish_onnx(onnx_program, param_names: set[str], output_names: list[str], op
             graph.initializers[new] = value
     for name in sorted(param_names):
         value = graph.initializers.pop(name, None)
+        for alias in [a for a, stored in (tied or {}).items() if stored == name and value is None]:
+            value = graph.initializers.pop(alias, None)
         if value is None:
             raise RuntimeError(f"parameter {name} has no initializer in the exported graph")
         value.const_value = None
+        value.name = rename.get(name, name)
         graph.inputs.append(value)
     if len(graph.outputs) != len(output_names):
         raise RuntimeError(f"graph has {len(graph.outputs)} outputs, expected {len(output_names)}")
@@ -133,7 +139,15 @@ def finish_onnx(onnx_program, param_names: set[str], output_names: list[str], op
     return model
 
 
-def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunks: int):
+def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunks: int, lora=None):
+    """The joint graph of `untied` (a model without tied parameters), one gradient output per
+    parameter that requires a gradient; returns their graph names.
+
+    `lora` (a LoRA bundle): (graph names {parameter: name}, params.safetensors path, {alias:
+    stored name} of tied weights). The model then holds PEFT adapters and frozen base weights
+    (tied ones may stay tied: they get no gradient); the base weights become initializers
+    whose data are references into params.safetensors, and only the adapters are inputs.
+    """
     import torch
     import torch.export.experimental  # noqa: F401  (registers _export_forward_backward)
     import torch.utils._pytree as pytree
@@ -204,6 +218,7 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
     for i, spec in enumerate(sig.output_specs):
         if spec.kind == OutputKind.GRADIENT_TO_PARAMETER:
             pname = strip_model_prefix(spec.target)
+            pname = lora[0].get(pname, pname) if lora else pname
             grad_of.append(pname)
             output_names.append(f"grad.{pname}")
         sig.output_specs[i] = OutputSpec(kind=OutputKind.USER_OUTPUT, arg=spec.arg, target=None)
@@ -213,10 +228,22 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
     program = torch.onnx.export(jep, example, dynamo=True, external_data=False, optimize=False, verbose=False)
     log(f"joint graph translated to ONNX in {time.time() - t0:.1f}s")
     params = {name for name, _ in untied.named_parameters()}
-    model = finish_onnx(program, params, output_names, optimize)
+    rename, tied = (lora[0], lora[2]) if lora else (None, None)
+    model = finish_onnx(program, params, output_names, optimize, rename, tied)
     import onnx_ir as ir
 
-    ir.save(model, out)
+    if lora is None:
+        ir.save(model, out)
+        return grad_of
+    import onnx
+
+    names, params_path, alias = lora
+    frozen = {names.get(n, n) for n, p in untied.named_parameters() if not p.requires_grad}
+    proto = ir.serde.serialize_model(model)
+    del model, program
+    point_params_at_safetensors(proto, frozen, params_path, alias)
+    proto.graph.ClearField("value_info")
+    onnx.save(proto, out)
     return grad_of
 
 

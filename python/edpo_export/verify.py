@@ -97,6 +97,13 @@ def check_reference(bundle: Path, manifest: dict, goldens: dict, bands: Bands, c
     import onnxruntime as ort
 
     spec = manifest["graphs"]["reference"]
+    overrides = reference_overrides(bundle, manifest)
+    if overrides:  # options of this session only; the arrays stay alive until it has run
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        names = [g for g, stored in spec["weights"].items() if stored in overrides]
+        values = [ort.OrtValue.ortvalue_from_numpy(overrides[spec["weights"][g]]) for g in names]
+        opts.add_external_initializers(names, values)
     sess = ort.InferenceSession(str(bundle / spec["file"]), opts, providers=["CPUExecutionProvider"])
     feeds = {i["name"]: goldens[f"reference.in.{i['name']}"] for i in spec["inputs"]}
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
@@ -113,6 +120,28 @@ def check_reference(bundle: Path, manifest: dict, goldens: dict, bands: Bands, c
         bad == 0,
         f"{differ} differ from float64, {bad} of them outside the band {band:.2e}",
     )
+
+
+def reference_overrides(bundle: Path, manifest: dict) -> dict:
+    """The reference's weights that differ from params.safetensors: a LoRA bundle's --lora-init
+    adapter merged into its modules (as edpo merges it when it scores); empty otherwise."""
+    spec = manifest.get("lora")
+    if not spec or not spec["reference_includes_adapter"]:
+        return {}
+    from .lora import merged_weights
+
+    return merged_weights(bundle, manifest)
+
+
+def trained_params(bundle: Path, manifest: dict, goldens: dict) -> dict:
+    """The values the joint graph is run with on the goldens: `train.in.param.<name>` where the
+    goldens have them (a LoRA bundle's adapter), else the bundle's (initial adapter or θ₀)."""
+    from safetensors.numpy import load_file
+
+    spec = manifest.get("lora")
+    path = bundle / spec["adapter_dir"] / "adapter_model.safetensors" if spec else bundle / manifest["params_file"]
+    params = load_file(path)
+    return {name: goldens.get(f"train.in.param.{name}", value) for name, value in params.items()}
 
 
 def check_steps(got, goldens: dict, bands: Bands, check: Checks) -> None:
@@ -163,10 +192,8 @@ def check_gradients(grads: dict, goldens: dict, bands: Bands, check: Checks) -> 
 def check_train(bundle: Path, manifest: dict, goldens: dict, bands: Bands, check: Checks, opts) -> None:
     import numpy as np
     import onnxruntime as ort
-    from safetensors.numpy import load_file
-
     spec = manifest["graphs"]["train"]
-    params = load_file(bundle / manifest["params_file"])
+    params = trained_params(bundle, manifest, goldens)
     sess = ort.InferenceSession(str(bundle / spec["file"]), opts, providers=["CPUExecutionProvider"])
     feeds = {i["name"]: goldens[f"train.in.{i['name']}"] for i in spec["inputs"]}
     for graph_name, stored in spec["param_inputs"].items():

@@ -143,6 +143,34 @@ impl Goldens {
             })
     }
 
+    /// The values the joint graph is run with: `params`, each replaced by its
+    /// `train.in.param.<name>` golden where the goldens have one (a LoRA bundle's adapter with
+    /// every lora_B non-zero, so that every adapter matrix has a gradient to check).
+    fn trained_params(
+        &self,
+        mut params: crate::params::ParamStore,
+    ) -> Result<crate::params::ParamStore, GoldensError> {
+        for p in &mut params.params {
+            let name = format!("train.in.param.{}", p.name);
+            if !self.tensors.contains_key(&name) {
+                continue;
+            }
+            let value = self.f32(&name)?;
+            if value.shape() != p.shape.as_slice() {
+                return Err(GoldensError::Format {
+                    file: self.file.clone(),
+                    message: format!(
+                        "`{name}` has shape {:?}, expected {:?}",
+                        value.shape(),
+                        p.shape
+                    ),
+                });
+            }
+            p.data = value.iter().copied().collect();
+        }
+        Ok(params)
+    }
+
     /// The golden micro-batch of the joint graph.
     fn train_batch(&self) -> Result<TrainBatch, GoldensError> {
         Ok(TrainBatch {
@@ -472,7 +500,7 @@ fn verify_train(
     report: &mut VerifyReport,
 ) -> Result<(), crate::Error> {
     let mut train = TrainGraph::new(bundle, config)?;
-    let params = bundle.load_params()?;
+    let params = goldens.trained_params(bundle.load_trainable()?)?;
     let batch = goldens.train_batch()?;
     let settings = LossSettings {
         beta: goldens.scalar("train.in.beta")?,

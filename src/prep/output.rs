@@ -55,9 +55,9 @@ fn existing_shards(dir: &Path, plan: &Plan) -> Result<Existing, Error> {
     let files = list_shards(dir)?;
     let foreign = match &manifest {
         Some(m) if m.fingerprint != plan.fingerprint => Some(format!(
-            "bundle {} vs {}, settings fingerprint {} vs {}",
-            short(&m.bundle_sha256),
-            short(&plan.bundle.bundle_sha256),
+            "reference {} vs {}, settings fingerprint {} vs {}",
+            short(&m.reference_sha256),
+            short(&plan.bundle.reference_sha256),
             short(&m.fingerprint),
             short(&plan.fingerprint)
         )),
@@ -124,6 +124,7 @@ pub(super) fn manifest(plan: &Plan, shards: Vec<ShardStats>, complete: bool) -> 
     ShardManifest {
         edpo_version: EDPO_VERSION.into(),
         bundle_sha256: plan.bundle.bundle_sha256.clone(),
+        reference_sha256: plan.bundle.reference_sha256.clone(),
         fingerprint: plan.fingerprint.clone(),
         topk: plan.topk,
         settings: plan.settings.clone(),

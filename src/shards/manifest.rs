@@ -33,6 +33,11 @@ pub struct ShardStats {
 pub struct ShardManifest {
     pub edpo_version: String,
     pub bundle_sha256: String,
+    /// What the reference computes (`Bundle::reference_sha256`): the shards' identity that
+    /// train, eval and study-k check. Empty in shards written before it was recorded (then the
+    /// bundle itself must match).
+    #[serde(default)]
+    pub reference_sha256: String,
     pub fingerprint: String,
     pub topk: usize,
     pub settings: serde_json::Value,

@@ -1,5 +1,5 @@
 //! The `edpo.*` key-value metadata in every shard's Parquet footer: what made the shard (edpo
-//! version, bundle, settings and their fingerprint, top-K size, chat template) and which input
+//! version, bundle, reference identity, settings and their fingerprint, top-K size, chat template) and which input
 //! rows it holds, so a shard renamed into place just before a crash is still accounted for.
 
 use std::collections::BTreeMap;
@@ -11,6 +11,7 @@ use super::{ShardError, ShardStats};
 pub mod keys {
     pub const VERSION: &str = "edpo.version";
     pub const BUNDLE_SHA256: &str = "edpo.bundle_sha256";
+    pub const REFERENCE_SHA256: &str = "edpo.reference_sha256";
     pub const FINGERPRINT: &str = "edpo.fingerprint";
     pub const TOPK: &str = "edpo.topk";
     pub const TEMPLATE_SHA256: &str = "edpo.template_sha256";
@@ -23,6 +24,9 @@ pub mod keys {
 pub struct ShardMetadata {
     pub version: String,
     pub bundle_sha256: String,
+    /// What the reference computes (`Bundle::reference_sha256`); "" in shards written before
+    /// it was recorded.
+    pub reference_sha256: String,
     /// sha256 of the prep settings (`settings`); equal fingerprints mean the same run.
     pub fingerprint: String,
     pub topk: usize,
@@ -41,6 +45,7 @@ impl ShardMetadata {
         [
             (keys::VERSION, self.version.clone()),
             (keys::BUNDLE_SHA256, self.bundle_sha256.clone()),
+            (keys::REFERENCE_SHA256, self.reference_sha256.clone()),
             (keys::FINGERPRINT, self.fingerprint.clone()),
             (keys::TOPK, self.topk.to_string()),
             (keys::TEMPLATE_SHA256, self.template_sha256.clone()),
@@ -71,6 +76,7 @@ impl ShardMetadata {
         Ok(ShardMetadata {
             version: get(keys::VERSION)?,
             bundle_sha256: get(keys::BUNDLE_SHA256)?,
+            reference_sha256: kv.get(keys::REFERENCE_SHA256).cloned().unwrap_or_default(),
             fingerprint: get(keys::FINGERPRINT)?,
             topk: get(keys::TOPK)?
                 .parse()
@@ -99,6 +105,7 @@ mod tests {
         let meta = ShardMetadata {
             version: "0.1.0".into(),
             bundle_sha256: "ab".repeat(32),
+            reference_sha256: "ef".repeat(32),
             fingerprint: "cd".repeat(32),
             topk: 16,
             template_sha256: String::new(),
@@ -121,5 +128,10 @@ mod tests {
         missing.remove(keys::FINGERPRINT);
         let err = ShardMetadata::from_key_values(Path::new("x"), &missing).unwrap_err();
         assert!(err.to_string().contains("edpo.fingerprint"), "{err}");
+        // Shards written before the reference identity was recorded still read.
+        let mut older = kv.clone();
+        older.remove(keys::REFERENCE_SHA256);
+        let read = ShardMetadata::from_key_values(Path::new("x"), &older).unwrap();
+        assert_eq!(read.reference_sha256, "");
     }
 }

@@ -34,11 +34,17 @@ pub enum ShardError {
     NoManifest(PathBuf),
     #[error("`{0}` is incomplete (prep was interrupted); rerun the same `edpo prep` command to finish it")]
     Incomplete(PathBuf),
-    #[error("shards `{dir}` were made with bundle {shards_bundle}, but `--model` is bundle {model_bundle}; run `edpo prep` with this model or train the model the shards belong to")]
+    #[error("shards `{dir}` were made with bundle {shards_bundle}, but `--model` is bundle {model_bundle} (the shards predate reference identities, so only their own bundle reads them); run `edpo prep` with this model or train the model the shards belong to")]
     OtherBundle {
         dir: PathBuf,
         shards_bundle: String,
         model_bundle: String,
+    },
+    #[error("shards `{dir}` were scored with another reference ({shards_reference}) than `--model`'s ({model_reference}): a reference is the reference graph, the base weights, the tokenizer and chat template, and a `--lora-init` adapter; run `edpo prep` with this model, or train a bundle of the model the shards were scored with")]
+    OtherReference {
+        dir: PathBuf,
+        shards_reference: String,
+        model_reference: String,
     },
 }
 
@@ -151,6 +157,7 @@ mod tests {
         let metadata = ShardMetadata {
             version: "test".into(),
             bundle_sha256: "b".into(),
+            reference_sha256: "r".into(),
             fingerprint: "f".into(),
             topk: 3,
             template_sha256: String::new(),

@@ -9,6 +9,7 @@ use parquet::arrow::ProjectionMask;
 
 use super::schema::{CHOSEN, PAIR_ID, PROMPT_IDS, REJECTED};
 use super::{list_shards, read_shard, ScoredPair, ShardError, ShardManifest};
+use crate::bundle::Bundle;
 use crate::table::{self, column, TableError};
 
 /// Where a pair lives and how long its sequences are.
@@ -88,15 +89,26 @@ fn index_shard(shard: u32, path: &Path) -> Result<Vec<PairEntry>, crate::Error> 
 }
 
 impl ShardSet {
-    /// Opens the complete shards folder `dir` made with the bundle `bundle_sha256`.
-    pub fn open(dir: &Path, bundle_sha256: &str) -> Result<ShardSet, crate::Error> {
+    /// Opens the complete shards folder `dir` scored with `bundle`'s reference: the same
+    /// `reference_sha256` (any bundle of the same reference, e.g. a full and a LoRA bundle of
+    /// one base model), or for shards written before it was recorded, the same bundle.
+    pub fn open(dir: &Path, bundle: &Bundle) -> Result<ShardSet, crate::Error> {
         let manifest =
             ShardManifest::read(dir)?.ok_or_else(|| ShardError::NoManifest(dir.to_path_buf()))?;
-        if manifest.bundle_sha256 != bundle_sha256 {
-            return Err(ShardError::OtherBundle {
+        if manifest.reference_sha256.is_empty() {
+            if manifest.bundle_sha256 != bundle.bundle_sha256 {
+                return Err(ShardError::OtherBundle {
+                    dir: dir.to_path_buf(),
+                    shards_bundle: manifest.bundle_sha256.clone(),
+                    model_bundle: bundle.bundle_sha256.clone(),
+                }
+                .into());
+            }
+        } else if manifest.reference_sha256 != bundle.reference_sha256 {
+            return Err(ShardError::OtherReference {
                 dir: dir.to_path_buf(),
-                shards_bundle: manifest.bundle_sha256.clone(),
-                model_bundle: bundle_sha256.to_string(),
+                shards_reference: manifest.reference_sha256.clone(),
+                model_reference: bundle.reference_sha256.clone(),
             }
             .into());
         }

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bundle::Bundle;
 use crate::dist::Ranks;
+use crate::lora;
 use crate::objective;
 use crate::output::Printable;
 use crate::params::ParamStore;
@@ -84,6 +85,9 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     #[serde(skip)]
     pub resume: bool,
+    /// LoRA bundles: also write the merged model (`final/merged/`).
+    #[serde(skip)]
+    pub merge: bool,
     #[serde(skip)]
     pub session: SessionConfig,
     #[serde(skip)]
@@ -243,9 +247,22 @@ fn resume_differences(saved: &serde_json::Value, now: &serde_json::Value) -> Vec
     diffs
 }
 
-/// Writes `final/`: the trained parameters as a Hugging Face model folder.
-fn write_final(run: &Path, bundle: &Bundle, params: &ParamStore) -> Result<PathBuf, TrainError> {
+/// Writes `final/`: the trained parameters as a Hugging Face model folder, or a LoRA bundle's
+/// adapter as a PEFT adapter folder (with `--merge` also `final/merged/`, base + adapter).
+fn write_final(
+    run: &Path,
+    bundle: &Bundle,
+    params: &ParamStore,
+    merge: bool,
+) -> Result<PathBuf, Error> {
     let dir = run.join("final");
+    if let Some(spec) = bundle.lora() {
+        lora::write_adapter_folder(&dir, bundle, spec, params)?;
+        if merge {
+            lora::write_merged_model(&dir.join(lora::MERGED_DIR), bundle, spec, params)?;
+        }
+        return Ok(dir);
+    }
     std::fs::create_dir_all(&dir).map_err(|e| write_err(&dir, e))?;
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
@@ -342,7 +359,10 @@ struct Trainer<'a> {
 fn open_inputs(cfg: &TrainConfig) -> Result<(Bundle, ShardSet), Error> {
     cfg.validate()?;
     let bundle = Bundle::open(&cfg.model)?;
-    let set = ShardSet::open(&cfg.shards, &bundle.bundle_sha256)?;
+    if cfg.merge && bundle.lora().is_none() {
+        return Err(lora::LoraError::MergeWithoutLora(cfg.model.clone()).into());
+    }
+    let set = ShardSet::open(&cfg.shards, &bundle)?;
     if set.pairs.is_empty() {
         return Err(ShardError::NoShards(cfg.shards.clone()).into());
     }
@@ -370,7 +390,8 @@ impl<'a> Trainer<'a> {
         // Run tables' temporary files left by a killed run.
         crate::table::remove_stale_tmp(&cfg.out);
         let existing = checkpoint::latest(&cfg.out);
-        let mut params = bundle.load_params()?;
+        // The tensors training updates: every parameter, or a LoRA bundle's adapters.
+        let mut params = bundle.load_trainable()?;
         let mut optimizer = AdamW::new(cfg.adam, &params);
         let mut state = TrainState::start(cfg.beta, cfg.seed, config_json.clone());
         let metrics_path = cfg.out.join(metrics::METRICS_FILE);
@@ -393,7 +414,7 @@ impl<'a> Trainer<'a> {
             }
             (Some(dir), true) => {
                 let (saved, loaded) =
-                    checkpoint::load(dir, &bundle.param_layout(), &mut optimizer)?;
+                    checkpoint::load(dir, &bundle.trainable_layout(), &mut optimizer)?;
                 let diffs = resume_differences(&saved.config, &config_json);
                 if !diffs.is_empty() {
                     return Err(TrainError::ResumeMismatch {
@@ -639,9 +660,10 @@ pub fn run(cfg: &TrainConfig, ranks: &dyn Ranks) -> Result<TrainSummary, Error> 
     progress.set_position(trainer.state.step);
     trainer.train(&mut runner, &progress)?;
     progress.finish();
+    drop(runner); // the graphs' memory, before a merge reads the base weights
     trainer.save()?;
     if ranks.is_root() {
-        write_final(&cfg.out, &trainer.bundle, &trainer.params)?;
+        write_final(&cfg.out, &trainer.bundle, &trainer.params, cfg.merge)?;
     }
     Ok(TrainSummary {
         out: cfg.out.clone(),

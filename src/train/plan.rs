@@ -91,6 +91,7 @@ mod tests {
             manifest: ShardManifest {
                 edpo_version: String::new(),
                 bundle_sha256: String::new(),
+                reference_sha256: String::new(),
                 fingerprint: String::new(),
                 topk: 4,
                 settings: serde_json::Value::Null,

@@ -13,7 +13,7 @@ EDPO := $(CARGO_TARGET_DIR)/debug/edpo
 # The Python packages (edpo_export, edpo_bench, edpo_experiments) live in python/.
 export PYTHONPATH := $(CURDIR)/python
 
-.PHONY: setup build build-release real bench-real test test-real test-rust test-mpi test-python lint demo samples bench bench-prep bench-train bench-prep-workers study-k chat-templates slurm-check
+.PHONY: setup build build-release real real-kl bench-real test test-real test-rust test-mpi test-python lint demo samples bench bench-prep bench-train bench-prep-workers bench-lora bench-mpi profile-real study-k chat-templates slurm-check
 
 setup:
 	@command -v cargo >/dev/null || { echo "error: cargo not found; install Rust with rustup" >&2; exit 2; }
@@ -47,9 +47,13 @@ test-real: build
 
 # deploy/slurm/prep.sbatch on a real single-node Slurm (installed with apt-get if missing,
 # daemons started and stopped by the script): a 3-task array over data-samples/ must write the
-# files of one `edpo prep` process, byte for byte. Not in `make test` (needs root for apt-get).
-slurm-check: build
-	scripts/slurm_local.sh $(EDPO)
+# files of one `edpo prep` process, byte for byte; deploy/slurm/train.sbatch (2 MPI ranks under
+# srun) must train as one process does. Not in `make test` (needs root for apt-get).
+slurm-check: setup
+	cargo build --features mpi --bin edpo
+	cp $(EDPO) $(CARGO_TARGET_DIR)/debug/edpo-mpi
+	cargo build --all-targets
+	scripts/slurm_local.sh $(EDPO) $(CARGO_TARGET_DIR)/debug/edpo-mpi
 
 lint:
 	cargo fmt --all -- --check
@@ -82,6 +86,24 @@ bench-real: build-release
 # The whole pipeline on the real model and real conversations (see README "A real model").
 real: build-release
 	$(PY) -m edpo_experiments.real
+
+# Held-out accuracy against per-token KL(π_θ‖π_ref) on the real model: DPO at three β, ε-DPO at two ε.
+real-kl: build-release
+	$(PY) -m edpo_experiments.real_kl
+
+# LoRA (rank 16, all linear layers) against full fine-tuning: SmolLM2-135M-Instruct and a random
+# model at Qwen2.5-0.5B-Instruct's configuration — export, prep and train time and peak RSS.
+bench-lora: build-release
+	$(PY) -m edpo_bench.lora
+
+# Where prep's and train's time goes on SmolLM2, by ONNX Runtime operator type (its profiler).
+profile-real: build-release
+	$(PY) -m edpo_bench.profile
+
+# `edpo train` over 1 and 2 MPI ranks (one thread each): time per step and bytes summed per step.
+bench-mpi: setup
+	cargo build --release --features mpi
+	$(PY) -m edpo_bench.mpi
 
 # Prep split across worker processes: wall time for 1, 2 and 4 workers sharing the cores, and
 # the per-worker input cost (first row, duplicate-id pass, peak RSS) at 1M rows.

@@ -3,9 +3,10 @@
 # Debian's packages, started here in the background with a minimal configuration — no systemd
 # — and stopped at the end) runs deploy/slurm/prep.sbatch as a 3-task job array over the sample
 # data, and the shards folder it leaves must equal a one-process `edpo prep` of the same data,
-# file for file and byte for byte.
+# file for file and byte for byte. Given an edpo built with `--features mpi` as well, it also
+# runs deploy/slurm/train.sbatch (2 tasks, srun --mpi=pmix) against one process.
 #
-#   scripts/slurm_local.sh [EDPO_BINARY]     (default: $CARGO_TARGET_DIR/debug/edpo)
+#   scripts/slurm_local.sh [EDPO_BINARY [EDPO_MPI_BINARY]]   (default: $CARGO_TARGET_DIR/debug/edpo)
 #
 # Installs slurm-wlm and munge with apt-get when they are missing (needs root). Everything
 # else lives in a temporary folder: munge key and socket, Slurm state, logs, the outputs.
@@ -13,6 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 EDPO="$(realpath "${1:-${CARGO_TARGET_DIR:-$HOME/.cache/edpo/target}/debug/edpo}")"
+# Optional: an edpo built with `--features mpi`; then deploy/slurm/train.sbatch runs too.
+EDPO_MPI="${2:+$(realpath "$2")}"
+PY="${EDPO_VENV:-$HOME/.cache/edpo/venv}/bin/python"
 [ -x "$EDPO" ] || { echo "error: edpo binary $EDPO not found; run \`make build\` first" >&2; exit 2; }
 
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
@@ -113,6 +117,47 @@ check() {
   fi
   echo "[slurm] $name: $(ls "$W/out/$name-array" | wc -l) files identical to one process's" >&2
 }
+# deploy/slurm/train.sbatch: 2 tasks, one MPI rank each (srun --mpi=pmix), against one process
+# of the same binary: identical k on every pair and β, parameters within 1e-6 relative.
+check_mpi() {
+  local shards="$W/out/mpi-shards"
+  "$EDPO" --quiet --threads 1 prep --model "$ROOT/data-samples/bundle" \
+    --data "$ROOT/data-samples/prefs/train.plain.jsonl" --out "$shards" >/dev/null
+  local args=(--lr 1e-3 --beta 0.1 --epsilon 0.05 --batch-size 16 --micro-batch 4 --max-steps 6
+              --model "$ROOT/data-samples/bundle" --shards "$shards")
+  echo "[slurm] mpi: sbatch --ntasks=2 deploy/slurm/train.sbatch (srun, 2 ranks) against one process" >&2
+  if ! EDPO="$EDPO_MPI" sbatch --wait --ntasks=2 --cpus-per-task=1 --job-name=edpo-train \
+      --output="$W/mpi.out" deploy/slurm/train.sbatch "${args[@]}" --out "$W/out/mpi-two" >/dev/null; then
+    echo "error: the MPI training job failed; its output:" >&2
+    cat "$W/mpi.out" >&2 || true
+    exit 1
+  fi
+  "$EDPO_MPI" --quiet --threads 1 train "${args[@]}" --out "$W/out/mpi-one" >/dev/null
+  "$PY" - "$W/out/mpi-one" "$W/out/mpi-two" <<'PYEOF' >&2 || exit 1
+import sys
+import numpy as np
+import pyarrow.parquet as pq
+from safetensors.numpy import load_file
+
+one, two = sys.argv[1:]
+k1 = pq.read_table(f"{one}/pairs.parquet", columns=["pair_id", "step", "k"]).to_pylist()
+k2 = pq.read_table(f"{two}/pairs.parquet", columns=["pair_id", "step", "k"]).to_pylist()
+b1 = pq.read_table(f"{one}/metrics.parquet", columns=["kl/beta_next"]).column(0).to_pylist()
+b2 = pq.read_table(f"{two}/metrics.parquet", columns=["kl/beta_next"]).column(0).to_pylist()
+p1, p2 = load_file(f"{one}/final/model.safetensors"), load_file(f"{two}/final/model.safetensors")
+rel = max(float(np.abs(p1[n] - p2[n]).max() / max(np.abs(p1[n]).max(), 1e-30)) for n in p1)
+ok = k1 == k2 and b1 == b2 and rel <= 1e-6
+print(f"[slurm] mpi: {len(k1)} pair records, k identical {k1 == k2}, beta identical {b1 == b2}, "
+      f"parameters max rel diff {rel:.1e}")
+sys.exit(0 if ok else 1)
+PYEOF
+}
+
 check plain data-samples/prefs/train.plain.parquet
 check chat data-samples/prefs/train.chat.jsonl
-echo "slurm-check: 2 passed, 0 failed"
+if [ -n "$EDPO_MPI" ]; then
+  check_mpi
+  echo "slurm-check: 3 passed, 0 failed"
+else
+  echo "slurm-check: 2 passed, 0 failed"
+fi

@@ -258,6 +258,23 @@ pub struct TrainOutputs {
     pub pair_steps: Array1<i64>,
 }
 
+/// Session settings for a joint graph whose frozen base weights are initializers (a LoRA
+/// bundle): no constant folding and no pre-packing, so ONNX Runtime keeps the one copy it
+/// reads from `params.safetensors` instead of adding a folded transpose and a pre-packed copy
+/// of every weight (SmolLM2 session: 1,618 MB → 166 MB resident after creation).
+fn frozen_base_settings(
+    builder: ort::session::builder::SessionBuilder,
+) -> Result<ort::session::builder::SessionBuilder, String> {
+    builder
+        .with_prepacking(false)
+        .map_err(|e| e.to_string())?
+        .with_config_entry(
+            "optimization.disable_specified_optimizers",
+            "ConstantFolding",
+        )
+        .map_err(|e| e.to_string())
+}
+
 /// The joint forward+backward ε-DPO graph.
 pub struct TrainGraph {
     session: Session,
@@ -271,7 +288,14 @@ pub struct TrainGraph {
 impl TrainGraph {
     pub fn new(bundle: &Bundle, config: &SessionConfig) -> Result<Self, crate::Error> {
         let spec = &bundle.manifest.graphs.train;
-        let session = session_builder(config)?
+        let mut builder = session_builder(config)?;
+        if bundle.manifest.lora.is_some() {
+            builder = frozen_base_settings(builder).map_err(|message| GraphError::Load {
+                file: spec.file.clone(),
+                message,
+            })?;
+        }
+        let session = builder
             .commit_from_file(bundle.path(&spec.file))
             .map_err(|e| GraphError::Load {
                 file: spec.file.clone(),

@@ -202,6 +202,9 @@ pub fn init() -> Result<PathBuf, RuntimeError> {
     }
 }
 
+/// Environment variable: a path prefix that turns ONNX Runtime's profiler on for every session.
+pub const PROFILE_ENV: &str = "EDPO_ORT_PROFILE";
+
 /// A session builder with edpo's settings applied: threads, optimisation, execution provider.
 pub fn session_builder(config: &SessionConfig) -> Result<SessionBuilder, RuntimeError> {
     init()?;
@@ -224,6 +227,11 @@ pub fn session_builder(config: &SessionConfig) -> Result<SessionBuilder, Runtime
             .map_err(opt)?
             .with_inter_threads(1)
             .map_err(opt)?;
+    }
+    if let Some(prefix) = std::env::var_os(PROFILE_ENV).filter(|v| !v.is_empty()) {
+        // ONNX Runtime's profiler: one Chrome-trace JSON per session, PREFIX_<time>.json,
+        // written when the session ends (python -m edpo_bench.profile sums it by operator).
+        builder = builder.with_profiling(prefix).map_err(opt)?;
     }
     if config.device == Device::Cpu {
         // Batch shapes change from run to run; memory patterns would keep a plan (and its

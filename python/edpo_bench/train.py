@@ -11,7 +11,7 @@ import argparse
 import json
 import shutil
 
-from edpo_bench.common import CACHE, PY, TOPK_DEFAULT, bench_bundle, bench_pairs, child_env, edpo_release, measured, shards_match, write_results
+from edpo_bench.common import CACHE, PY, TOPK_DEFAULT, bench_bundle, bench_train_shards, child_env, edpo_release, measured, write_results
 
 
 def main():
@@ -23,11 +23,7 @@ def main():
     ap.add_argument("--topk", type=int, default=TOPK_DEFAULT, help=f"K of the cached reference (default {TOPK_DEFAULT}, the exporter's)")
     args = ap.parse_args()
     bundle = bench_bundle()
-    shards = CACHE / f"shards-train-bench-k{args.topk}"
-    if not shards_match(shards, bundle):
-        measured([str(edpo_release()), "--quiet", "--threads", str(args.threads), "prep", "--model", str(bundle),
-                  "--data", str(bench_pairs(2000)), "--out", str(shards), "--topk", str(args.topk), "--limit", "512",
-                  "--overwrite"])  # fmt: skip
+    shards = bench_train_shards(bundle, args.topk, args.threads)
     run = CACHE / "run-bench"
     shutil.rmtree(run, ignore_errors=True)
     common = ["--lr", "1e-5", "--beta", "0.1", "--epsilon", "0.01"]

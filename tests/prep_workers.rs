@@ -224,14 +224,21 @@ fn ids_from_file_name_and_row_repeat_across_folders_for_workers_too() {
     assert_same_files(&many, &one, "ids from file names");
 }
 
-#[test]
-fn a_killed_worker_reruns_only_its_missing_shards() {
+/// A temporary folder with the JSONL pairs of `rows_with_duplicates` and their one-process
+/// prep in `one/`: (folder, the data as `--data`, the one-process output).
+fn prepped_with_duplicates() -> (tempfile::TempDir, [PathBuf; 1], PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("pairs.jsonl");
     write_jsonl(&data, &rows_with_duplicates(), true);
     let data = [data];
     let one = tmp.path().join("one");
     summary_of(spawn(prep(&data, &one)));
+    (tmp, data, one)
+}
+
+#[test]
+fn a_killed_worker_reruns_only_its_missing_shards() {
+    let (tmp, data, one) = prepped_with_duplicates();
     let many = tmp.path().join("workers");
     run_workers(&data, &many, 3, &[0, 2]);
     // Worker 1 is killed right after its second shard is in place.
@@ -256,12 +263,7 @@ fn a_killed_worker_reruns_only_its_missing_shards() {
 
 #[test]
 fn two_workers_with_the_same_index_corrupt_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("pairs.jsonl");
-    write_jsonl(&data, &rows_with_duplicates(), true);
-    let data = [data];
-    let one = tmp.path().join("one");
-    summary_of(spawn(prep(&data, &one)));
+    let (tmp, data, one) = prepped_with_duplicates();
     let many = tmp.path().join("workers");
     run_workers(&data, &many, 2, &[1, 0, 1, 0]);
     assert_same_files(&many, &one, "doubled indices");
@@ -269,12 +271,7 @@ fn two_workers_with_the_same_index_corrupt_nothing() {
 
 #[test]
 fn slurm_array_and_indexed_job_variables_pick_the_worker() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("pairs.jsonl");
-    write_jsonl(&data, &rows_with_duplicates(), true);
-    let data = [data];
-    let one = tmp.path().join("one");
-    summary_of(spawn(prep(&data, &one)));
+    let (tmp, data, one) = prepped_with_duplicates();
     // `sbatch --array=1-3`: task ids 1, 2, 3 are workers 0, 1, 2 of 3.
     let slurm = tmp.path().join("slurm");
     let children: Vec<Child> = (1..=3)
@@ -346,12 +343,7 @@ fn bad_worker_settings_exit_2_naming_the_flag_or_variable() {
 
 #[test]
 fn finalize_names_missing_shards_then_writes_the_manifest_of_one_process() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("pairs.jsonl");
-    write_jsonl(&data, &rows_with_duplicates(), true);
-    let data = [data];
-    let one = tmp.path().join("one");
-    summary_of(spawn(prep(&data, &one)));
+    let (tmp, data, one) = prepped_with_duplicates();
     let many = tmp.path().join("workers");
     run_workers(&data, &many, 2, &[0]);
     let incomplete = std::fs::read(many.join("manifest.json")).unwrap();

@@ -5,10 +5,12 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Instant;
 
 use ndarray::{Array1, Array2, Array3, ArrayView2};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
+use rayon::prelude::*;
 
 use crate::bundle::{contract_problems, Bundle, BundleError, Port};
 use crate::params::ParamStore;
@@ -126,6 +128,8 @@ pub struct ScoreOutputs {
 pub struct ReferenceGraph {
     session: Session,
     file: String,
+    /// Wall seconds spent inside `Session::run` so far.
+    run_seconds: f64,
 }
 
 impl ReferenceGraph {
@@ -175,6 +179,7 @@ impl ReferenceGraph {
         Ok(ReferenceGraph {
             session,
             file: spec.file.clone(),
+            run_seconds: 0.0,
         })
     }
 
@@ -203,6 +208,7 @@ impl ReferenceGraph {
         let ids = TensorRef::from_array_view(input_ids).map_err(run_err)?;
         let mask = TensorRef::from_array_view(attention_mask).map_err(run_err)?;
         let k_value = Tensor::from_array(ndarray::arr0(k)).map_err(run_err)?;
+        let started = Instant::now();
         let outputs = self
             .session
             .run(ort::inputs![
@@ -211,6 +217,7 @@ impl ReferenceGraph {
                 "k" => k_value,
             ])
             .map_err(run_err)?;
+        self.run_seconds += started.elapsed().as_secs_f64();
         let token_logps = output_array::<f32>(&outputs, &file, "token_logps", "float32")?;
         let topk_logps = output_array::<f32>(&outputs, &file, "topk_logps", "float32")?;
         let topk_ids = output_array::<i64>(&outputs, &file, "topk_ids", "int64")?;
@@ -223,6 +230,11 @@ impl ReferenceGraph {
             topk_logps: topk_logps.into_dimensionality().map_err(shape_err)?,
             topk_ids: topk_ids.into_dimensionality().map_err(shape_err)?,
         })
+    }
+
+    /// Wall seconds spent running the graph (inside ONNX Runtime) since the session was built.
+    pub fn run_seconds(&self) -> f64 {
+        self.run_seconds
     }
 }
 
@@ -283,6 +295,8 @@ pub struct TrainGraph {
     param_inputs: Vec<(String, String)>,
     /// (output name, stored parameter name) for every gradient output.
     grad_outputs: Vec<(String, String)>,
+    /// Wall seconds spent inside `Session::run` so far.
+    run_seconds: f64,
 }
 
 impl TrainGraph {
@@ -334,6 +348,7 @@ impl TrainGraph {
             file: spec.file.clone(),
             param_inputs,
             grad_outputs,
+            run_seconds: 0.0,
         })
     }
 
@@ -424,6 +439,11 @@ impl TrainGraph {
         Ok(inputs)
     }
 
+    /// Wall seconds spent running the graph (inside ONNX Runtime) since the session was built.
+    pub fn run_seconds(&self) -> f64 {
+        self.run_seconds
+    }
+
     /// Runs the joint graph on one micro-batch and adds `weight` · d loss / d θ to `grad_acc`
     /// (one buffer per stored parameter, in `ParamStore` order; tied weights get both
     /// gradients). Accumulating in place keeps one gradient-sized buffer alive, not three.
@@ -448,10 +468,12 @@ impl TrainGraph {
         }
         let inputs = self.inputs(params, batch, settings)?;
         let file = self.file.clone();
+        let started = Instant::now();
         let outputs = self.session.run(inputs).map_err(|e| GraphError::Run {
             file: file.clone(),
             message: e.to_string(),
         })?;
+        self.run_seconds += started.elapsed().as_secs_f64();
         for (out_name, stored) in &self.grad_outputs {
             let slot = params.position(stored).ok_or_else(|| GraphError::Batch {
                 file: file.clone(),
@@ -465,9 +487,14 @@ impl TrainGraph {
                     name: out_name.clone(),
                     dtype: "float32",
                 })?;
-            for (acc, g) in grad_acc[slot].iter_mut().zip(value.1) {
-                *acc += weight * *g;
-            }
+            grad_acc[slot]
+                .par_chunks_mut(crate::train::optim::CHUNK)
+                .zip(value.1.par_chunks(crate::train::optim::CHUNK))
+                .for_each(|(acc, g)| {
+                    for (acc, g) in acc.iter_mut().zip(g) {
+                        *acc += weight * *g;
+                    }
+                });
         }
         train_outputs(&outputs, &file)
     }

@@ -29,6 +29,7 @@ pub mod runtime;
 mod runtime_cuda;
 pub mod scoring;
 pub mod shards;
+pub mod stages;
 pub mod study;
 pub mod table;
 pub mod train;

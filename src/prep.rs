@@ -34,6 +34,7 @@ use crate::shards::{
     shard_file_name, write_shard, ResponseScores, ScoredPair, ShardManifest, ShardMetadata,
     ShardStats,
 };
+use crate::stages::StageTimes;
 use crate::Error;
 use duplicates::EarlierPairs;
 pub use worker::Worker;
@@ -134,6 +135,10 @@ pub struct PrepSummary {
     pub shards_total: usize,
     pub complete: bool,
     pub input: InputTimes,
+    /// Wall seconds of the scoring pass by stage: reading and tokenising rows
+    /// (`read_tokenize`), building the session (`session`), inside ONNX Runtime (`graph_run`),
+    /// padding batches and copying outputs out (`batch_and_unpack`), writing shards (`parquet`).
+    pub stages: StageTimes,
 }
 
 impl PrepSummary {
@@ -201,6 +206,13 @@ impl Printable for PrepSummary {
             self.pairs_per_second,
             self.tokens_per_second
         ));
+        if self.shards > self.shards_reused {
+            s.push_str(&format!(
+                "  time: {}
+",
+                self.stages.line(self.wall_seconds)
+            ));
+        }
         s
     }
 }
@@ -682,10 +694,18 @@ fn write_scored_shard(
     graph: &mut ReferenceGraph,
     shard: ShardInput,
     manifest: Option<&mut ShardManifest>,
+    times: &mut StageTimes,
 ) -> Result<ShardStats, Error> {
     let n_pairs = shard.pairs.len() as u64;
-    let (scored, batch_stats) =
-        score_pairs(graph, shard.pairs, plan.topk, cfg.batch_tokens, plan.pad_id)?;
+    let graph_before = graph.run_seconds();
+    let (scored, batch_stats) = times.time("batch_and_unpack", || {
+        score_pairs(graph, shard.pairs, plan.topk, cfg.batch_tokens, plan.pad_id)
+    })?;
+    times.split(
+        "batch_and_unpack",
+        "graph_run",
+        graph.run_seconds() - graph_before,
+    );
     let stats = ShardStats {
         file: shard_file_name(shard.index),
         index: shard.index,
@@ -700,17 +720,19 @@ fn write_scored_shard(
         sequence_tokens: batch_stats.sequence_tokens,
         padded_tokens: batch_stats.padded_tokens,
     };
-    write_shard(
-        &cfg.out.join(&stats.file),
-        &scored,
-        &plan.shard_metadata(&stats),
-    )?;
+    times.time("parquet", || {
+        write_shard(
+            &cfg.out.join(&stats.file),
+            &scored,
+            &plan.shard_metadata(&stats),
+        )
+    })?;
     crate::crash::point("prep.shard-written");
     if let Some(manifest) = manifest {
         manifest.shards.retain(|s| s.index != stats.index);
         manifest.shards.push(stats.clone());
         manifest.shards.sort_by_key(|s| s.index);
-        manifest.write(&cfg.out)?;
+        times.time("parquet", || manifest.write(&cfg.out))?;
     }
     Ok(stats)
 }
@@ -737,13 +759,19 @@ fn score_shards(
     };
     let (mut scored_pairs, mut scored_tokens) = (0u64, 0u64);
     let scoring_started = Instant::now();
-    while let Some(shard) = reader.next_shard(work.read(Read::Tokenize))? {
+    let mut times = StageTimes::default();
+    while let Some(shard) = times.time("read_tokenize", || {
+        reader.next_shard(work.read(Read::Tokenize))
+    })? {
         let stats = if shard.read {
             let graph = match graph.as_mut() {
                 Some(g) => g,
-                None => graph.insert(ReferenceGraph::new(&plan.bundle, None, &cfg.session)?),
+                None => graph.insert(times.time("session", || {
+                    ReferenceGraph::new(&plan.bundle, None, &cfg.session)
+                })?),
             };
-            let stats = write_scored_shard(cfg, plan, graph, shard, manifest.as_deref_mut())?;
+            let stats =
+                write_scored_shard(cfg, plan, graph, shard, manifest.as_deref_mut(), &mut times)?;
             scored_pairs += stats.pairs;
             scored_tokens += stats.sequence_tokens;
             stats
@@ -771,6 +799,7 @@ fn score_shards(
     let secs = scoring_started.elapsed().as_secs_f64().max(1e-9);
     summary.pairs_per_second = scored_pairs as f64 / secs;
     summary.tokens_per_second = scored_tokens as f64 / secs;
+    summary.stages = times;
     Ok(summary)
 }
 

@@ -118,17 +118,19 @@ def bench_train_shards(bundle: Path, topk: int = TOPK_DEFAULT, threads: int = 0)
     return shards
 
 
-def measured(cmd: list[str], env: dict | None = None) -> dict:
-    """Runs a command; returns wall seconds, peak RSS (MB) and its stdout."""
+def measured(cmd: list[str], env: dict | None = None, allow_failure: bool = False) -> dict:
+    """Runs a command; returns wall seconds, peak RSS (MB), its stdout and exit code. A failing
+    command stops the benchmark unless `allow_failure` (then the caller reports the code; -9 is
+    the kernel's out-of-memory kill)."""
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ, **(env or {})})
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.time() - t0
     code = os.waitstatus_to_exitcode(status)
-    if code != 0:
+    if code != 0 and not allow_failure:
         raise SystemExit(f"benchmark command failed ({code}): {' '.join(cmd)}")
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024.0, "stdout": out.decode()}
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024.0, "stdout": out.decode(), "exit_code": code}
 
 
 def write_results(name: str, results: dict) -> Path:

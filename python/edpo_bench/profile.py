@@ -76,14 +76,15 @@ def main():
         edpo = [str(edpo_release()), "--quiet", "--threads", str(args.threads)]
         shards = work / "shards"
         prep = profiled([*edpo, "prep", "--model", str(bundle), "--data", str(data), "--out", str(shards),
-                         "--limit", str(args.pairs), "--max-length", str(args.max_length)], work / "prep")  # fmt: skip
+                         "--limit", str(args.pairs), "--max-length", str(args.max_length),
+                         "--max-prompt-length", str(args.max_length * 3 // 4)], work / "prep")  # fmt: skip
         train = profiled([*edpo, "train", "--model", str(bundle), "--shards", str(shards), "--out", str(work / "run"),
-                          "--max-steps", str(args.steps), "--batch-size", "8", "--micro-batch", "4", "--lr", "1e-6",
+                          "--max-steps", str(args.steps), "--batch-size", "4", "--micro-batch", "1", "--lr", "1e-6",
                           "--beta", "0.1", "--epsilon", "0.01"], work / "train")  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_stage(f"prep ({args.pairs} pairs, max length {args.max_length})", prep)
-    print_stage(f"train ({args.steps} steps of 8 pairs, micro-batch 4)", train)
+    print_stage(f"train ({args.steps} steps of 4 pairs, micro-batch 1)", train)
     result = {"model": "SmolLM2-135M-Instruct", "threads": args.threads, "max_length": args.max_length,
               "pairs": args.pairs, "train_steps": args.steps, "prep": prep, "train": train}  # fmt: skip
     print(f"\nresults: {write_results('profile-real', result)}")

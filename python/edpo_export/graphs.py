@@ -12,6 +12,15 @@ from pathlib import Path
 
 from .common import PARAMS_FILE, REFERENCE_OUTPUTS, TRACE_TOPK, TRAIN_STAT_OUTPUTS, fail, log
 
+# Attention is traced as transformers' eager implementation: scores + an additive float mask,
+# softmax, matmul. The SDPA implementation traces a boolean mask into Where/IsNaN passes over
+# every [rows, heads, T, T] score tensor (and `_safe_softmax`'s Where in the joint graph and its
+# backward), which took 19% of prep's and 35% of train's operator time on SmolLM2 at length
+# 1,024 (`make profile-real`). Masked positions get a finite minimum instead of -inf, so a
+# padding row's softmax is uniform instead of NaN-then-zeroed; those rows are masked out of
+# every log-probability, so the outputs are the same.
+ATTENTION = "eager"
+
 def load_model(model_dir: Path, random_init_seed: int | None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -22,11 +31,11 @@ def load_model(model_dir: Path, random_init_seed: int | None):
     has_weights = any(model_dir.glob("*.safetensors")) or any(model_dir.glob("*.bin"))
     if has_weights and random_init_seed is None:
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32, attn_implementation="sdpa"
+            model_dir, dtype=torch.float32, attn_implementation=ATTENTION
         )
     elif random_init_seed is not None:
         torch.manual_seed(random_init_seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=ATTENTION)
     else:
         fail(
             f"`{model_dir}` has a config but no weights; pass `--random-init SEED` to export a "
@@ -135,8 +144,40 @@ def finish_onnx(onnx_program, param_names: set[str], output_names: list[str], op
         t0 = time.time()
         onnxscript.optimizer.optimize(model)
         log(f"onnxscript optimiser: {time.time() - t0:.1f}s")
+    log(f"{drop_unit_powers(model)} Pow(x, 1) nodes replaced by x")
     ir.passes.common.RemoveUnusedNodesPass()(model)
     return model
+
+
+def constant_of(value):
+    """The numpy value of a graph value that is an initializer or a Constant node's output."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+        return node.attributes["value"].value.numpy()
+    return None
+
+
+def drop_unit_powers(model) -> int:
+    """Pow(x, 1) → x. The backward of x² traces as 2·Pow(x, 1); ONNX Runtime runs that Pow
+    through powf element by element (its fast paths are the exponents 2 and 3), one pass per
+    RMSNorm in the joint graph, for the value x itself."""
+    replaced = 0
+    for node in list(model.graph.all_nodes()):
+        if node.op_type != "Pow" or node.domain not in ("", "ai.onnx"):
+            continue
+        exponent = constant_of(node.inputs[1])
+        out, base = node.outputs[0], node.inputs[0]
+        if exponent is None or exponent.size != 1 or float(exponent.reshape(())) != 1.0:
+            continue
+        if out.is_graph_output() or base.dtype != out.dtype:
+            continue
+        out.replace_all_uses_with(base)
+        replaced += 1
+    return replaced
 
 
 def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunks: int, lora=None):
@@ -153,7 +194,6 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
     import torch.utils._pytree as pytree
     from torch.export import Dim
     from torch.export.graph_signature import OutputKind, OutputSpec
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from .objective import EpsDpoLoss
 
@@ -177,9 +217,8 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
         {0: n, 1: t, 2: k}, {0: n, 1: t, 2: k}, None, None, None, None,
     )  # fmt: skip
     t0 = time.time()
-    with sdpa_kernel(SDPBackend.MATH):
-        ep = torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
-        jep = torch.export.experimental._export_forward_backward(ep, joint_loss_index=0)
+    ep = torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
+    jep = torch.export.experimental._export_forward_backward(ep, joint_loss_index=0)
     log(f"joint program traced in {time.time() - t0:.1f}s")
 
     graph = jep.graph_module.graph
@@ -251,15 +290,13 @@ def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool,
     import onnx
     import torch
     from torch.export import Dim
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     scorer = ReferenceScorer.build(untied, TRACE_TOPK)
     dynamic = ({0: Dim("N", min=2), 1: Dim("T", min=3)}, {0: Dim("N", min=2), 1: Dim("T", min=3)})
     t0 = time.time()
-    with sdpa_kernel(SDPBackend.MATH):
-        program = torch.onnx.export(
-            scorer, example, dynamic_shapes=dynamic, dynamo=True, external_data=False, optimize=False
-        )
+    program = torch.onnx.export(
+        scorer, example, dynamic_shapes=dynamic, dynamo=True, external_data=False, optimize=False
+    )
     log(f"reference graph exported in {time.time() - t0:.1f}s")
     params = {name for name, _ in untied.named_parameters()}
     model = finish_onnx(program, params, [name for name, _, _ in REFERENCE_OUTPUTS], optimize)

@@ -26,6 +26,7 @@ use crate::params::ParamStore;
 use crate::progress::Progress;
 use crate::runtime::SessionConfig;
 use crate::shards::{ShardError, ShardSet};
+use crate::stages::StageTimes;
 use crate::Error;
 use checkpoint::TrainState;
 use metrics::{RunTable, StepMetrics};
@@ -153,6 +154,13 @@ pub struct TrainSummary {
     /// Bytes each rank sends to the step's sums and receives back (the gradient, f32, and
     /// three f64 totals; reduced to rank 0, then broadcast); 0 for one process.
     pub sum_bytes_per_step: u64,
+    /// Wall seconds by stage: opening the run, bundle and sessions (`startup`), reading pairs
+    /// from shards (`load_pairs`), building micro-batches (`batch`; the online reference's
+    /// graph time is `reference_run`), inside ONNX Runtime (`graph_run`), feeding parameters
+    /// and accumulating gradients (`grad_accumulate`), the ranks' sums (`sum`), clipping and
+    /// AdamW (`optimizer`), step tables and checkpoints (`records_and_checkpoints`), the last
+    /// checkpoint and `final/` (`final`).
+    pub stages: StageTimes,
 }
 
 impl Printable for TrainSummary {
@@ -178,6 +186,10 @@ impl Printable for TrainSummary {
         s.push_str(&format!(
             "  {:.1} pairs/s, wall {:.1}s\n",
             self.pairs_per_second, self.wall_seconds
+        ));
+        s.push_str(&format!(
+            "  time: {}\n",
+            self.stages.line(self.wall_seconds)
         ));
         if self.ranks > 1 {
             s.push_str(&format!(
@@ -583,7 +595,9 @@ impl<'a> Trainer<'a> {
                 self.state.step,
             )?;
             let mean_step = result.mean_step;
-            let grad_norm = self.apply(&mut result, lr, mean_step);
+            let grad_norm = runner
+                .times
+                .time("optimizer", || self.apply(&mut result, lr, mean_step));
             let log = StepLog {
                 lr,
                 grad_norm,
@@ -591,7 +605,10 @@ impl<'a> Trainer<'a> {
                 mean_step,
                 seconds: started.elapsed().as_secs_f64(),
             };
-            self.record(&result, log);
+            runner
+                .times
+                .time("records_and_checkpoints", || self.record(&result, log));
+            runner.recycle(std::mem::take(&mut result.grads));
             progress.inc(1);
             progress.set_message(format!(
                 "loss {:.4} β {:.5} acc {:.2} {:.1} pairs/s",
@@ -611,7 +628,9 @@ impl<'a> Trainer<'a> {
             }
             let every = self.cfg.save_every;
             if every > 0 && self.state.step.is_multiple_of(every) && self.state.step < total_steps {
-                self.save()?;
+                runner
+                    .times
+                    .time("records_and_checkpoints", || self.save())?;
             }
         }
         Ok(())
@@ -655,16 +674,22 @@ pub fn run(cfg: &TrainConfig, ranks: &dyn Ranks) -> Result<TrainSummary, Error> 
     // No rank writes before every rank has looked at the run folder.
     ranks.barrier();
     let mut runner = StepRunner::new(&trainer.bundle, &trainer.set, cfg)?;
+    let mut stages = std::mem::take(&mut runner.times);
+    stages.add("startup", started.elapsed().as_secs_f64());
     let quiet = cfg.quiet || !ranks.is_root();
     let progress = Progress::new(trainer.length.total_steps, "steps", quiet);
     progress.set_position(trainer.state.step);
     trainer.train(&mut runner, &progress)?;
     progress.finish();
+    stages.merge(&runner.times);
     drop(runner); // the graphs' memory, before a merge reads the base weights
-    trainer.save()?;
-    if ranks.is_root() {
-        write_final(&cfg.out, &trainer.bundle, &trainer.params, cfg.merge)?;
-    }
+    stages.time("final", || -> Result<(), Error> {
+        trainer.save()?;
+        if ranks.is_root() {
+            write_final(&cfg.out, &trainer.bundle, &trainer.params, cfg.merge)?;
+        }
+        Ok(())
+    })?;
     Ok(TrainSummary {
         out: cfg.out.clone(),
         steps: trainer.state.step,
@@ -682,5 +707,6 @@ pub fn run(cfg: &TrainConfig, ranks: &dyn Ranks) -> Result<TrainSummary, Error> 
         } else {
             0
         },
+        stages,
     })
 }

@@ -2,6 +2,8 @@
 //! online reference), run the joint graph, accumulate the gradients, and record every pair's
 //! ε-DPO decision.
 
+use std::time::Instant;
+
 use crate::batch::{self, row_of};
 use crate::bundle::Bundle;
 use crate::data::Side;
@@ -10,6 +12,7 @@ use crate::graphs::{LossSettings, ReferenceGraph, TrainBatch, TrainGraph, TrainO
 use crate::objective;
 use crate::params::ParamStore;
 use crate::shards::{PairLoader, ScoredPair, ShardSet};
+use crate::stages::StageTimes;
 use crate::Error;
 
 use super::metrics::{self, PairRecord};
@@ -47,6 +50,10 @@ pub struct StepRunner {
     epsilon: f64,
     label_smoothing: f64,
     step_tolerance: f64,
+    /// Where the steps' time went (the trainer adds its own stages).
+    pub times: StageTimes,
+    /// The last step's gradient buffers, handed back by `recycle` for the next step.
+    spare_grads: Option<Vec<Vec<f32>>>,
 }
 
 impl StepRunner {
@@ -65,7 +72,14 @@ impl StepRunner {
             epsilon: cfg.epsilon,
             label_smoothing: cfg.label_smoothing,
             step_tolerance: cfg.step_tolerance,
+            times: StageTimes::default(),
+            spare_grads: None,
         })
+    }
+
+    /// Takes back a step's gradient buffers (after the optimiser used them) for the next step.
+    pub fn recycle(&mut self, grads: Vec<Vec<f32>>) {
+        self.spare_grads = Some(grads);
     }
 
     /// The joint graph's micro-batch for `pairs`, with the cached or the online reference.
@@ -104,7 +118,14 @@ impl StepRunner {
             label_smoothing: self.label_smoothing as f32,
             step_tolerance: self.step_tolerance as f32,
         };
-        let mut grads: Vec<Vec<f32>> = params.zeros_like();
+        let mut grads = match self.spare_grads.take() {
+            Some(mut grads) => {
+                self.times
+                    .time("grad_accumulate", || optim::zero(&mut grads));
+                grads
+            }
+            None => params.zeros_like(),
+        };
         // Loss, non-finite micro-batches, Σ k over pairs: summed over the ranks below.
         let mut totals = [0.0f64; 3];
         let mut encoded = Vec::new();
@@ -114,15 +135,28 @@ impl StepRunner {
             .enumerate()
             .filter(|(j, _)| j % ranks.size() == ranks.rank());
         for (j, micro_batch) in mine {
-            let pairs: Vec<ScoredPair> = micro_batch
-                .iter()
-                .map(|&i| self.loader.get(&set.pairs[i]))
-                .collect::<Result<_, _>>()?;
+            let loader = &mut self.loader;
+            let pairs: Vec<ScoredPair> = self.times.time("load_pairs", || {
+                micro_batch
+                    .iter()
+                    .map(|&i| loader.get(&set.pairs[i]))
+                    .collect::<Result<_, _>>()
+            })?;
+            let started = Instant::now();
+            let reference_before = self.reference.as_ref().map_or(0.0, |r| r.run_seconds());
             let batch = self.micro_batch(&pairs)?;
+            self.times.add("batch", started.elapsed().as_secs_f64());
+            let reference_run =
+                self.reference.as_ref().map_or(0.0, |r| r.run_seconds()) - reference_before;
+            self.times.split("batch", "reference_run", reference_run);
             let weight = micro_batch.len() as f64 / total;
-            let out = self
-                .train
-                .run(params, &batch, &settings, &mut grads, weight as f32)?;
+            let graph_before = self.train.run_seconds();
+            let train = &mut self.train;
+            let out = self.times.time("grad_accumulate", || {
+                train.run(params, &batch, &settings, &mut grads, weight as f32)
+            })?;
+            let graph_run = self.train.run_seconds() - graph_before;
+            self.times.split("grad_accumulate", "graph_run", graph_run);
             totals[0] += weight * f64::from(out.loss);
             totals[1] += f64::from(u8::from(!out.loss.is_finite()));
             let records = pair_records(&pairs, &batch, &out, beta, self.epsilon, step);
@@ -133,15 +167,20 @@ impl StepRunner {
                 r.to_bytes(&mut encoded);
             }
         }
-        for g in &mut grads {
-            ranks.sum_f32(g);
-        }
-        ranks.sum_f64(&mut totals);
+        self.times.time("sum", || {
+            for g in &mut grads {
+                ranks.sum_f32(g);
+            }
+            ranks.sum_f64(&mut totals);
+        });
         let finite = totals[1] == 0.0 && optim::global_norm(&grads).is_finite();
+        let records = self
+            .times
+            .time("sum", || decode_in_order(&ranks.gather_to_root(&encoded)));
         Ok(StepResult {
             loss: totals[0],
             grads,
-            records: decode_in_order(&ranks.gather_to_root(&encoded)),
+            records,
             mean_step: totals[2] / total,
             pairs: plan.num_pairs(),
             finite,

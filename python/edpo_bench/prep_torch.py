@@ -35,7 +35,9 @@ def main():
     tok = AutoTokenizer.from_pretrained(bundle)
     seqs = []
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    for line in Path(args.data).read_text().splitlines():
+    # JSON Lines are split on "\n" only: str.splitlines() would also split at U+2028 and other
+    # Unicode line breaks that JSON strings may hold unescaped.
+    for line in filter(str.strip, Path(args.data).read_text().split("\n")):
         row = json.loads(line)
         if isinstance(row["prompt"], list):  # chat rows: TRL 0.13's maybe_apply_chat_template
             prompt = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)

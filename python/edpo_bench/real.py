@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from edpo_bench.common import CACHE, PY, TOPK_DEFAULT, child_env, edpo_release, measured, write_results
+from edpo_bench.common import CACHE, PY, ROOT, TOPK_DEFAULT, child_env, edpo_release, measured, write_results
 from edpo_bench.flops import ModelShape, measure_peak, prep_flops, train_flops_per_pair
 from edpo_bench.real_data import build as real_pairs
 from edpo_experiments.smollm2 import bundle as smollm2_bundle
@@ -41,7 +41,7 @@ def bench_export(threads: int) -> dict:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def bench_prep(bundle: Path, data: Path, length: int, threads: int, batch_tokens: int, peak_gflops: float) -> dict:
+def bench_prep(bundle: Path, data: Path, length: int, threads: int, batch_tokens: int) -> dict:
     out = CACHE / f"real-shards-{length}"
     shutil.rmtree(out, ignore_errors=True)
     limits = ["--max-length", str(length), "--max-prompt-length", str(length * 3 // 4)]
@@ -60,17 +60,13 @@ def bench_prep(bundle: Path, data: Path, length: int, threads: int, batch_tokens
     }  # fmt: skip
     res["speedup"] = res["edpo"]["tokens_per_s"] / res["torch"]["tokens_per_s"]
     res["rss_ratio"] = res["edpo"]["peak_rss_mb"] / res["torch"]["peak_rss_mb"]
-    flops = prep_flops(ModelShape.of_bundle(bundle), out)
-    stages = es["stages"]
-    res["gflop"] = flops / 1e9
-    res["edpo"]["stages_s"] = stages
-    for side, secs, inside in (("edpo", e["wall_s"], stages["graph_run"]), ("torch", t["wall_s"], ts["score_s"])):
-        res[side]["peak_share"] = flops / secs / 1e9 / peak_gflops
-        res[side]["peak_share_scoring"] = flops / inside / 1e9 / peak_gflops
+    res["gflop"] = prep_flops(ModelShape.of_bundle(bundle), out) / 1e9
+    res["edpo"]["stages_s"] = es["stages"]
+    res["torch"]["score_s"] = ts["score_s"]
     return res
 
 
-def bench_train(bundle: Path, length: int, threads: int, steps: int, batch: int, micro: int, peak_gflops: float) -> dict:
+def bench_train(bundle: Path, length: int, threads: int, steps: int, batch: int, micro: int) -> dict:
     shards = CACHE / f"real-shards-{length}"
     run = CACHE / "real-run-bench"
     shutil.rmtree(run, ignore_errors=True)
@@ -93,13 +89,27 @@ def bench_train(bundle: Path, length: int, threads: int, steps: int, batch: int,
     res["rss_ratio"] = res["edpo"]["peak_rss_mb"] / res["torch"]["peak_rss_mb"]
     # Per pair: edpo's step is the policy's forward and backward (3 forwards); the PyTorch step
     # also runs the reference forward (4).
-    per_pair = train_flops_per_pair(ModelShape.of_bundle(bundle), shards)
-    res["gflop_per_pair"] = per_pair / 1e9
+    res["gflop_per_pair"] = train_flops_per_pair(ModelShape.of_bundle(bundle), shards) / 1e9
     res["edpo"]["stages_s"] = es["stages"]
-    res["edpo"]["peak_share"] = res["edpo"]["pairs_per_s"] * per_pair / 1e9 / peak_gflops
-    res["edpo"]["peak_share_graph"] = steps * batch * per_pair / es["stages"]["graph_run"] / 1e9 / peak_gflops
-    res["torch"]["peak_share"] = res["torch"]["pairs_per_s"] * per_pair * 4 / 3 / 1e9 / peak_gflops
     return res
+
+
+def add_peak_shares(res: dict) -> float:
+    """Each stage's FLOP rate as a share of the best GEMM peak measured in `res`; returns it."""
+    peak = max(p["gflops"] for p in res["gemm_peak"])
+    for r in res["prep"]:
+        for side, secs, inside in (("edpo", r["edpo"]["wall_s"], r["edpo"]["stages_s"]["graph_run"]),
+                                   ("torch", r["torch"]["wall_s"], r["torch"].get("score_s", r["tokens"] / r["torch"]["scoring_tokens_per_s"]))):  # fmt: skip
+            r[side]["peak_share"] = r["gflop"] / secs / peak
+            r[side]["peak_share_scoring"] = r["gflop"] / inside / peak
+    for r in res["train"]:
+        if "speedup" not in r:
+            continue
+        pairs = r["steps"] * r["batch_size"]
+        r["edpo"]["peak_share"] = r["edpo"]["pairs_per_s"] * r["gflop_per_pair"] / peak
+        r["edpo"]["peak_share_graph"] = pairs * r["gflop_per_pair"] / r["edpo"]["stages_s"]["graph_run"] / peak
+        r["torch"]["peak_share"] = r["torch"]["pairs_per_s"] * r["gflop_per_pair"] * 4 / 3 / peak
+    return peak
 
 
 def print_stages(rows: list[dict]) -> None:
@@ -113,6 +123,40 @@ def print_stages(rows: list[dict]) -> None:
         print(f"| {r['length']} | {cells} | {r['edpo']['wall_s']:.1f} |")
 
 
+def print_tables(res: dict, path: Path) -> None:
+    peak = add_peak_shares(res)
+    write_results("real-bench", res)
+    print(f"fp32 GEMM peak at {res['threads']} threads, measured before and after the runs: "
+          + ", ".join(f"{p['gflops']:.1f}" for p in res["gemm_peak"]) + f" GFLOP/s; shares below use the best, {peak:.1f}")  # fmt: skip
+    if "export" in res:
+        print(f"export: {res['export']['wall_s']:.0f} s, peak RSS {res['export']['peak_rss_mb']:.0f} MB")
+    print(f"\nprep (real chat pairs, {res['threads']} threads, K={res['topk']})")
+    print("| max length | pairs | tokens | edpo tokens/s | PyTorch tokens/s | ratio | edpo peak RSS MB | PyTorch peak RSS MB | ratio | share of peak, edpo / PyTorch |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in res["prep"]:
+        print(f"| {r['length']} | {r['pairs']} | {r['tokens']:,} | {r['edpo']['tokens_per_s']:.0f} | {r['torch']['tokens_per_s']:.0f} | {r['speedup']:.2f}× | "
+              f"{r['edpo']['peak_rss_mb']:,.0f} | {r['torch']['peak_rss_mb']:,.0f} | {r['rss_ratio']:.2f}× | "
+              f"{100 * r['edpo']['peak_share']:.0f}% / {100 * r['torch']['peak_share']:.0f}% |")  # fmt: skip
+    print("\nedpo prep, where the time goes (s)")
+    print_stages(res["prep"])
+    if res["train"]:
+        t = res["train"][0]
+        print(f"\ntrain ({t['steps']} steps × {t['batch_size']} pairs, micro-batch {t['micro_batch']})")
+    print("| max length | edpo pairs/s | PyTorch pairs/s | ratio | edpo peak RSS MB | PyTorch peak RSS MB | ratio | share of peak, edpo / PyTorch |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in res["train"]:
+        if "speedup" not in r:
+            print(f"| {r['length']} | exit {r['edpo']['exit_code']} | exit {r['torch']['exit_code']} | | "
+                  f"{r['edpo']['peak_rss_mb']:,.0f} | {r['torch']['peak_rss_mb']:,.0f} | | |")  # fmt: skip
+            continue
+        print(f"| {r['length']} | {r['edpo']['pairs_per_s']:.3f} | {r['torch']['pairs_per_s']:.3f} | {r['speedup']:.2f}× | "
+              f"{r['edpo']['peak_rss_mb']:,.0f} | {r['torch']['peak_rss_mb']:,.0f} | {r['rss_ratio']:.2f}× | "
+              f"{100 * r['edpo']['peak_share']:.0f}% / {100 * r['torch']['peak_share']:.0f}% |")  # fmt: skip
+    print("\nedpo train, where the time goes (s)")
+    print_stages(res["train"])
+    print(f"results: {path}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m edpo_bench.real", description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -123,48 +167,41 @@ def main(argv=None) -> int:
     ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--skip-export", action="store_true")
+    ap.add_argument("--skip-train", action="store_true", help="prep only (train results of earlier runs are kept with --keep)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep what bench-results/real-bench.json already holds for the export and for lengths not run now")
+    ap.add_argument("--reprint", action="store_true",
+                    help="measure the GEMM peak again, recompute the shares in bench-results/real-bench.json, print its tables")
     args = ap.parse_args(argv)
+    path = ROOT / "bench-results/real-bench.json"
+    if args.reprint:
+        res = json.loads(path.read_text())
+        res["gemm_peak"].append(measure_peak(args.threads))
+        print_tables(res, path)
+        return 0
     bundle = smollm2_bundle()
     res = {"threads": args.threads, "topk": TOPK_DEFAULT, "model": "SmolLM2-135M-Instruct (Q4_1 de-quantised)", "prep": [], "train": []}
-    res["gemm_peak"] = [measure_peak(args.threads)]
-    peak = res["gemm_peak"][0]["gflops"]
-    print(f"fp32 GEMM peak at {args.threads} threads: {peak:.1f} GFLOP/s", flush=True)
-    if not args.skip_export:
+    if args.keep and path.is_file():
+        kept = json.loads(path.read_text())
+        res["gemm_peak"] = kept.get("gemm_peak", [])
+        if "export" in kept:
+            res["export"] = kept["export"]
+        res["prep"] = [r for r in kept.get("prep", []) if r["length"] not in args.lengths]
+        res["train"] = [r for r in kept.get("train", []) if args.skip_train or r["length"] not in args.lengths]
+    res.setdefault("gemm_peak", []).append(measure_peak(args.threads))
+    print(f"fp32 GEMM peak at {args.threads} threads: {res['gemm_peak'][-1]['gflops']:.1f} GFLOP/s", flush=True)
+    if not args.skip_export and "export" not in res:
         res["export"] = bench_export(args.threads)
     for length in args.lengths:
         data = real_pairs(args.pairs, length, ensure())
-        res["prep"].append(bench_prep(bundle, data, length, args.threads, max(args.batch_tokens, 2 * length), peak))
-        res["train"].append(bench_train(bundle, length, args.threads, args.train_steps, args.train_batch, args.micro_batch, peak))
+        res["prep"].append(bench_prep(bundle, data, length, args.threads, max(args.batch_tokens, 2 * length)))
+        if not args.skip_train:
+            res["train"].append(bench_train(bundle, length, args.threads, args.train_steps, args.train_batch, args.micro_batch))
+        res["prep"].sort(key=lambda r: r["length"])
+        res["train"].sort(key=lambda r: r["length"])
         write_results("real-bench", res)
     res["gemm_peak"].append(measure_peak(args.threads))
-    path = write_results("real-bench", res)
-    print(f"fp32 GEMM peak at {args.threads} threads: {peak:.1f} GFLOP/s before the runs, "
-          f"{res['gemm_peak'][1]['gflops']:.1f} after (shares below use the first)")  # fmt: skip
-    if "export" in res:
-        print(f"export: {res['export']['wall_s']:.0f} s, peak RSS {res['export']['peak_rss_mb']:.0f} MB")
-    print(f"\nprep ({args.pairs} real chat pairs per length, {args.threads} threads, K={TOPK_DEFAULT})")
-    print("| max length | tokens | edpo tokens/s | PyTorch tokens/s | ratio | edpo peak RSS MB | PyTorch peak RSS MB | ratio | edpo / PyTorch share of peak |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in res["prep"]:
-        print(f"| {r['length']} | {r['tokens']} | {r['edpo']['tokens_per_s']:.0f} | {r['torch']['tokens_per_s']:.0f} | {r['speedup']:.2f}× | "
-              f"{r['edpo']['peak_rss_mb']:.0f} | {r['torch']['peak_rss_mb']:.0f} | {r['rss_ratio']:.2f}× | "
-              f"{100 * r['edpo']['peak_share']:.0f}% / {100 * r['torch']['peak_share']:.0f}% |")  # fmt: skip
-    print("\nedpo prep, where the time goes (s)")
-    print_stages(res["prep"])
-    print(f"\ntrain ({args.train_steps} steps × {args.train_batch} pairs, micro-batch {args.micro_batch})")
-    print("| max length | edpo pairs/s | PyTorch pairs/s | ratio | edpo peak RSS MB | PyTorch peak RSS MB | ratio | edpo / PyTorch share of peak |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in res["train"]:
-        if "speedup" not in r:
-            print(f"| {r['length']} | exit {r['edpo']['exit_code']} | exit {r['torch']['exit_code']} | | "
-                  f"{r['edpo']['peak_rss_mb']:.0f} | {r['torch']['peak_rss_mb']:.0f} | | |")  # fmt: skip
-            continue
-        print(f"| {r['length']} | {r['edpo']['pairs_per_s']:.3f} | {r['torch']['pairs_per_s']:.3f} | {r['speedup']:.2f}× | "
-              f"{r['edpo']['peak_rss_mb']:.0f} | {r['torch']['peak_rss_mb']:.0f} | {r['rss_ratio']:.2f}× | "
-              f"{100 * r['edpo']['peak_share']:.0f}% / {100 * r['torch']['peak_share']:.0f}% |")  # fmt: skip
-    print("\nedpo train, where the time goes (s)")
-    print_stages(res["train"])
-    print(f"results: {path}")
+    print_tables(res, path)
     return 0
 
 

@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         results[name] = stages.run(f"eval {name}", evaluate, bundle, shards["heldout"], run / "final/model.safetensors")
     stages.run("report", edpo, "report", runs / "eps-dpo")
     study = stages.run("study-k (trained ε-DPO policy, held-out pairs)", study_k, bundle, shards["heldout"], runs / "eps-dpo/final/model.safetensors")
-    prompt = json.loads((pairs_dir / "heldout.jsonl").read_text().splitlines()[0])["prompt"][0]["content"]
+    prompt = json.loads((pairs_dir / "heldout.jsonl").read_text().split("\n")[0])["prompt"][0]["content"]
     reply = stages.run("load final/ in transformers and generate", generate_with_final, runs / "eps-dpo/final", prompt)
     total = round(time.time() - stages.started, 1)
     print()

@@ -145,7 +145,9 @@ def export(args) -> None:
         torch.tensor(0.1), torch.tensor(0.1), torch.tensor(0.0), torch.tensor(1e-6),
     )  # fmt: skip
     t0 = time.time()
-    export_reference_graph(untied, out / REFERENCE_FILE, out / PARAMS_FILE, args.optimize, (ids[:3], attn[:3]))
+    export_reference_graph(
+        untied, out / REFERENCE_FILE, out / PARAMS_FILE, args.optimize, (ids[:3], attn[:3]), args.lm_head_chunks
+    )
     t_ref = time.time() - t0
     t0 = time.time()
     if args.lora:

@@ -47,7 +47,7 @@ def main(argv=None, prog: str | None = None) -> int:
     parser.add_argument("--random-init", type=int, metavar="SEED", help="ignore weights; initialise from config with SEED")
     parser.add_argument(
         "--lm-head-chunks", type=int, default=16, metavar="C",
-        help="slices of the output projection in the training graph (0 = dense [N,T,V] logits; default 16)",
+        help="slices of the output projection in the scoring and training graphs (0 = dense [N,T,V] logits; default 16)",
     )  # fmt: skip
     lora = parser.add_argument_group("LoRA (a bundle that trains adapters over the frozen base; lora.py)")
     lora.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every parameter")

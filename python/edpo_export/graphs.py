@@ -76,13 +76,20 @@ def untied_copy(model):
 
 
 class ReferenceScorer:
-    """Factory for the scoring module (kept here so the module is picklable-free)."""
+    """Factory for the scoring module (kept here so the module is picklable-free).
+
+    `lm_head_chunks = 0`: the model's own logits, [N, T, V] at once (the goldens' PyTorch
+    reference). `C > 0`: the output projection, log-softmax, label gather and top-K run on C
+    slices of the N·(T−1) positions in turn, so at most one [N·(T−1)/C, V] slice of logits and
+    of log-probs is alive (the dense form held two [N, T, V] tensors: 3.2 GB for 8 rows of 1,024
+    tokens of a 49,152-token vocabulary). Same values: each position's row is computed alike.
+    """
 
     @staticmethod
-    def build(model, k: int):
+    def build(model, k: int, lm_head_chunks: int = 0):
         import torch
 
-        from .objective import at_least_fp32
+        from .objective import at_least_fp32, pad_rows
 
         class Scorer(torch.nn.Module):
             def __init__(self, inner):
@@ -90,14 +97,39 @@ class ReferenceScorer:
                 self.model = inner
 
             def forward(self, input_ids, attention_mask):
-                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-                logp = torch.log_softmax(at_least_fp32(logits[:, :-1, :]), dim=-1)
-                tok = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-                top_vals, top_ids = torch.topk(logp, k, dim=-1)
+                if lm_head_chunks > 0:
+                    tok, top_vals, top_ids = self.sliced(input_ids, attention_mask)
+                else:
+                    logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+                    logp = torch.log_softmax(at_least_fp32(logits[:, :-1, :]), dim=-1)
+                    tok = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+                    top_vals, top_ids = torch.topk(logp, k, dim=-1)
                 token_logps = torch.cat([torch.zeros_like(tok[:, :1]), tok], dim=1)
                 topk_logps = torch.cat([torch.zeros_like(top_vals[:, :1, :]), top_vals], dim=1)
                 topk_ids = torch.cat([torch.zeros_like(top_ids[:, :1, :]), top_ids], dim=1)
                 return token_logps, topk_logps, topk_ids
+
+            def sliced(self, input_ids, attention_mask):
+                hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                hidden = hidden[:, :-1, :]
+                n, t1, h = hidden.shape
+                m = n * t1
+                size = (m + lm_head_chunks - 1) // lm_head_chunks
+                pad = size * lm_head_chunks - m
+                h_pad = pad_rows(hidden.reshape(m, h), pad)
+                y_pad = pad_rows(input_ids[:, 1:].reshape(m), pad)
+                w = self.model.get_output_embeddings().weight
+                tok_out, vals_out, ids_out = [], [], []
+                for c in range(lm_head_chunks):
+                    rows = slice(c * size, (c + 1) * size)
+                    logp = torch.log_softmax(at_least_fp32(torch.nn.functional.linear(h_pad[rows], w)), dim=-1)
+                    tok_out.append(logp.gather(-1, y_pad[rows].unsqueeze(-1)).squeeze(-1))
+                    vals, ids = torch.topk(logp, k, dim=-1)
+                    vals_out.append(vals)
+                    ids_out.append(ids)
+                tok = torch.cat(tok_out)[:m].reshape(n, t1)
+                # -1, not k: K becomes a graph input after tracing (make_k_an_input).
+                return tok, torch.cat(vals_out)[:m].reshape(n, t1, -1), torch.cat(ids_out)[:m].reshape(n, t1, -1)
 
         return Scorer(model)
 
@@ -286,12 +318,21 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
     return grad_of
 
 
-def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool, example):
+def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool, example, lm_head_chunks: int):
     import onnx
     import torch
     from torch.export import Dim
 
-    scorer = ReferenceScorer.build(untied, TRACE_TOPK)
+    scorer = ReferenceScorer.build(untied, TRACE_TOPK, lm_head_chunks)
+    if lm_head_chunks > 0:
+        with torch.no_grad():
+            sliced, dense = scorer(*example), ReferenceScorer.build(untied, TRACE_TOPK)(*example)
+        gap = max(float((a.float() - b.float()).abs().max()) for a, b in zip(sliced[:2], dense[:2]))
+        if gap > 1e-3:
+            fail(
+                f"{type(untied).__name__}: the sliced output projection differs from the model's "
+                f"logits in the scoring graph (max |Δ| = {gap:.2e}); export with `--lm-head-chunks 0`"
+            )
     dynamic = ({0: Dim("N", min=2), 1: Dim("T", min=3)}, {0: Dim("N", min=2), 1: Dim("T", min=3)})
     t0 = time.time()
     program = torch.onnx.export(
@@ -314,23 +355,26 @@ def tied_alias_map(untied) -> dict[str, str]:
 
 
 def make_k_an_input(proto) -> None:
-    """Replace the traced constant K of the TopK node by the scalar int64 graph input `k`."""
+    """Replace the traced constant K of the TopK nodes (one per output-projection slice) by the
+    scalar int64 graph input `k`."""
     from onnx import TensorProto, helper, numpy_helper
 
     topk = [n for n in proto.graph.node if n.op_type == "TopK"]
-    if len(topk) != 1:
-        raise RuntimeError(f"expected one TopK node in the scoring graph, found {len(topk)}")
+    if not topk:
+        raise RuntimeError("expected a TopK node in the scoring graph, found none")
     proto.graph.input.append(helper.make_tensor_value_info("k", TensorProto.INT64, []))
     shape = numpy_helper.from_array(__import__("numpy").array([1], dtype="int64"), "edpo_k_shape")
     proto.graph.initializer.append(shape)
     proto.graph.node.insert(0, helper.make_node("Reshape", ["k", "edpo_k_shape"], ["edpo_k_1d"]))
-    old_k = topk[0].input[1]
-    topk[0].input[1] = "edpo_k_1d"
-    if not any(old_k in n.input for n in proto.graph.node):
-        keep = [t for t in proto.graph.initializer if t.name != old_k]
+    old_ks = {node.input[1] for node in topk}
+    for node in topk:
+        node.input[1] = "edpo_k_1d"
+    unused = {k for k in old_ks if not any(k in n.input for n in proto.graph.node)}
+    if unused:
+        keep = [t for t in proto.graph.initializer if t.name not in unused]
         del proto.graph.initializer[:]
         proto.graph.initializer.extend(keep)
-        kept_nodes = [n for n in proto.graph.node if not (n.op_type == "Constant" and old_k in n.output)]
+        kept_nodes = [n for n in proto.graph.node if not (n.op_type == "Constant" and set(n.output) & unused)]
         del proto.graph.node[:]
         proto.graph.node.extend(kept_nodes)
     for out in proto.graph.output:

@@ -681,6 +681,8 @@ pub fn run(cfg: &TrainConfig, ranks: &dyn Ranks) -> Result<TrainSummary, Error> 
     progress.set_position(trainer.state.step);
     trainer.train(&mut runner, &progress)?;
     progress.finish();
+    // The loop's rate: measured before the last checkpoint and `final/` are written.
+    let pairs_per_second = trainer.pairs_per_second();
     stages.merge(&runner.times);
     drop(runner); // the graphs' memory, before a merge reads the base weights
     stages.time("final", || -> Result<(), Error> {
@@ -700,7 +702,7 @@ pub fn run(cfg: &TrainConfig, ranks: &dyn Ranks) -> Result<TrainSummary, Error> 
         resumed_from: resumed.from_step,
         resume_found_no_checkpoint: resumed.fresh_start,
         wall_seconds: started.elapsed().as_secs_f64(),
-        pairs_per_second: trainer.pairs_per_second(),
+        pairs_per_second,
         ranks: ranks.size(),
         sum_bytes_per_step: if ranks.size() > 1 {
             4 * trainer.params.num_elements() as u64 + 3 * 8

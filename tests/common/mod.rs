@@ -24,13 +24,19 @@ pub fn bundle_copy() -> (tempfile::TempDir, PathBuf) {
     (dir, dst)
 }
 
-/// Rewrites the manifest's recorded sha256 of `file` to match its current content.
+/// Rewrites the manifest's recorded sha256 of `file` to match its current content (and drops
+/// the recorded reference identity, which then is computed from the files).
 pub fn rehash(bundle: &Path, file: &str) {
     let manifest_path = bundle.join("edpo-model.json");
     let mut manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
     let digest = edpo::bundle::sha256_file(&bundle.join(file)).unwrap();
     manifest["files"][file]["sha256"] = serde_json::Value::String(digest);
+    // The recorded reference identity covers these files too; without it the bundle computes
+    // it from them (as for bundles exported before it was recorded).
+    if let Some(fields) = manifest.as_object_mut() {
+        fields.remove("reference_sha256");
+    }
     std::fs::write(
         &manifest_path,
         serde_json::to_vec_pretty(&manifest).unwrap(),

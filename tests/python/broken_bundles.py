@@ -58,10 +58,17 @@ def write_manifest(bundle: Path, value: dict) -> None:
 
 
 def rehash(bundle: Path, name: str) -> None:
-    """Record the current sha256 and size of the bundle file `name` in the manifest."""
+    """Record the current sha256 and size of the bundle file `name` in the manifest, and the
+    reference identity that covers it (as the exporter computes both)."""
+    from edpo_export.common import ADAPTER_DIR, PARAMS_FILE, REFERENCE_FILE, TOKENIZER_FILES, reference_sha256
+
     m = manifest(bundle)
     data = (bundle / name).read_bytes()
     m["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    if "reference_sha256" in m:
+        with_adapter = (m.get("lora") or {}).get("reference_includes_adapter")
+        adapter = [f for f in m["files"] if with_adapter and f.startswith(ADAPTER_DIR + "/")]
+        m["reference_sha256"] = reference_sha256(m["files"], [REFERENCE_FILE, PARAMS_FILE, *TOKENIZER_FILES, *adapter])
     write_manifest(bundle, m)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from broken_bundles import rehash
 from conftest import BUNDLE, ROOT, edpo_bin
 
 CACHE = Path(os.environ.get("EDPO_CHAT_TEMPLATES", Path.home() / ".cache/edpo/chat-templates"))
@@ -176,10 +177,7 @@ def make_bundle(dst: Path, template: str) -> Path:
     config = json.loads((dst / "tokenizer_config.json").read_text())
     config.update(SPECIALS, chat_template=template)
     (dst / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
-    manifest = json.loads((dst / "edpo-model.json").read_text())
-    digest = hashlib.sha256((dst / "tokenizer_config.json").read_bytes()).hexdigest()
-    manifest["files"]["tokenizer_config.json"]["sha256"] = digest
-    (dst / "edpo-model.json").write_text(json.dumps(manifest, indent=2))
+    rehash(dst, "tokenizer_config.json")
     return dst
 
 

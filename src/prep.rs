@@ -208,8 +208,7 @@ impl Printable for PrepSummary {
         ));
         if self.shards > self.shards_reused {
             s.push_str(&format!(
-                "  time: {}
-",
+                "  time: {}\n",
                 self.stages.line(self.wall_seconds)
             ));
         }

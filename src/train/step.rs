@@ -82,6 +82,30 @@ impl StepRunner {
         self.spare_grads = Some(grads);
     }
 
+    /// Loads the pairs of one micro-batch (`load_pairs`) and builds its joint-graph batch
+    /// (`batch`; the online reference's graph time as `reference_run`).
+    fn load_micro_batch(
+        &mut self,
+        set: &ShardSet,
+        indices: &[usize],
+    ) -> Result<(Vec<ScoredPair>, TrainBatch), Error> {
+        let loader = &mut self.loader;
+        let pairs: Vec<ScoredPair> = self.times.time("load_pairs", || {
+            indices
+                .iter()
+                .map(|&i| loader.get(&set.pairs[i]))
+                .collect::<Result<_, _>>()
+        })?;
+        let started = Instant::now();
+        let reference_before = self.reference.as_ref().map_or(0.0, |r| r.run_seconds());
+        let batch = self.micro_batch(&pairs)?;
+        self.times.add("batch", started.elapsed().as_secs_f64());
+        let reference_run =
+            self.reference.as_ref().map_or(0.0, |r| r.run_seconds()) - reference_before;
+        self.times.split("batch", "reference_run", reference_run);
+        Ok((pairs, batch))
+    }
+
     /// The joint graph's micro-batch for `pairs`, with the cached or the online reference.
     fn micro_batch(&mut self, pairs: &[ScoredPair]) -> Result<TrainBatch, Error> {
         match self.reference.as_mut() {
@@ -135,20 +159,7 @@ impl StepRunner {
             .enumerate()
             .filter(|(j, _)| j % ranks.size() == ranks.rank());
         for (j, micro_batch) in mine {
-            let loader = &mut self.loader;
-            let pairs: Vec<ScoredPair> = self.times.time("load_pairs", || {
-                micro_batch
-                    .iter()
-                    .map(|&i| loader.get(&set.pairs[i]))
-                    .collect::<Result<_, _>>()
-            })?;
-            let started = Instant::now();
-            let reference_before = self.reference.as_ref().map_or(0.0, |r| r.run_seconds());
-            let batch = self.micro_batch(&pairs)?;
-            self.times.add("batch", started.elapsed().as_secs_f64());
-            let reference_run =
-                self.reference.as_ref().map_or(0.0, |r| r.run_seconds()) - reference_before;
-            self.times.split("batch", "reference_run", reference_run);
+            let (pairs, batch) = self.load_micro_batch(set, micro_batch)?;
             let weight = micro_batch.len() as f64 / total;
             let graph_before = self.train.run_seconds();
             let train = &mut self.train;

@@ -79,7 +79,7 @@ bench-train: build-release
 	$(PY) -m edpo_bench.train
 
 # The real model (SmolLM2-135M-Instruct) with real chat pairs: export, prep and train against
-# the PyTorch baselines at max lengths 256…2,048 (about an hour here).
+# the PyTorch baselines at max lengths 256…2,048 (about 35 min here).
 bench-real: build-release
 	$(PY) -m edpo_bench.real
 

@@ -10,7 +10,6 @@ use std::time::Instant;
 use ndarray::{Array1, Array2, Array3, ArrayView2};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
-use rayon::prelude::*;
 
 use crate::bundle::{contract_problems, Bundle, BundleError, Port};
 use crate::params::ParamStore;
@@ -487,14 +486,7 @@ impl TrainGraph {
                     name: out_name.clone(),
                     dtype: "float32",
                 })?;
-            grad_acc[slot]
-                .par_chunks_mut(crate::train::optim::CHUNK)
-                .zip(value.1.par_chunks(crate::train::optim::CHUNK))
-                .for_each(|(acc, g)| {
-                    for (acc, g) in acc.iter_mut().zip(g) {
-                        *acc += weight * *g;
-                    }
-                });
+            crate::train::optim::add_scaled(&mut grad_acc[slot], value.1, weight);
         }
         train_outputs(&outputs, &file)
     }

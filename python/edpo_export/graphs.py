@@ -89,7 +89,7 @@ class ReferenceScorer:
     def build(model, k: int, lm_head_chunks: int = 0):
         import torch
 
-        from .objective import at_least_fp32, pad_rows
+        from .objective import at_least_fp32, chunk_bounds, pad_rows
 
         class Scorer(torch.nn.Module):
             def __init__(self, inner):
@@ -114,8 +114,8 @@ class ReferenceScorer:
                 hidden = hidden[:, :-1, :]
                 n, t1, h = hidden.shape
                 m = n * t1
-                size = (m + lm_head_chunks - 1) // lm_head_chunks
-                pad = size * lm_head_chunks - m
+                size, padded = chunk_bounds(m, lm_head_chunks)
+                pad = padded - m
                 h_pad = pad_rows(hidden.reshape(m, h), pad)
                 y_pad = pad_rows(input_ids[:, 1:].reshape(m), pad)
                 w = self.model.get_output_embeddings().weight

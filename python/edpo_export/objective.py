@@ -89,6 +89,12 @@ def steps_and_loss(
     return steps, losses, z, beta_i
 
 
+def chunk_bounds(m, chunks: int):
+    """Slice size and padded length so that `chunks` slices of equal size cover m positions."""
+    size = (m + chunks - 1) // chunks
+    return size, size * chunks
+
+
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     """x with `rows` zero rows appended along dim 0 (works with symbolic sizes, unlike F.pad)."""
     return torch.cat([x, x.new_zeros((rows, *x.shape[1:]))])
@@ -170,11 +176,6 @@ class EpsDpoLoss(torch.nn.Module):
             loss = loss.detach() + (surrogate - surrogate.detach())
         return loss, logps.detach(), logps_plus, logps_minus, steps
 
-    def _chunk_bounds(self, m):
-        """Slice size and padded length so that C slices of equal size cover m positions."""
-        size = (m + self.lm_head_chunks - 1) // self.lm_head_chunks
-        return size, size * self.lm_head_chunks
-
     def _chunked_logps(self, input_ids, attention_mask, topk_ids):
         """Label and top-K log-probs without materialising [N, T, V] (values only, no gradient).
 
@@ -190,7 +191,7 @@ class EpsDpoLoss(torch.nn.Module):
         k = topk_ids.shape[-1]
         m = n * t1
         hidden = hidden.reshape(m, h)
-        size, padded = self._chunk_bounds(m)
+        size, padded = chunk_bounds(m, self.lm_head_chunks)
         pad = padded - m
         h_pad = pad_rows(hidden.detach(), pad)
         y_pad = pad_rows(input_ids[:, 1:].reshape(m), pad)
@@ -219,7 +220,7 @@ class EpsDpoLoss(torch.nn.Module):
         do not merge them with the forward slices and keep those alive.
         """
         m = hidden.shape[0]
-        size, padded = self._chunk_bounds(m)
+        size, padded = chunk_bounds(m, self.lm_head_chunks)
         c_pad = pad_rows(coef.reshape(m), padded - m)
         w = weight.detach()
         expect_out = []

@@ -499,12 +499,12 @@ impl<'a> Trainer<'a> {
             );
             return f64::NAN;
         }
-        let grad_norm = optim::clip_grad_norm(&mut result.grads, self.cfg.max_grad_norm);
+        optim::clip_grad_norm(&mut result.grads, result.grad_norm, self.cfg.max_grad_norm);
         self.optimizer.update(&mut self.params, &result.grads, lr);
         self.state.adam_step = self.optimizer.step;
         self.state.beta = objective::beta_update(self.state.beta, self.cfg.epsilon, mean_step);
         self.state.nonfinite_in_a_row = 0;
-        grad_norm
+        result.grad_norm
     }
 
     /// Appends one step's metrics and pair records and advances the run's position.
@@ -674,7 +674,7 @@ pub fn run(cfg: &TrainConfig, ranks: &dyn Ranks) -> Result<TrainSummary, Error> 
     // No rank writes before every rank has looked at the run folder.
     ranks.barrier();
     let mut runner = StepRunner::new(&trainer.bundle, &trainer.set, cfg)?;
-    let mut stages = std::mem::take(&mut runner.times);
+    let mut stages = StageTimes::default();
     stages.add("startup", started.elapsed().as_secs_f64());
     let quiet = cfg.quiet || !ranks.is_root();
     let progress = Progress::new(trainer.length.total_steps, "steps", quiet);

@@ -148,10 +148,9 @@ pub fn zero(grads: &mut [Vec<f32>]) {
     }
 }
 
-/// Scales gradients so their global norm is at most `max_norm` (torch's rule: factor
-/// max_norm / (norm + 1e-6), clamped to 1). Returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
-    let norm = global_norm(grads);
+/// Scales gradients whose global norm is `norm` ([`global_norm`], computed once per step) so
+/// that it is at most `max_norm` (torch's rule: factor max_norm / (norm + 1e-6), clamped to 1).
+pub fn clip_grad_norm(grads: &mut [Vec<f32>], norm: f64, max_norm: f64) {
     if max_norm > 0.0 {
         let coef = (max_norm / (norm + 1e-6)).min(1.0) as f32;
         if coef < 1.0 {
@@ -161,7 +160,17 @@ pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
             }
         }
     }
-    norm
+}
+
+/// `acc += weight · values`, element-wise in parallel chunks (same bits for any thread count).
+pub fn add_scaled(acc: &mut [f32], values: &[f32], weight: f32) {
+    acc.par_chunks_mut(CHUNK)
+        .zip(values.par_chunks(CHUNK))
+        .for_each(|(acc, values)| {
+            for (a, v) in acc.iter_mut().zip(values) {
+                *a += weight * *v;
+            }
+        });
 }
 
 #[cfg(test)]
@@ -226,7 +235,8 @@ mod tests {
     #[test]
     fn clipping_scales_to_the_max_norm() {
         let mut g = vec![vec![3.0f32], vec![4.0f32]];
-        let norm = clip_grad_norm(&mut g, 1.0);
+        let norm = global_norm(&g);
+        clip_grad_norm(&mut g, norm, 1.0);
         assert!((norm - 5.0).abs() < 1e-9);
         assert!((global_norm(&g) - 1.0).abs() < 1e-5);
         assert!(decays("model.layers.0.mlp.up_proj.weight"));

@@ -32,6 +32,8 @@ pub struct StepResult {
     pub mean_step: f64,
     /// Pairs in the step (all ranks).
     pub pairs: usize,
+    /// Global L2 norm of `grads` before clipping.
+    pub grad_norm: f64,
     /// False when the loss or the gradient norm is NaN or infinite.
     pub finite: bool,
 }
@@ -184,13 +186,15 @@ impl StepRunner {
             }
             ranks.sum_f64(&mut totals);
         });
-        let finite = totals[1] == 0.0 && optim::global_norm(&grads).is_finite();
+        let grad_norm = optim::global_norm(&grads);
+        let finite = totals[1] == 0.0 && grad_norm.is_finite();
         let records = self
             .times
             .time("sum", || decode_in_order(&ranks.gather_to_root(&encoded)));
         Ok(StepResult {
             loss: totals[0],
             grads,
+            grad_norm,
             records,
             mean_step: totals[2] / total,
             pairs: plan.num_pairs(),

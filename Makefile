@@ -79,7 +79,8 @@ bench-train: build-release
 	$(PY) -m edpo_bench.train
 
 # The real model (SmolLM2-135M-Instruct) with real chat pairs: export, prep and train against
-# the PyTorch baselines at max lengths 256…2,048 (about 35 min here).
+# the PyTorch baselines at max lengths 256…2,048, train also with a --recompute layers bundle
+# (about 50 min here).
 bench-real: build-release
 	$(PY) -m edpo_bench.real
 
@@ -92,7 +93,8 @@ real-kl: build-release
 	$(PY) -m edpo_experiments.real_kl
 
 # LoRA (rank 16, all linear layers) against full fine-tuning: SmolLM2-135M-Instruct and a random
-# model at Qwen2.5-0.5B-Instruct's configuration — export, prep and train time and peak RSS.
+# model at Qwen2.5-0.5B-Instruct's configuration — export, prep and train time and peak RSS, with
+# the default export and with --recompute layers (about 30 min here).
 bench-lora: build-release
 	$(PY) -m edpo_bench.lora
 

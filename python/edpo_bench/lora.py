@@ -1,5 +1,7 @@
 """`make bench-lora`: LoRA against full fine-tuning on real sizes — export, prep and train time
-and peak RSS, on the same shards with the same batch (`edpo train`, release build).
+and peak RSS, on the same shards with the same batch (`edpo train`, release build), for each
+of the exporter's --recompute choices (attention probabilities only, the default; whole layers,
+i.e. gradient checkpointing).
 
 Two models:
   * SmolLM2-135M-Instruct (edpo_experiments.smollm2): the full bundle and a LoRA bundle (rank 16,
@@ -83,29 +85,38 @@ def train(args, bundle: Path, shards: Path, run: Path, batch: dict) -> dict:
 
 
 def bench_model(args, name: str, model: Path, random_init: bool, batch: dict, limit: int) -> dict:
+    """Per --recompute choice: a full and a LoRA bundle, each trained on the same shards (one
+    prep, with the first choice's full bundle: every bundle of the model has its reference)."""
     tag = export_sources_tag()
-    full = CACHE / f"{name}-full-{tag}"
-    lora = CACHE / f"{name}-lora-r16-{tag}"
-    res = {"export": {"full": export(model, full, [], random_init), "lora": export(model, lora, LORA_FLAGS, random_init)}}
     data, kind = data_file()
+    res: dict = {"batch": batch, "recompute": {}}
     shards = CACHE / f"{name}-shards-{tag}"
-    shutil.rmtree(shards, ignore_errors=True)
-    p = edpo(args, "prep", "--model", str(full), "--data", str(data), "--out", str(shards), "--limit", str(limit),
-             "--max-length", str(args.max_length))  # fmt: skip
-    s = p.pop("summary")
-    res["data"] = {"file": str(data), "kind": kind, "pairs": s["pairs_written"]}
-    res["prep"] = {**p, "tokens_per_s": round(s["tokens_per_second"]), "pairs_per_s": round(s["pairs_per_second"], 2)}
-    res["batch"] = batch
-    res["train"] = {
-        "full": train(args, full, shards, CACHE / f"{name}-run-full", batch),
-        "lora": train(args, lora, shards, CACHE / f"{name}-run-lora", batch),
-    }
-    res["rss_ratio_lora_vs_full"] = round(res["train"]["lora"]["peak_rss_mb"] / res["train"]["full"]["peak_rss_mb"], 3)
-    res["speed_ratio_lora_vs_full"] = round(res["train"]["lora"]["pairs_per_s"] / res["train"]["full"]["pairs_per_s"], 3)
-    manifest = json.loads((lora / "edpo-model.json").read_text())
-    res["lora"] = {k: manifest["lora"][k] for k in ("rank", "alpha", "target_modules", "num_parameters")}
-    res["num_parameters"] = manifest["num_parameters"]
-    print(json.dumps({name: res}, indent=2), flush=True)
+    for recompute in args.recompute:
+        flags = ["--recompute", recompute]
+        full = CACHE / f"{name}-full-{recompute}-{tag}"
+        lora = CACHE / f"{name}-lora-r16-{recompute}-{tag}"
+        exports = {"full": export(model, full, flags, random_init), "lora": export(model, lora, [*LORA_FLAGS, *flags], random_init)}
+        if "prep" not in res:
+            shutil.rmtree(shards, ignore_errors=True)
+            p = edpo(args, "prep", "--model", str(full), "--data", str(data), "--out", str(shards), "--limit", str(limit),
+                     "--max-length", str(args.max_length))  # fmt: skip
+            s = p.pop("summary")
+            res["data"] = {"file": str(data), "kind": kind, "pairs": s["pairs_written"]}
+            res["prep"] = {**p, "tokens_per_s": round(s["tokens_per_second"]), "pairs_per_s": round(s["pairs_per_second"], 2)}
+        trained = {
+            "full": train(args, full, shards, CACHE / f"{name}-run-full", batch),
+            "lora": train(args, lora, shards, CACHE / f"{name}-run-lora", batch),
+        }
+        res["recompute"][recompute] = {
+            "export": exports,
+            "train": trained,
+            "rss_ratio_lora_vs_full": round(trained["lora"]["peak_rss_mb"] / trained["full"]["peak_rss_mb"], 3),
+            "speed_ratio_lora_vs_full": round(trained["lora"]["pairs_per_s"] / trained["full"]["pairs_per_s"], 3),
+        }
+        manifest = json.loads((lora / "edpo-model.json").read_text())
+        res["lora"] = {k: manifest["lora"][k] for k in ("rank", "alpha", "target_modules", "num_parameters")}
+        res["num_parameters"] = manifest["num_parameters"]
+        print(json.dumps({name: res}, indent=2), flush=True)
     return res
 
 
@@ -114,6 +125,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--only", choices=["smollm2", "qwen"], help="one model only (results merged into the file)")
+    ap.add_argument(
+        "--recompute", nargs="+", choices=["attention", "layers", "none"], default=["attention", "layers"],
+        help="the exporter's --recompute choices to compare (default: attention, layers)",
+    )  # fmt: skip
     args = ap.parse_args()
     from edpo_experiments.smollm2 import ensure
 

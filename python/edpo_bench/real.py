@@ -9,7 +9,8 @@ pair of measurements in one command:
   batching) at maximum lengths 256, 512, 1,024 and 2,048;
 * train: pairs/s in the loop and peak RSS of `edpo train` (cached reference, default K) vs the
   paper's step in PyTorch (edpo_bench.torch_train: policy forward+backward and the online
-  full-vocabulary reference), same pairs, batch and micro-batch, at the same lengths;
+  full-vocabulary reference), same pairs, batch and micro-batch, at the same lengths; edpo
+  also with a `--recompute layers` bundle (gradient checkpointing);
 * the CPU's fp32 matrix-multiply peak (a timed GEMM, before and after the runs) and each
   stage's share of it, FLOPs counted from the model's shapes (edpo_bench.flops), with edpo's
   per-stage time breakdown (its summaries' `stages`).
@@ -66,14 +67,20 @@ def bench_prep(bundle: Path, data: Path, length: int, threads: int, batch_tokens
     return res
 
 
-def bench_train(bundle: Path, length: int, threads: int, steps: int, batch: int, micro: int) -> dict:
-    shards = CACHE / f"real-shards-{length}"
+def run_edpo_train(bundle: Path, shards: Path, threads: int, steps: int, batch: int, micro: int, hp: list[str]) -> dict:
     run = CACHE / "real-run-bench"
     shutil.rmtree(run, ignore_errors=True)
+    return measured([str(edpo_release()), "--quiet", "--threads", str(threads), "train", "--model", str(bundle), "--shards", str(shards),
+                     "--out", str(run), "--max-steps", str(steps), "--batch-size", str(batch), "--micro-batch", str(micro), "--json", *hp],
+                    allow_failure=True)  # fmt: skip
+
+
+def bench_train(bundle: Path, length: int, threads: int, steps: int, batch: int, micro: int, checkpointed: Path | None = None) -> dict:
+    """edpo (the default bundle; also the `--recompute layers` bundle `checkpointed`, as
+    `edpo_layers`) and the PyTorch step on the same pairs, batch and micro-batch."""
+    shards = CACHE / f"real-shards-{length}"
     hp = ["--lr", "1e-6", "--beta", "0.1", "--epsilon", "0.01"]
-    e = measured([str(edpo_release()), "--quiet", "--threads", str(threads), "train", "--model", str(bundle), "--shards", str(shards),
-                  "--out", str(run), "--max-steps", str(steps), "--batch-size", str(batch), "--micro-batch", str(micro), "--json", *hp],
-                 allow_failure=True)  # fmt: skip
+    e = run_edpo_train(bundle, shards, threads, steps, batch, micro, hp)
     t = measured([PY, "-m", "edpo_bench.torch_train", "--bundle", str(bundle), "--shards", str(shards), "--steps", str(steps),
                   "--batch-size", str(batch), "--micro-batch", str(micro), "--threads", str(threads), *hp], env=child_env(),
                  allow_failure=True)  # fmt: skip
@@ -91,6 +98,14 @@ def bench_train(bundle: Path, length: int, threads: int, steps: int, batch: int,
     # also runs the reference forward (4).
     res["gflop_per_pair"] = train_flops_per_pair(ModelShape.of_bundle(bundle), shards) / 1e9
     res["edpo"]["stages_s"] = es["stages"]
+    if checkpointed is not None:
+        c = run_edpo_train(checkpointed, shards, threads, steps, batch, micro, hp)
+        res["edpo_layers"] = {"wall_s": c["wall_s"], "peak_rss_mb": c["peak_rss_mb"], "exit_code": c["exit_code"]}
+        if c["exit_code"] == 0:
+            cs = json.loads(c["stdout"])
+            res["edpo_layers"].update(pairs_per_s=cs["pairs_per_second"], stages_s=cs["stages"])
+            res["edpo_layers"]["speedup"] = cs["pairs_per_second"] / res["torch"]["pairs_per_s"]
+            res["edpo_layers"]["rss_ratio"] = c["peak_rss_mb"] / res["torch"]["peak_rss_mb"]
     return res
 
 
@@ -152,6 +167,14 @@ def print_tables(res: dict, path: Path) -> None:
         print(f"| {r['length']} | {r['edpo']['pairs_per_s']:.3f} | {r['torch']['pairs_per_s']:.3f} | {r['speedup']:.2f}× | "
               f"{r['edpo']['peak_rss_mb']:,.0f} | {r['torch']['peak_rss_mb']:,.0f} | {r['rss_ratio']:.2f}× | "
               f"{100 * r['edpo']['peak_share']:.0f}% / {100 * r['torch']['peak_share']:.0f}% |")  # fmt: skip
+    layers = [r for r in res["train"] if "speedup" in r.get("edpo_layers", {})]
+    if layers:
+        print("\ntrain with the --recompute layers bundle (gradient checkpointing), same PyTorch runs")
+        print("| max length | edpo pairs/s | ratio | edpo peak RSS MB | ratio |")
+        print("|---|---|---|---|---|")
+        for r in layers:
+            c = r["edpo_layers"]
+            print(f"| {r['length']} | {c['pairs_per_s']:.3f} | {c['speedup']:.2f}× | {c['peak_rss_mb']:,.0f} | {c['rss_ratio']:.2f}× |")
     print("\nedpo train, where the time goes (s)")
     print_stages(res["train"])
     print(f"results: {path}")
@@ -167,6 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--skip-export", action="store_true")
+    ap.add_argument("--skip-prep", action="store_true", help="train only (prep results of earlier runs are kept with --keep)")
+    ap.add_argument("--no-checkpointed", action="store_true", help="skip the training runs of the --recompute layers bundle")
     ap.add_argument("--skip-train", action="store_true", help="prep only (train results of earlier runs are kept with --keep)")
     ap.add_argument("--keep", action="store_true",
                     help="keep what bench-results/real-bench.json already holds for the export and for lengths not run now")
@@ -186,17 +211,19 @@ def main(argv=None) -> int:
         res["gemm_peak"] = kept.get("gemm_peak", [])
         if "export" in kept:
             res["export"] = kept["export"]
-        res["prep"] = [r for r in kept.get("prep", []) if r["length"] not in args.lengths]
+        res["prep"] = [r for r in kept.get("prep", []) if args.skip_prep or r["length"] not in args.lengths]
         res["train"] = [r for r in kept.get("train", []) if args.skip_train or r["length"] not in args.lengths]
     res.setdefault("gemm_peak", []).append(measure_peak(args.threads))
     print(f"fp32 GEMM peak at {args.threads} threads: {res['gemm_peak'][-1]['gflops']:.1f} GFLOP/s", flush=True)
     if not args.skip_export and "export" not in res:
         res["export"] = bench_export(args.threads)
+    checkpointed = None if args.skip_train or args.no_checkpointed else smollm2_bundle("layers")
     for length in args.lengths:
         data = real_pairs(args.pairs, length, ensure())
-        res["prep"].append(bench_prep(bundle, data, length, args.threads, max(args.batch_tokens, 2 * length)))
+        if not args.skip_prep:
+            res["prep"].append(bench_prep(bundle, data, length, args.threads, max(args.batch_tokens, 2 * length)))
         if not args.skip_train:
-            res["train"].append(bench_train(bundle, length, args.threads, args.train_steps, args.train_batch, args.micro_batch))
+            res["train"].append(bench_train(bundle, length, args.threads, args.train_steps, args.train_batch, args.micro_batch, checkpointed))
         res["prep"].sort(key=lambda r: r["length"])
         res["train"].sort(key=lambda r: r["length"])
         write_results("real-bench", res)

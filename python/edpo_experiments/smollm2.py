@@ -84,18 +84,21 @@ def ensure(out: Path = DEFAULT_OUT) -> Path:
     return out
 
 
-def bundle() -> Path:
-    """The SmolLM2 bundle of the current exporter sources, exported once (~4 min, ~4.6 GB) into
-    ~/.cache/edpo/real/smollm2-<hash of the edpo_export sources>."""
+def bundle(recompute: str = "attention") -> Path:
+    """The SmolLM2 bundle of the current exporter sources (with the exporter's `--recompute`
+    choice), exported once (~2 min, ~4.6 GB) into ~/.cache/edpo/real/smollm2-<hash of the
+    edpo_export sources> (smollm2-<choice>-<hash> for a choice other than the default)."""
     from edpo_bench.common import child_env, export_sources_tag
 
     cache = Path(os.environ.get("EDPO_REAL_CACHE", Path.home() / ".cache" / "edpo" / "real"))
-    out = cache / f"smollm2-{export_sources_tag()}"
+    choice = "" if recompute == "attention" else f"{recompute}-"
+    out = cache / f"smollm2-{choice}{export_sources_tag()}"
     if not (out / "edpo-model.json").is_file():
         partial = out.with_name(out.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         subprocess.run(
-            [sys.executable, "-m", "edpo_export", "--model", str(ensure()), "--out", str(partial), "--threads", "2"],
+            [sys.executable, "-m", "edpo_export", "--model", str(ensure()), "--out", str(partial), "--threads", "2",
+             "--recompute", recompute],
             check=True, env=child_env(),
         )  # fmt: skip
         partial.rename(out)

@@ -94,9 +94,10 @@ def train_graph_lora(model, args, out: Path, example, tied: dict) -> dict:
     log(f"LoRA: {len(adapters)} modules, rank {adapters[0]['rank']}, scaling {adapters[0]['scaling']:g}, "
         f"{sum(p.numel() for p in inner.parameters() if p.requires_grad) / 1e6:.3f}M trainable; "
         f"reference = base{' + the --lora-init adapter' if reference_includes_adapter else ''}")  # fmt: skip
-    grad_of = export_train_graph(
-        inner, out / TRAIN_FILE, args.optimize, example, args.lm_head_chunks, lora=(names, out / PARAMS_FILE, tied)
-    )
+    grad_of, recomputed = export_train_graph(
+        inner, out / TRAIN_FILE, args.optimize, example, args.lm_head_chunks,
+        lora=(names, out / PARAMS_FILE, tied), recompute=args.recompute,
+    )  # fmt: skip
     adapter_files = lora.save_adapter(peft_model, out, Path(args.model))
     trainable = [names[n] for n, p in inner.named_parameters() if p.requires_grad]
     goldens, section = compute_goldens(inner, args.topk_default, adapter=(names, lora.golden_adapter(names)))
@@ -108,6 +109,7 @@ def train_graph_lora(model, args, out: Path, example, tied: dict) -> dict:
         "goldens_section": section,
         "lora": lora.manifest_section(peft_model, args, reference_includes_adapter),
         "adapter_files": adapter_files,
+        "recomputed_layers": recomputed,
     }
 
 
@@ -154,9 +156,11 @@ def export(args) -> None:
         del untied  # the LoRA graph is traced on the tied model (its base weights get no gradient)
         train = train_graph_lora(model, args, out, example, tied)
     else:
-        grad_of = export_train_graph(untied, out / TRAIN_FILE, args.optimize, example, args.lm_head_chunks)
+        grad_of, recomputed = export_train_graph(
+            untied, out / TRAIN_FILE, args.optimize, example, args.lm_head_chunks, recompute=args.recompute
+        )
         del untied  # the goldens need the tied model only (and room for its float64 copy)
-        train = train_graph_full(model, args, grad_of, weights)
+        train = train_graph_full(model, args, grad_of, weights) | {"recomputed_layers": recomputed}
     t_train = time.time() - t0
     save_file({name: value.clone() for name, value in train["goldens"].items()}, out / GOLDENS_FILE)  # no shared storage
 
@@ -194,6 +198,8 @@ def export(args) -> None:
         "export": {
             "optimized": bool(args.optimize),
             "lm_head_chunks": args.lm_head_chunks,
+            "recompute": args.recompute,
+            "recomputed_layers": train["recomputed_layers"],
             "seconds_reference": round(t_ref, 2),
             "seconds_train": round(t_train, 2),
             "seconds_total": None,

@@ -1,6 +1,6 @@
 """Export a Hugging Face causal LM into an edpo model bundle, or verify one.
 
-    python -m edpo_export --model HF_DIR --out BUNDLE [--topk-default K] [--optimize]
+    python -m edpo_export --model HF_DIR --out BUNDLE [--topk-default K] [--recompute attention|layers|none]
     python -m edpo_export --model HF_DIR --out BUNDLE --lora [--lora-rank R] [--lora-alpha A]
                           [--lora-targets q_proj,v_proj | all-linear] [--lora-init ADAPTER_DIR]
     python -m edpo_export --verify BUNDLE
@@ -48,6 +48,13 @@ def main(argv=None, prog: str | None = None) -> int:
     parser.add_argument(
         "--lm-head-chunks", type=int, default=16, metavar="C",
         help="slices of the output projection in the scoring and training graphs (0 = dense [N,T,V] logits; default 16)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--recompute", choices=["attention", "layers", "none"], default="attention",
+        help="what the backward pass recomputes instead of keeping from the forward pass (remat.py): "
+        "attention = each layer's attention probabilities (default; no [rows, heads, T, T] tensor kept "
+        "per layer), layers = everything inside each decoder layer (gradient checkpointing: one more "
+        "forward pass, activations of one layer at a time), none = keep everything",
     )  # fmt: skip
     lora = parser.add_argument_group("LoRA (a bundle that trains adapters over the frozen base; lora.py)")
     lora.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every parameter")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .common import PARAMS_FILE, REFERENCE_OUTPUTS, TRACE_TOPK, TRAIN_STAT_OUTPUTS, fail, log
+from .remat import checkpoint_layers, recompute_attention
 
 # Attention is traced as transformers' eager implementation: scores + an additive float mask,
 # softmax, matmul. The SDPA implementation traces a boolean mask into Where/IsNaN passes over
@@ -212,9 +213,10 @@ def drop_unit_powers(model) -> int:
     return replaced
 
 
-def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunks: int, lora=None):
+def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunks: int, lora=None, recompute: str = "attention") -> tuple[list[str], int]:
     """The joint graph of `untied` (a model without tied parameters), one gradient output per
-    parameter that requires a gradient; returns their graph names.
+    parameter that requires a gradient; returns their graph names and the number of layers whose
+    values the backward recomputes (`recompute`: "attention", "layers" or "none"; remat.py).
 
     `lora` (a LoRA bundle): (graph names {parameter: name}, params.safetensors path, {alias:
     stored name} of tied weights). The model then holds PEFT adapters and frozen base weights
@@ -301,11 +303,12 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
     params = {name for name, _ in untied.named_parameters()}
     rename, tied = (lora[0], lora[2]) if lora else (None, None)
     model = finish_onnx(program, params, output_names, optimize, rename, tied)
+    recomputed = recompute_in_backward(model, recompute)
     import onnx_ir as ir
 
     if lora is None:
         ir.save(model, out)
-        return grad_of
+        return grad_of, recomputed
     import onnx
 
     names, params_path, alias = lora
@@ -315,7 +318,25 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
     point_params_at_safetensors(proto, frozen, params_path, alias)
     proto.graph.ClearField("value_info")
     onnx.save(proto, out)
-    return grad_of
+    return grad_of, recomputed
+
+
+def recompute_in_backward(model, what: str) -> int:
+    """Applies the --recompute choice to the joint graph; returns the layers rewritten."""
+    stats = [name for name, _, _ in TRAIN_STAT_OUTPUTS]
+    t0 = time.time()
+    if what == "attention":
+        done, skipped = recompute_attention(model, stats)
+        log(f"attention probabilities recomputed in the backward pass: {done} layers ({skipped} softmaxes left alone)")
+    elif what == "layers":
+        done = checkpoint_layers(model, stats)
+        if done == 0:
+            fail("--recompute layers: no decoder layers found (no parameter names with a layer number)")
+        log(f"gradient checkpointing: {done} layers recomputed in the backward pass")
+    else:
+        return 0
+    log(f"recompute rewrite: {time.time() - t0:.1f}s")
+    return done
 
 
 def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool, example, lm_head_chunks: int):

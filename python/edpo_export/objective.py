@@ -217,7 +217,8 @@ class EpsDpoLoss(torch.nn.Module):
         E_t [M, H] and G = Σ_t coef_t P_t ⊗ h_t [V, H] are computed slice by slice under
         stop-gradient, so surrogate = Σ_t coef_t h_t·(W[y_t] − E_t) − ⟨W, G⟩ has exactly that
         gradient. The logits are recomputed here as W·hᵀ (transposed) so that graph optimisers
-        do not merge them with the forward slices and keep those alive.
+        do not merge them with the forward slices and keep those alive. A frozen W (a LoRA
+        graph's output projection) needs no G: its [V, H] slices are not computed.
         """
         m = hidden.shape[0]
         size, padded = chunk_bounds(m, self.lm_head_chunks)
@@ -230,13 +231,15 @@ class EpsDpoLoss(torch.nn.Module):
             h_c = h_pad[rows]
             probs_t = torch.exp((w @ h_c.t()).float() - lse[rows].unsqueeze(0))  # [V, size]
             expect_out.append(probs_t.t() @ w)
-            part = probs_t @ (c_pad[rows].unsqueeze(-1) * h_c)
-            grad_w = part if grad_w is None else grad_w + part
+            if weight.requires_grad:
+                part = probs_t @ (c_pad[rows].unsqueeze(-1) * h_c)
+                grad_w = part if grad_w is None else grad_w + part
         expect = torch.cat(expect_out)[:m]
         y = labels.reshape(m)
         c_tok = coef.reshape(m)
         per_token = (hidden * (weight[y] - expect)).sum(-1)
-        return (c_tok * per_token).sum() - (weight * grad_w).sum()
+        surrogate = (c_tok * per_token).sum()
+        return surrogate if grad_w is None else surrogate - (weight * grad_w).sum()
 
 
 def full_logps_next(model, input_ids, attention_mask) -> torch.Tensor:

@@ -1,0 +1,280 @@
+"""Rewrites of the joint forward+backward graph that trade compute for memory: the backward pass
+reads copies of forward values recomputed when it needs them, instead of the forward's own
+tensors kept alive from the forward pass to the backward.
+
+Two granularities: `recompute_attention` (each layer's attention probabilities, the one
+[rows, heads, T, T] tensor per layer; the default) and `checkpoint_layers` (every value inside a
+decoder layer but its inputs, as Hugging Face's gradient checkpointing; an export option).
+
+ONNX Runtime would undo a plain copy: its common-subexpression pass merges two nodes with the
+same inputs, and nothing would stop it from running the copy during the forward pass. So each
+copy reads one input through `x + 0·max(g)`, g a gradient that the backward computes just
+before the copy is needed: the copy is a different expression and cannot start earlier. x + 0
+is x, so the copy computes the same numbers with the same kernels.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Ops that may sit between an attention score MatMul and its Softmax (scale, mask, casts, the
+# reshapes around the batched matmul).
+SCORE_CHAIN_OPS = {"Reshape", "Mul", "Div", "Add", "Sub", "Cast", "Identity", "Where"}
+VIEW_OPS = {"Identity", "Reshape"}
+
+
+def forward_nodes(graph, output_names: list[str]) -> set:
+    """Nodes that the named graph outputs depend on: the forward pass of a joint graph."""
+    seen: set = set()
+    stack = [v.producer() for v in graph.outputs if v.name in output_names]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(v.producer() for v in node.inputs if v is not None)
+    return seen
+
+
+def score_chain(softmax) -> list | None:
+    """[MatMul, …, Softmax]: the nodes from the attention scores' MatMul to `softmax`, following
+    the one input of each that leads back to a MatMul within a few steps; None if there is none."""
+
+    def path_to_matmul(value, depth):
+        node = value.producer() if value is not None else None
+        if node is None or depth == 0:
+            return None
+        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+            return [node]
+        if node.op_type not in SCORE_CHAIN_OPS:
+            return None
+        for inp in node.inputs:
+            below = path_to_matmul(inp, depth - 1)
+            if below is not None:
+                return [*below, node]
+        return None
+
+    below = path_to_matmul(softmax.inputs[0], 8)
+    return None if below is None else [*below, softmax]
+
+
+def recompute_attention(model, stat_outputs: list[str]) -> tuple[int, int]:
+    """The backward's reads of each layer's attention probabilities P (and of P's reshapes) go to
+    a copy of the chain MatMul(Q, Kᵀ) → … → Softmax computed from Q and K (which the backward
+    keeps anyway) when the layer's backward starts, so the forward's P is freed right after P·V
+    (9 GB of SmolLM2's 20 GB at two rows of 2,048 tokens). Returns (softmaxes recomputed,
+    softmaxes left alone)."""
+    graph = model.graph
+    forward = forward_nodes(graph, stat_outputs)
+    done = skipped = 0
+    for softmax in [n for n in graph.all_nodes() if n.op_type == "Softmax" and n in forward]:
+        chain = score_chain(softmax)
+        uses = backward_uses(softmax.outputs[0], forward)
+        seed = backward_seed(uses, forward, softmax.outputs[0].dtype) if chain and uses else None
+        if seed is None:
+            skipped += 1
+            continue
+        tag = softmax.name or softmax.outputs[0].name
+        zero = zero_after(graph, seed, tag)
+        q = chain[0].inputs[0]
+        copies = {q: plus(graph, q, zero, tag)}
+        for node in chain:
+            clone = clone_node(node, [copies.get(v, v) for v in node.inputs])
+            graph.append(clone)
+            copies.update(zip(node.outputs, clone.outputs))
+        rewire_backward(graph, softmax.outputs[0], copies[softmax.outputs[0]], forward)
+        done += 1
+    graph.sort()
+    return done, skipped
+
+
+def zero_after(graph, seed, tag: str):
+    """A scalar 0·max(seed): zero, computed once `seed` exists."""
+    import onnx_ir as ir
+
+    zero_const = ir.Value(name=f"{tag}_rc_zero_const", const_value=ir.tensor(0.0, dtype=seed.dtype))
+    graph.register_initializer(zero_const)
+    seed_max = named(ir.node("ReduceMax", [seed], {"keepdims": 0}, name=f"{tag}_rc_seed"))
+    zero = named(ir.node("Mul", [seed_max.outputs[0], zero_const], name=f"{tag}_rc_zero"))
+    graph.extend([seed_max, zero])
+    return zero.outputs[0]
+
+
+def plus(graph, value, zero, tag: str):
+    """value + zero: `value` for a copy that must wait for `zero`."""
+    import onnx_ir as ir
+
+    node = named(ir.node("Add", [value, zero], name=f"{tag}_rc_{value.name}"))
+    node.outputs[0].type, node.outputs[0].shape = value.type, value.shape
+    graph.append(node)
+    return node.outputs[0]
+
+
+# A parameter's layer: the first `.<number>.` in its name (layers.3.mlp…, transformer.h.3.attn…).
+LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
+
+
+def checkpoint_layers(model, stat_outputs: list[str]) -> int:
+    """Gradient checkpointing: the backward of each decoder layer reads copies of the layer's
+    values recomputed from the layer's inputs when its backward starts, so the forward keeps
+    only what crosses from one layer to the next. Costs one more forward pass of every layer.
+    Returns the number of layers rewritten.
+
+    A layer's nodes are found from its parameters (numbered names): the forward nodes that
+    depend on layer i's parameters but not on layer i+1's (nor on the parameters of the output
+    head after the last layer). Values a layer passes on to later forward nodes are its
+    checkpoints and stay as they are.
+    """
+    graph = model.graph
+    forward = forward_nodes(graph, stat_outputs)
+    layers = layer_segments(graph, forward)
+    order = {node: position for position, node in enumerate(graph)}
+    done = 0
+    for i in sorted(layers, reverse=True):
+        segment = sorted(layers[i], key=order.__getitem__)
+        done += checkpoint_segment(graph, segment, forward, f"layer{i}")
+    graph.sort()
+    return done
+
+
+def layer_segments(graph, forward: set) -> dict[int, set]:
+    """{layer index: its forward nodes}. Parameters are the graph's inputs at this point (the
+    frozen weights of a LoRA graph become initializers later); the other inputs (the batch,
+    unnumbered parameters) that the last layer's descendants read mark the output head."""
+    by_layer: dict[int, list] = {}
+    others = []
+    for value in graph.inputs:
+        match = LAYER_INDEX.search(value.name or "")
+        (by_layer.setdefault(int(match.group(1)), []) if match else others).append(value)
+    if not by_layer:
+        return {}
+    reach = {i: forward_descendants(values, forward) for i, values in by_layer.items()}
+    last = max(reach)
+    head_readers = [node for value in others for node, _ in value.uses() if node in reach[last]]
+    head = forward_descendants_of_nodes(head_readers, forward)
+    segments = {}
+    for i in sorted(reach):
+        nodes = reach[i] - reach.get(i + 1, set()) - head
+        if nodes:
+            segments[i] = nodes
+    return segments
+
+
+def forward_descendants(values, forward: set) -> set:
+    return forward_descendants_of_nodes([node for value in values for node, _ in value.uses()], forward)
+
+
+def forward_descendants_of_nodes(nodes, forward: set) -> set:
+    return {node for node in descendants(nodes) if node in forward}
+
+
+def checkpoint_segment(graph, segment: list, forward: set, tag: str) -> int:
+    """Rewires the backward's reads of `segment`'s values (its nodes in graph order) to copies
+    (see checkpoint_layers); returns 1 if the segment had any, else 0."""
+    members = set(segment)
+    produced = [value for node in segment for value in node.outputs]
+    made_here = set(produced)
+    passed_on = {value for value in produced if any(n in forward and n not in members for n, _ in value.uses())}
+    inputs = list(dict.fromkeys(
+        value for node in segment for value in node.inputs
+        if value is not None and value not in made_here and value.producer() in forward
+        and value.dtype is not None and value.dtype.is_floating_point()
+    ))  # fmt: skip
+    gated_cone = forward_descendants_of_nodes([n for v in inputs for n, _ in v.uses() if n in members], members)
+    reads = [(node, index, value) for value in produced
+             if value not in passed_on and value.producer() in gated_cone
+             for node, index in value.uses() if node not in forward]  # fmt: skip
+    if not reads:
+        return 0
+    seed = backward_seed([(node, index) for node, index, _ in reads], forward, None)
+    if seed is None:
+        return 0
+    zero = zero_after(graph, seed, tag)
+    copies = {value: plus(graph, value, zero, tag) for value in inputs}
+
+    def copy_of(value):
+        if value in copies:
+            return copies[value]
+        node = value.producer()
+        if node is None or node not in gated_cone:
+            return value
+        clone = clone_node(node, [copy_of(v) if v is not None else None for v in node.inputs])
+        graph.append(clone)
+        copies.update(zip(node.outputs, clone.outputs))
+        return copies[value]
+
+    for node, index, value in reads:
+        node.replace_input_with(index, copy_of(value))
+    return 1
+
+
+def named(node):
+    """Names a new node's outputs after the node (ONNX values need names)."""
+    for i, value in enumerate(node.outputs):
+        value.name = f"{node.name}_{i}" if len(node.outputs) > 1 else node.name
+    return node
+
+
+def clone_node(node, inputs):
+    import onnx_ir as ir
+
+    clone = ir.Node(node.domain, node.op_type, inputs, attributes=list(node.attributes.values()),
+                    num_outputs=len(node.outputs), name=f"{node.name}_rc")  # fmt: skip
+    for old, new in zip(node.outputs, clone.outputs):
+        new.name = f"{old.name}_rc"
+        new.type, new.shape = old.type, old.shape
+    return clone
+
+
+def backward_uses(value, forward: set) -> list:
+    """(node, input index) of the backward nodes that read `value` directly or through views."""
+    uses = []
+    for node, index in value.uses():
+        if node not in forward:
+            uses.append((node, index))
+        elif node.op_type in VIEW_OPS and index == 0:
+            uses.extend(backward_uses(node.outputs[0], forward))
+    return uses
+
+
+def descendants(nodes) -> set:
+    """`nodes` and every node that depends on them."""
+    seen: set = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(user for out in node.outputs for user, _ in out.uses())
+    return seen
+
+
+def backward_seed(uses, forward: set, dtype, depth: int = 3):
+    """A float value computed in the backward pass, not downstream of the backward nodes `uses`,
+    that those nodes or the nodes right after them read (the gradient arriving at the layer):
+    a copy needed by `uses` can start once it exists. `dtype`: the seed's (None: any float).
+    None if there is none within `depth` steps."""
+    after = descendants(node for node, _ in uses)
+    frontier = [node for node, _ in uses]
+    for _ in range(depth):
+        for node in frontier:
+            for inp in node.inputs:
+                producer = inp.producer() if inp is not None else None
+                if producer is None or producer in forward or producer in after or producer.op_type == "Constant":
+                    continue
+                if inp.dtype == dtype or (dtype is None and inp.dtype is not None and inp.dtype.is_floating_point()):
+                    return inp
+        frontier = [user for node in frontier for out in node.outputs for user, _ in out.uses()]
+    return None
+
+
+def rewire_backward(graph, value, copy, forward: set) -> None:
+    """Point the backward's reads of `value` (and of its forward views) at `copy`."""
+    for node, index in list(value.uses()):
+        if node not in forward:
+            node.replace_input_with(index, copy)
+        elif node.op_type in VIEW_OPS and index == 0 and backward_uses(node.outputs[0], forward):
+            view = clone_node(node, [copy, *node.inputs[1:]])
+            graph.extend([view])
+            rewire_backward(graph, node.outputs[0], view.outputs[0], forward)

@@ -7,10 +7,12 @@ Two granularities: `recompute_attention` (each layer's attention probabilities, 
 decoder layer but its inputs, as Hugging Face's gradient checkpointing; an export option).
 
 ONNX Runtime would undo a plain copy: its common-subexpression pass merges two nodes with the
-same inputs, and nothing would stop it from running the copy during the forward pass. So each
-copy reads one input through `x + 0·max(g)`, g a gradient that the backward computes just
-before the copy is needed: the copy is a different expression and cannot start earlier. x + 0
-is x, so the copy computes the same numbers with the same kernels.
+same inputs, and nothing would stop it from running the copy during the forward pass. So the
+copied nodes read their activation inputs (Q for the attention copy; every float input from
+outside the layer for a layer copy) through `x + 0·max(g)`, g a value of the backward pass found
+next to the nodes the copy serves (the gradient arriving at the layer; it must depend on a graph
+input, or ONNX Runtime would fold the gate away): the copy is a different expression and cannot
+start before g exists. x + 0 is x, so the copy computes the same numbers with the same kernels.
 """
 
 from __future__ import annotations
@@ -21,6 +23,18 @@ import re
 # reshapes around the batched matmul).
 SCORE_CHAIN_OPS = {"Reshape", "Mul", "Div", "Add", "Sub", "Cast", "Identity", "Where"}
 VIEW_OPS = {"Identity", "Reshape"}
+# Nodes never copied: a copy of a random op would draw other numbers (exports are in eval mode,
+# so none are expected); a node with a subgraph is not cloned attribute by attribute.
+RANDOM_OPS = {"Dropout", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def copyable(nodes) -> bool:
+    import onnx_ir as ir
+
+    return not any(
+        node.op_type in RANDOM_OPS or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
+        for node in nodes
+    )
 
 
 def forward_nodes(graph, output_names: list[str]) -> set:
@@ -70,7 +84,7 @@ def recompute_attention(model, stat_outputs: list[str]) -> tuple[int, int]:
     for softmax in [n for n in graph.all_nodes() if n.op_type == "Softmax" and n in forward]:
         chain = score_chain(softmax)
         uses = backward_uses(softmax.outputs[0], forward)
-        seed = backward_seed(uses, forward, softmax.outputs[0].dtype) if chain and uses else None
+        seed = backward_seed(uses, forward, softmax.outputs[0].dtype) if chain and uses and copyable(chain) else None
         if seed is None:
             skipped += 1
             continue
@@ -96,6 +110,8 @@ def zero_after(graph, seed, tag: str):
     graph.register_initializer(zero_const)
     seed_max = named(ir.node("ReduceMax", [seed], {"keepdims": 0}, name=f"{tag}_rc_seed"))
     zero = named(ir.node("Mul", [seed_max.outputs[0], zero_const], name=f"{tag}_rc_zero"))
+    for value in (seed_max.outputs[0], zero.outputs[0]):
+        value.type, value.shape = ir.TensorType(seed.dtype), ir.Shape([])
     graph.extend([seed_max, zero])
     return zero.outputs[0]
 
@@ -104,6 +120,11 @@ def plus(graph, value, zero, tag: str):
     """value + zero: `value` for a copy that must wait for `zero`."""
     import onnx_ir as ir
 
+    if zero.dtype != value.dtype:
+        cast = named(ir.node("Cast", [zero], {"to": value.dtype}, name=f"{tag}_rc_zero_{value.name}"))
+        cast.outputs[0].type, cast.outputs[0].shape = ir.TensorType(value.dtype), ir.Shape([])
+        graph.append(cast)
+        zero = cast.outputs[0]
     node = named(ir.node("Add", [value, zero], name=f"{tag}_rc_{value.name}"))
     node.outputs[0].type, node.outputs[0].shape = value.type, value.shape
     graph.append(node)
@@ -184,7 +205,7 @@ def checkpoint_segment(graph, segment: list, forward: set, tag: str) -> int:
     reads = [(node, index, value) for value in produced
              if value not in passed_on and value.producer() in gated_cone
              for node, index in value.uses() if node not in forward]  # fmt: skip
-    if not reads:
+    if not reads or not copyable(gated_cone):
         return 0
     seed = backward_seed([(node, index) for node, index, _ in reads], forward, None)
     if seed is None:
@@ -263,10 +284,30 @@ def backward_seed(uses, forward: set, dtype, depth: int = 3):
                 producer = inp.producer() if inp is not None else None
                 if producer is None or producer in forward or producer in after or producer.op_type == "Constant":
                     continue
-                if inp.dtype == dtype or (dtype is None and inp.dtype is not None and inp.dtype.is_floating_point()):
+                float_ok = inp.dtype == dtype or (dtype is None and inp.dtype is not None and inp.dtype.is_floating_point())
+                if float_ok and reads_a_graph_input(inp):
                     return inp
         frontier = [user for node in frontier for out in node.outputs for user, _ in out.uses()]
     return None
+
+
+def reads_a_graph_input(value) -> bool:
+    """Whether `value` depends on a graph input (not only on constants and initializers, which
+    ONNX Runtime folds away, and a copy waiting on a constant could run any time)."""
+    seen: set = set()
+    stack = [value]
+    while stack:
+        current = stack.pop()
+        node = current.producer()
+        if node is None:
+            if current.is_graph_input():
+                return True
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(v for v in node.inputs if v is not None)
+    return False
 
 
 def rewire_backward(graph, value, copy, forward: set) -> None:

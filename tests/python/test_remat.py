@@ -68,6 +68,20 @@ def run_joint_graph(bundle, graph) -> dict:
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
 
 
+def gates_after_optimisation(graph, tmp_path) -> tuple[int, int]:
+    """(gates, nodes) in ONNX Runtime's optimised form of `graph`: the `_rc_seed` nodes that
+    make copies wait for the backward must survive its optimisers, or it merges the copies back."""
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.optimized_model_filepath = str(tmp_path / f"{graph.stem}.optimised.onnx")
+    ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(opts.optimized_model_filepath).graph.node
+    return sum(1 for n in nodes if n.name.endswith("_rc_seed")), len(nodes)
+
+
 def forward_reads_of_backward(path) -> tuple[int, int]:
     """(forward activations the backward reads, forward Softmax outputs among them, looking
     through reshapes). Forward = the nodes the statistics outputs depend on; activations = float
@@ -99,6 +113,13 @@ def forward_reads_of_backward(path) -> tuple[int, int]:
     return len(read), len(read & probs)
 
 
+# The copies compute the same numbers with the same kernels, so these come out bit for bit.
+# GPT-2 with layer copies: even its forward outputs move in the last bits, though the rewrite
+# leaves the forward's nodes as they were — ONNX Runtime optimises that forward differently
+# once the backward no longer reads its inside.
+BIT_IDENTICAL = {("llama", "attention"), ("llama", "layers"), ("gpt2", "attention")}
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_recomputed_graphs_give_the_same_outputs_and_keep_less(kept, arch, tmp_path):
     bundle = kept(arch)
@@ -106,15 +127,22 @@ def test_recomputed_graphs_give_the_same_outputs_and_keep_less(kept, arch, tmp_p
     reads_plain, probs_plain = forward_reads_of_backward(plain)
     assert probs_plain >= 2, "without the rewrite the backward reads each layer's attention probabilities"
     expected = run_joint_graph(bundle, plain)
+    _, plain_nodes = gates_after_optimisation(plain, tmp_path)
     reads = {}
     for mode in ("attention", "layers"):
         graph = rewritten(bundle, mode, tmp_path)
+        gates, nodes = gates_after_optimisation(graph, tmp_path)
+        assert gates == 2 and nodes > plain_nodes, f"{mode}: {gates} gates, {nodes} vs {plain_nodes} nodes after ONNX Runtime's optimisers"
         reads[mode], probs = forward_reads_of_backward(graph)
         assert probs == 0, f"{mode}: the backward still reads {probs} forward attention probabilities"
         got = run_joint_graph(bundle, graph)
         assert got.keys() == expected.keys()
         for name, value in expected.items():
-            assert np.array_equal(got[name], value), f"{mode}: output {name} differs"
+            if value.dtype.kind != "f" or (arch, mode) in BIT_IDENTICAL:
+                assert np.array_equal(got[name], value), f"{mode}: output {name} differs"
+            else:
+                rel = float(np.abs(got[name] - value).max() / max(float(np.abs(value).max()), 1e-30))
+                assert rel < 1e-6, f"{mode}: output {name} differs by {rel:.2e} of its largest value"
     assert reads["attention"] < reads_plain
     # Gradient checkpointing leaves the backward only what crosses between layers (and the
     # output head's values): measured 52 → 14 (llama), 44 → 9 (gpt2); attention alone 49, 41.

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .common import PARAMS_FILE, REFERENCE_OUTPUTS, TRACE_TOPK, TRAIN_STAT_OUTPUTS, fail, log
-from .remat import checkpoint_layers, recompute_attention
+from .remat import recompute_in_backward
 
 # Attention is traced as transformers' eager implementation: scores + an additive float mask,
 # softmax, matmul. The SDPA implementation traces a boolean mask into Where/IsNaN passes over
@@ -319,24 +319,6 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
     proto.graph.ClearField("value_info")
     onnx.save(proto, out)
     return grad_of, recomputed
-
-
-def recompute_in_backward(model, what: str) -> int:
-    """Applies the --recompute choice to the joint graph; returns the layers rewritten."""
-    stats = [name for name, _, _ in TRAIN_STAT_OUTPUTS]
-    t0 = time.time()
-    if what == "attention":
-        done, skipped = recompute_attention(model, stats)
-        log(f"attention probabilities recomputed in the backward pass: {done} layers ({skipped} softmaxes left alone)")
-    elif what == "layers":
-        done = checkpoint_layers(model, stats)
-        if done == 0:
-            fail("--recompute layers: no decoder layers found (no parameter names with a layer number)")
-        log(f"gradient checkpointing: {done} layers recomputed in the backward pass")
-    else:
-        return 0
-    log(f"recompute rewrite: {time.time() - t0:.1f}s")
-    return done
 
 
 def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool, example, lm_head_chunks: int):

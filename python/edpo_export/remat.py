@@ -18,6 +18,9 @@ start before g exists. x + 0 is x, so the copy computes the same numbers with th
 from __future__ import annotations
 
 import re
+import time
+
+from .common import TRAIN_STAT_OUTPUTS, fail, log
 
 # Ops that may sit between an attention score MatMul and its Softmax (scale, mask, casts, the
 # reshapes around the batched matmul).
@@ -72,6 +75,25 @@ def score_chain(softmax) -> list | None:
     return None if below is None else [*below, softmax]
 
 
+def recompute_in_backward(model, what: str) -> int:
+    """Applies the exporter's --recompute choice ("attention", "layers" or "none") to a joint
+    graph whose statistics outputs are TRAIN_STAT_OUTPUTS; returns the layers rewritten."""
+    stats = [name for name, _, _ in TRAIN_STAT_OUTPUTS]
+    t0 = time.time()
+    if what == "attention":
+        done, skipped = recompute_attention(model, stats)
+        log(f"attention probabilities recomputed in the backward pass: {done} layers ({skipped} softmaxes left alone)")
+    elif what == "layers":
+        done = checkpoint_layers(model, stats)
+        if done == 0:
+            fail("--recompute layers: no decoder layers found (no parameter names with a layer number)")
+        log(f"gradient checkpointing: {done} layers recomputed in the backward pass")
+    else:
+        return 0
+    log(f"recompute rewrite: {time.time() - t0:.1f}s")
+    return done
+
+
 def recompute_attention(model, stat_outputs: list[str]) -> tuple[int, int]:
     """The backward's reads of each layer's attention probabilities P (and of P's reshapes) go to
     a copy of the chain MatMul(Q, Kᵀ) → … → Softmax computed from Q and K (which the backward
@@ -89,14 +111,10 @@ def recompute_attention(model, stat_outputs: list[str]) -> tuple[int, int]:
             skipped += 1
             continue
         tag = softmax.name or softmax.outputs[0].name
-        zero = zero_after(graph, seed, tag)
         q = chain[0].inputs[0]
-        copies = {q: plus(graph, q, zero, tag)}
-        for node in chain:
-            clone = clone_node(node, [copies.get(v, v) for v in node.inputs])
-            graph.append(clone)
-            copies.update(zip(node.outputs, clone.outputs))
-        rewire_backward(graph, softmax.outputs[0], copies[softmax.outputs[0]], forward)
+        copies = {q: plus(graph, q, zero_after(graph, seed, tag), tag)}
+        probs_copy = copy_of(graph, softmax.outputs[0], set(chain), copies)
+        rewire_backward(graph, softmax.outputs[0], probs_copy, forward)
         done += 1
     graph.sort()
     return done, skipped
@@ -212,21 +230,24 @@ def checkpoint_segment(graph, segment: list, forward: set, tag: str) -> int:
         return 0
     zero = zero_after(graph, seed, tag)
     copies = {value: plus(graph, value, zero, tag) for value in inputs}
-
-    def copy_of(value):
-        if value in copies:
-            return copies[value]
-        node = value.producer()
-        if node is None or node not in gated_cone:
-            return value
-        clone = clone_node(node, [copy_of(v) if v is not None else None for v in node.inputs])
-        graph.append(clone)
-        copies.update(zip(node.outputs, clone.outputs))
-        return copies[value]
-
     for node, index, value in reads:
-        node.replace_input_with(index, copy_of(value))
+        node.replace_input_with(index, copy_of(graph, value, gated_cone, copies))
     return 1
+
+
+def copy_of(graph, value, copied: set, copies: dict):
+    """The copy of `value`: its producer and the producers it needs, as far as they are in
+    `copied`, cloned once each and appended to `graph`; `copies` maps originals to copies (the
+    gated inputs to start with). Values made outside `copied` are read as they are."""
+    if value in copies:
+        return copies[value]
+    node = value.producer()
+    if node is None or node not in copied:
+        return value
+    clone = clone_node(node, [copy_of(graph, v, copied, copies) if v is not None else None for v in node.inputs])
+    graph.append(clone)
+    copies.update(zip(node.outputs, clone.outputs))
+    return copies[value]
 
 
 def named(node):

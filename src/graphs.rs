@@ -112,10 +112,12 @@ fn output_array<T: ort::value::PrimitiveTensorElementType + Clone + 'static>(
         })
 }
 
-/// What the scoring graph returns for a batch of sequences (see export.py).
+/// What the scoring graph returns for a batch of sequences (`python/edpo_export/graphs.py`,
+/// `ReferenceScorer`). Positions that were not asked for (position 0 always; with a label mask,
+/// every position outside it, for a graph that takes `label_positions`) hold zeros.
 #[derive(Debug, Clone)]
 pub struct ScoreOutputs {
-    /// [N, T]: log-prob of token t given tokens < t (position 0 is 0).
+    /// [N, T]: log-prob of token t given tokens < t.
     pub token_logps: Array2<f32>,
     /// [N, T, K]: the K largest log-probs of the distribution predicting token t, descending.
     pub topk_logps: Array3<f32>,
@@ -123,10 +125,25 @@ pub struct ScoreOutputs {
     pub topk_ids: Array3<i64>,
 }
 
+/// The sliced graphs' input: flat indices r·T + t of the label tokens to score.
+const LABEL_POSITIONS: &str = "label_positions";
+
+/// The flat positions r·T + t (1 ≤ t < T) where `label_mask` is set (every one without a mask).
+fn label_positions(n: usize, t: usize, label_mask: Option<ArrayView2<i64>>) -> Vec<i64> {
+    (0..n)
+        .flat_map(|r| (1..t).map(move |c| (r, c)))
+        .filter(|&(r, c)| label_mask.is_none_or(|m| m[[r, c]] != 0))
+        .map(|(r, c)| (r * t + c) as i64)
+        .collect()
+}
+
 /// The reference scoring graph, with the reference weights or any checkpoint's.
 pub struct ReferenceGraph {
     session: Session,
     file: String,
+    /// Whether the graph takes `label_positions` (sliced output projection) and so computes the
+    /// output projection only where asked; the dense graph scores every position.
+    takes_positions: bool,
     /// Wall seconds spent inside `Session::run` so far.
     run_seconds: f64,
 }
@@ -178,15 +195,20 @@ impl ReferenceGraph {
         Ok(ReferenceGraph {
             session,
             file: spec.file.clone(),
+            takes_positions: spec.inputs.iter().any(|i| i.name == LABEL_POSITIONS),
             run_seconds: 0.0,
         })
     }
 
     /// Scores right-padded sequences; `k` is the top-K size (1 ≤ k ≤ vocabulary).
+    /// `label_mask` [N, T] (1 = score label token t, e.g. a batch's `loss_mask`) lets a graph
+    /// that takes `label_positions` skip the output projection elsewhere; None scores every
+    /// position t ≥ 1.
     pub fn score(
         &mut self,
         input_ids: ArrayView2<i64>,
         attention_mask: ArrayView2<i64>,
+        label_mask: Option<ArrayView2<i64>>,
         k: i64,
     ) -> Result<ScoreOutputs, GraphError> {
         let file = self.file.clone();
@@ -194,28 +216,44 @@ impl ReferenceGraph {
             file: file.clone(),
             message: e.to_string(),
         };
-        if input_ids.dim() != attention_mask.dim() {
-            return Err(GraphError::Batch {
-                file: self.file.clone(),
-                message: format!(
-                    "input_ids {:?} and attention_mask {:?} differ in shape",
-                    input_ids.dim(),
-                    attention_mask.dim()
-                ),
+        for (name, other) in [
+            ("attention_mask", Some(attention_mask)),
+            ("label mask", label_mask),
+        ] {
+            if let Some(other) = other.filter(|o| o.dim() != input_ids.dim()) {
+                return Err(GraphError::Batch {
+                    file: self.file.clone(),
+                    message: format!(
+                        "input_ids {:?} and {name} {:?} differ in shape",
+                        input_ids.dim(),
+                        other.dim()
+                    ),
+                });
+            }
+        }
+        let (n, t) = input_ids.dim();
+        let positions = label_positions(n, t, label_mask);
+        if self.takes_positions && positions.is_empty() {
+            return Ok(ScoreOutputs {
+                token_logps: Array2::zeros((n, t)),
+                topk_logps: Array3::zeros((n, t, k.max(0) as usize)),
+                topk_ids: Array3::zeros((n, t, k.max(0) as usize)),
             });
         }
         let ids = TensorRef::from_array_view(input_ids).map_err(run_err)?;
         let mask = TensorRef::from_array_view(attention_mask).map_err(run_err)?;
         let k_value = Tensor::from_array(ndarray::arr0(k)).map_err(run_err)?;
         let started = Instant::now();
-        let outputs = self
-            .session
-            .run(ort::inputs![
-                "input_ids" => ids,
-                "attention_mask" => mask,
-                "k" => k_value,
-            ])
-            .map_err(run_err)?;
+        let mut inputs = ort::inputs![
+            "input_ids" => ids,
+            "attention_mask" => mask,
+            "k" => k_value,
+        ];
+        if self.takes_positions {
+            let value = Tensor::from_array(ndarray::Array1::from(positions)).map_err(run_err)?;
+            inputs.push((LABEL_POSITIONS.into(), value.into()));
+        }
+        let outputs = self.session.run(inputs).map_err(run_err)?;
         self.run_seconds += started.elapsed().as_secs_f64();
         let token_logps = output_array::<f32>(&outputs, &file, "token_logps", "float32")?;
         let topk_logps = output_array::<f32>(&outputs, &file, "topk_logps", "float32")?;
@@ -294,6 +332,9 @@ pub struct TrainGraph {
     param_inputs: Vec<(String, String)>,
     /// (output name, stored parameter name) for every gradient output.
     grad_outputs: Vec<(String, String)>,
+    /// Whether the graph takes `label_positions` (sliced output projection, computed at the
+    /// loss mask's positions only).
+    takes_positions: bool,
     /// Wall seconds spent inside `Session::run` so far.
     run_seconds: f64,
 }
@@ -347,6 +388,7 @@ impl TrainGraph {
             file: spec.file.clone(),
             param_inputs,
             grad_outputs,
+            takes_positions: spec.inputs.iter().any(|i| i.name == LABEL_POSITIONS),
             run_seconds: 0.0,
         })
     }
@@ -399,7 +441,7 @@ impl TrainGraph {
             message: e.to_string(),
         };
         let mut inputs: Vec<(Cow<'a, str>, SessionInputValue<'a>)> =
-            Vec::with_capacity(11 + self.param_inputs.len());
+            Vec::with_capacity(12 + self.param_inputs.len());
         macro_rules! push_view {
             ($name:expr, $arr:expr) => {
                 inputs.push((
@@ -417,6 +459,20 @@ impl TrainGraph {
         push_view!("ref_token_logps", batch.ref_token_logps);
         push_view!("ref_topk_ids", batch.ref_topk_ids);
         push_view!("ref_topk_logps", batch.ref_topk_logps);
+        if self.takes_positions {
+            let (n, t) = batch.loss_mask.dim();
+            let positions = label_positions(n, t, Some(batch.loss_mask.view()));
+            if positions.is_empty() {
+                return Err(GraphError::Batch {
+                    file: self.file.clone(),
+                    message: "no response token in the micro-batch (loss_mask is 0 at every \
+                              position t ≥ 1)"
+                        .into(),
+                });
+            }
+            let value = Tensor::from_array(Array1::from(positions)).map_err(run_err)?;
+            inputs.push((LABEL_POSITIONS.into(), value.into()));
+        }
         for (name, value) in [
             ("beta", settings.beta),
             ("epsilon", settings.epsilon),

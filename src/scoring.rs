@@ -35,6 +35,7 @@ pub fn score_pair_rows(
         let out = graph.score(
             padded.input_ids.view(),
             padded.attention_mask.view(),
+            Some(padded.loss_mask.view()),
             topk as i64,
         )?;
         for (r, &row) in batch.iter().enumerate() {

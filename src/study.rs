@@ -366,9 +366,11 @@ impl Study<'_> {
         let len = ids.len();
         let input = ndarray::Array2::from_shape_vec((1, len), ids.clone()).expect("shape");
         let mask = ndarray::Array2::<i64>::ones((1, len));
+        let labels =
+            ndarray::Array2::from_shape_fn((1, len), |(_, t)| i64::from(t >= prompt.len()));
         let all = self.vocab as i64;
-        let p_out = self.policy.score(input.view(), mask.view(), all)?;
-        let q_out = self.reference.score(input.view(), mask.view(), all)?;
+        let p_out = (self.policy).score(input.view(), mask.view(), Some(labels.view()), all)?;
+        let q_out = (self.reference).score(input.view(), mask.view(), Some(labels.view()), all)?;
         let mut sums = SeqSums {
             policy: 0.0,
             exact: [0.0; 2],

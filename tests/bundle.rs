@@ -189,11 +189,11 @@ fn scoring_graph_takes_weights_from_any_checkpoint() {
     let mask = ndarray::Array2::<i64>::ones((2, 6));
     let base = ReferenceGraph::new(&bundle, None, &config())
         .unwrap()
-        .score(ids.view(), mask.view(), 4)
+        .score(ids.view(), mask.view(), None, 4)
         .unwrap();
     let same = ReferenceGraph::new(&bundle, Some(&params), &config())
         .unwrap()
-        .score(ids.view(), mask.view(), 4)
+        .score(ids.view(), mask.view(), None, 4)
         .unwrap();
     let max_diff = |a: &ndarray::Array2<f32>, b: &ndarray::Array2<f32>| {
         a.iter()
@@ -212,7 +212,7 @@ fn scoring_graph_takes_weights_from_any_checkpoint() {
     }
     let moved = ReferenceGraph::new(&bundle, Some(&changed), &config())
         .unwrap()
-        .score(ids.view(), mask.view(), 4)
+        .score(ids.view(), mask.view(), None, 4)
         .unwrap();
     assert!(
         max_diff(&base.token_logps, &moved.token_logps) > 1e-3,
@@ -224,6 +224,51 @@ fn scoring_graph_takes_weights_from_any_checkpoint() {
     for row in moved.topk_logps.lanes(ndarray::Axis(2)) {
         assert!(row.windows(2).into_iter().all(|w| w[0] >= w[1]));
     }
+}
+
+#[test]
+fn label_mask_scores_only_its_positions_with_the_same_values() {
+    let bundle = Bundle::open(&sample_bundle()).unwrap();
+    let mut graph = ReferenceGraph::new(&bundle, None, &config()).unwrap();
+    let ids = ndarray::Array2::from_shape_fn((3, 9), |(i, t)| ((i * 11 + t * 5) % 400) as i64);
+    let mut mask = ndarray::Array2::<i64>::ones((3, 9));
+    mask.slice_mut(ndarray::s![2, 6..]).fill(0);
+    // Response tokens from position 4 (row 1: from 7; row 2 ends at 6, as prep pads it).
+    let labels = ndarray::Array2::from_shape_fn((3, 9), |(i, t)| {
+        i64::from(t >= if i == 1 { 7 } else { 4 } && mask[[i, t]] == 1)
+    });
+    let every = graph.score(ids.view(), mask.view(), None, 5).unwrap();
+    let some = graph
+        .score(ids.view(), mask.view(), Some(labels.view()), 5)
+        .unwrap();
+    for ((i, t), &label) in labels.indexed_iter() {
+        let (want_tok, want_vals, want_ids) = if label == 1 {
+            let vals = every.topk_logps.slice(ndarray::s![i, t, ..]).to_vec();
+            let ids = every.topk_ids.slice(ndarray::s![i, t, ..]).to_vec();
+            (every.token_logps[[i, t]], vals, ids)
+        } else {
+            (0.0, vec![0.0; 5], vec![0; 5])
+        };
+        assert_eq!(some.token_logps[[i, t]], want_tok, "({i}, {t})");
+        assert_eq!(
+            some.topk_logps.slice(ndarray::s![i, t, ..]).to_vec(),
+            want_vals
+        );
+        assert_eq!(
+            some.topk_ids.slice(ndarray::s![i, t, ..]).to_vec(),
+            want_ids
+        );
+    }
+    assert!(
+        every.token_logps[[0, 1]] < 0.0,
+        "no mask scores the prompt too"
+    );
+    let none = ndarray::Array2::<i64>::zeros((3, 9));
+    let empty = graph
+        .score(ids.view(), mask.view(), Some(none.view()), 5)
+        .unwrap();
+    assert!(empty.token_logps.iter().all(|v| *v == 0.0));
+    assert_eq!(empty.topk_ids.dim(), (3, 9, 5));
 }
 
 #[test]

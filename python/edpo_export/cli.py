@@ -47,7 +47,8 @@ def main(argv=None, prog: str | None = None) -> int:
     parser.add_argument("--random-init", type=int, metavar="SEED", help="ignore weights; initialise from config with SEED")
     parser.add_argument(
         "--lm-head-chunks", type=int, default=16, metavar="C",
-        help="slices of the output projection in the scoring and training graphs (0 = dense [N,T,V] logits; default 16)",
+        help="slices of the output projection in the scoring and training graphs, computed at the response "
+        "(label) positions only (0 = dense [N,T,V] logits at every position; default 16)",
     )  # fmt: skip
     parser.add_argument(
         "--recompute", choices=["attention", "layers", "none"], default="attention",

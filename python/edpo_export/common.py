@@ -44,11 +44,17 @@ TRAIN_STAT_OUTPUTS = [
     ("logps_minus", "float32", ["N"]),
     ("steps", "int64", ["B"]),
 ]
+# The sliced joint graph's (--lm-head-chunks > 0) flat indices r·T + t of loss_mask's label
+# tokens (t ≥ 1; objective.EpsDpoLoss); the dense one computes every position.
+TRAIN_POSITIONS_INPUT = ("label_positions", "int64", ["M"])
 REFERENCE_INPUTS = [
     ("input_ids", "int64", ["N", "T"]),
     ("attention_mask", "int64", ["N", "T"]),
     ("k", "int64", []),
 ]
+# The sliced scoring graph's (--lm-head-chunks > 0) flat indices r·T + t of the label tokens
+# it scores (graphs.ReferenceScorer); the dense one scores every position.
+REFERENCE_POSITIONS_INPUT = ("label_positions", "int64", ["M"])
 REFERENCE_OUTPUTS = [
     ("token_logps", "float32", ["N", "T"]),
     ("topk_logps", "float32", ["N", "T", "K"]),

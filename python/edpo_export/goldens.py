@@ -7,10 +7,12 @@ Goldens format 2 — a contract with the Rust reader (src/goldens/; ARCHITECTURE
 goldens.safetensors (N = 2B rows, chosen then rejected; K = `reference.in.k`; E extra ranks):
 
     reference.in.input_ids, reference.in.attention_mask   int64 [N, T]
+    reference.in.label_positions                          int64 [N·(T−1)] every position t ≥ 1 (sliced graphs' input)
     reference.in.k                                        int64 []      the K the graph is run with
     reference.f64.token_logps                             float64 [N, T]
     reference.f64.topk_logps, reference.f64.topk_ids      float64 / int64 [N, T, K + E], ranks 0…K+E−1
-    train.in.<input>                                      the joint graph's inputs (float32 / int64)
+    train.in.<input>                                      the joint graph's inputs (float32 / int64;
+                                                          label_positions: the sliced graph's)
     train.in.param.<param>                                float32 [shape]  LoRA bundles: the adapter
                                                                         values the goldens use (every
                                                                         lora_B non-zero); verify feeds
@@ -56,7 +58,7 @@ from .common import (
     BAND_FACTOR, BAND_FLOOR, EXTRA_RANKS, FULL_GRAD_MAX_NUMEL, FULL_GRADS, GOLDENS_FORMAT, GRAD_PROJECTIONS,
     TRAIN_BATCH_INPUTS,
 )  # fmt: skip
-from .graphs import ReferenceScorer
+from .graphs import ReferenceScorer, all_label_positions
 
 TRAIN_OUTPUTS = ["loss", "logps", "logps_plus", "logps_minus", "steps"]
 _MASK64 = (1 << 64) - 1
@@ -163,6 +165,8 @@ def train_inputs(model, ids, attn, loss_mask, k: int) -> dict:
     its weights perturbed (so policy ≠ reference and the steps are not all 0), scored in fp32."""
     import torch
 
+    from .objective import loss_positions
+
     with torch.no_grad():
         ref_tok, ref_topv, ref_topi = ReferenceScorer.build(perturbed(model, 0.05, seed=99), k)(ids, attn)
     return {
@@ -177,6 +181,7 @@ def train_inputs(model, ids, attn, loss_mask, k: int) -> dict:
         "epsilon": torch.tensor(0.1),
         "label_smoothing": torch.tensor(0.0),
         "step_tolerance": torch.tensor(1e-6),
+        "label_positions": loss_positions(loss_mask),  # the sliced joint graph's input
     }
 
 
@@ -223,6 +228,7 @@ def reference_goldens(model, model64, ids, attn, k: int, ranks: int, tensors: di
     tensors.update({
         "reference.in.input_ids": ids,
         "reference.in.attention_mask": attn,
+        "reference.in.label_positions": all_label_positions(ids),
         "reference.in.k": torch.tensor(k, dtype=torch.int64),
         "reference.f64.token_logps": tok64,
         "reference.f64.topk_logps": topv64,

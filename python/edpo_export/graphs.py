@@ -79,11 +79,16 @@ def untied_copy(model):
 class ReferenceScorer:
     """Factory for the scoring module (kept here so the module is picklable-free).
 
-    `lm_head_chunks = 0`: the model's own logits, [N, T, V] at once (the goldens' PyTorch
-    reference). `C > 0`: the output projection, log-softmax, label gather and top-K run on C
-    slices of the N·(T−1) positions in turn, so at most one [N·(T−1)/C, V] slice of logits and
-    of log-probs is alive (the dense form held two [N, T, V] tensors: 3.2 GB for 8 rows of 1,024
-    tokens of a 49,152-token vocabulary). Same values: each position's row is computed alike.
+    `lm_head_chunks = 0`: the model's own logits, [N, T, V] at once, at every position (the
+    goldens' PyTorch reference). `C > 0`: the module takes a third input, `label_positions`
+    [M] (flat indices r·T + t, 1 ≤ t < T, of the label tokens to score), and the output
+    projection, log-softmax, label gather and top-K run only at those positions, on C slices
+    of them in turn, so at most one [M/C, V] slice of logits and of log-probs is alive (the
+    dense form held two [N, T, V] tensors: 3.2 GB for 8 rows of 1,024 tokens of a
+    49,152-token vocabulary). Prep scores the response tokens only, so the prompt and padding
+    positions cost nothing past the last decoder layer. The outputs keep the [N, T(, K)]
+    layout, with zeros at the positions not asked for; the values at the others are the dense
+    form's (each position's row is computed alike).
     """
 
     @staticmethod
@@ -97,28 +102,29 @@ class ReferenceScorer:
                 super().__init__()
                 self.model = inner
 
-            def forward(self, input_ids, attention_mask):
+            def forward(self, input_ids, attention_mask, label_positions=None):
                 if lm_head_chunks > 0:
-                    tok, top_vals, top_ids = self.sliced(input_ids, attention_mask)
-                else:
-                    logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-                    logp = torch.log_softmax(at_least_fp32(logits[:, :-1, :]), dim=-1)
-                    tok = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-                    top_vals, top_ids = torch.topk(logp, k, dim=-1)
+                    if label_positions is None:
+                        label_positions = all_label_positions(input_ids)
+                    return self.sliced(input_ids, attention_mask, label_positions)
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+                logp = torch.log_softmax(at_least_fp32(logits[:, :-1, :]), dim=-1)
+                tok = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+                top_vals, top_ids = torch.topk(logp, k, dim=-1)
                 token_logps = torch.cat([torch.zeros_like(tok[:, :1]), tok], dim=1)
                 topk_logps = torch.cat([torch.zeros_like(top_vals[:, :1, :]), top_vals], dim=1)
                 topk_ids = torch.cat([torch.zeros_like(top_ids[:, :1, :]), top_ids], dim=1)
                 return token_logps, topk_logps, topk_ids
 
-            def sliced(self, input_ids, attention_mask):
+            def sliced(self, input_ids, attention_mask, label_positions):
                 hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-                hidden = hidden[:, :-1, :]
-                n, t1, h = hidden.shape
-                m = n * t1
+                n, t, h = hidden.shape
+                m = label_positions.shape[0]
+                # Label token r·T + t is predicted from the hidden state at r·T + t − 1.
+                h_sel = hidden.reshape(n * t, h).index_select(0, label_positions - 1)
+                y_sel = input_ids.reshape(n * t).index_select(0, label_positions)
                 size, padded = chunk_bounds(m, lm_head_chunks)
-                pad = padded - m
-                h_pad = pad_rows(hidden.reshape(m, h), pad)
-                y_pad = pad_rows(input_ids[:, 1:].reshape(m), pad)
+                h_pad, y_pad = pad_rows(h_sel, padded - m), pad_rows(y_sel, padded - m)
                 w = self.model.get_output_embeddings().weight
                 tok_out, vals_out, ids_out = [], [], []
                 for c in range(lm_head_chunks):
@@ -128,11 +134,33 @@ class ReferenceScorer:
                     vals, ids = torch.topk(logp, k, dim=-1)
                     vals_out.append(vals)
                     ids_out.append(ids)
-                tok = torch.cat(tok_out)[:m].reshape(n, t1)
+                # Back to the [N, T] layout: slot[r·T + t] is 1 + the position's index among the
+                # scored ones, 0 (a zero row prepended to each output) where it was not asked for.
+                slot = torch.zeros(n * t, dtype=torch.int64).index_put(
+                    (label_positions,), torch.arange(1, m + 1, dtype=torch.int64)
+                )
+
+                def spread(values):
+                    values = torch.cat(values)[:m]
+                    return torch.cat([torch.zeros_like(values[:1]), values]).index_select(0, slot)
+
                 # -1, not k: K becomes a graph input after tracing (make_k_an_input).
-                return tok, torch.cat(vals_out)[:m].reshape(n, t1, -1), torch.cat(ids_out)[:m].reshape(n, t1, -1)
+                return (
+                    spread(tok_out).reshape(n, t),
+                    spread(vals_out).reshape(n, t, -1),
+                    spread(ids_out).reshape(n, t, -1),
+                )
 
         return Scorer(model)
+
+
+def all_label_positions(input_ids):
+    """label_positions of every position t ≥ 1 of every row (the dense form's positions)."""
+    import torch
+
+    n, t = input_ids.shape
+    flat = torch.arange(n * t, dtype=torch.int64).reshape(n, t)
+    return flat[:, 1:].reshape(-1)
 
 
 def strip_model_prefix(name: str) -> str:
@@ -229,7 +257,7 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
     from torch.export import Dim
     from torch.export.graph_signature import OutputKind, OutputSpec
 
-    from .objective import EpsDpoLoss
+    from .objective import EpsDpoLoss, loss_positions
 
     module = EpsDpoLoss(untied, lm_head_chunks)
     if lm_head_chunks > 0:
@@ -250,8 +278,16 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
         {0: n, 1: t}, {0: n, 1: t}, {0: n, 1: t}, {0: n}, {0: n, 1: t},
         {0: n, 1: t, 2: k}, {0: n, 1: t, 2: k}, None, None, None, None,
     )  # fmt: skip
+    if lm_head_chunks > 0:
+        example = (*example, loss_positions(example[2]))
+        dynamic = (*dynamic, {0: Dim("M", min=1)})
     t0 = time.time()
-    ep = torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
+    # Size-oblivious, as torch.onnx.export traces: the padding of the last output-projection
+    # slice (0 to C − 1 rows for M label positions) must not be specialised to "not 0 or 1".
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        ep = torch.export.export(
+            module, example, dynamic_shapes=dynamic, strict=False, prefer_deferred_runtime_asserts_over_guards=True
+        )
     jep = torch.export.experimental._export_forward_backward(ep, joint_loss_index=0)
     log(f"joint program traced in {time.time() - t0:.1f}s")
 
@@ -327,6 +363,8 @@ def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool,
     from torch.export import Dim
 
     scorer = ReferenceScorer.build(untied, TRACE_TOPK, lm_head_chunks)
+    n, t = Dim("N", min=2), Dim("T", min=3)
+    dynamic = ({0: n, 1: t}, {0: n, 1: t})
     if lm_head_chunks > 0:
         with torch.no_grad():
             sliced, dense = scorer(*example), ReferenceScorer.build(untied, TRACE_TOPK)(*example)
@@ -336,7 +374,10 @@ def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool,
                 f"{type(untied).__name__}: the sliced output projection differs from the model's "
                 f"logits in the scoring graph (max |Δ| = {gap:.2e}); export with `--lm-head-chunks 0`"
             )
-    dynamic = ({0: Dim("N", min=2), 1: Dim("T", min=3)}, {0: Dim("N", min=2), 1: Dim("T", min=3)})
+        # Traced on a subset of the positions (t ≥ 2), as prep asks for the response tokens.
+        positions = all_label_positions(example[0]).reshape(example[0].shape[0], -1)[:, 1:].reshape(-1)
+        example = (*example, positions)
+        dynamic = (*dynamic, {0: Dim("M", min=1)})
     t0 = time.time()
     program = torch.onnx.export(
         scorer, example, dynamic_shapes=dynamic, dynamo=True, external_data=False, optimize=False

@@ -100,6 +100,13 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((rows, *x.shape[1:]))])
 
 
+def loss_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """label_positions of a batch: flat indices r·T + t of loss_mask's 1s at t ≥ 1."""
+    flat = loss_mask.clone()
+    flat[:, 0] = 0
+    return torch.nonzero(flat.reshape(-1) > 0).reshape(-1)
+
+
 def loss_grad_wrt_z(z: torch.Tensor, beta_i: torch.Tensor, label_smoothing: torch.Tensor) -> torch.Tensor:
     """dℓ_i/dz_i of the per-pair loss of objective.md §4 (β_i held constant)."""
     bz = beta_i * z
@@ -114,9 +121,11 @@ class EpsDpoLoss(torch.nn.Module):
 
     `lm_head_chunks = 0` is the dense computation (full [N, T, V] logits; autograd keeps them
     for the backward pass). `lm_head_chunks = C > 0` never holds more than one [M/C, V] slice
-    of the logits: the output projection, log-softmax and the K+1 gathers run over C slices of
-    the M = N·(T−1) positions, and the gradient of the projection is attached by a surrogate
-    term built from per-token expectations (see `_chunked_surrogate`). The values are the same
+    of the logits, and takes a twelfth input, `label_positions` (the M positions of loss_mask's
+    label tokens, `loss_positions`): the output projection, log-softmax and the K+1 gathers run
+    over C slices of those positions only (not over prompt and padding), and the gradient of
+    the projection is attached by a surrogate term built from per-token expectations (see
+    `_chunked_surrogate`). The values are the same
     computation; the gradients are the same up to float rounding (checked by `python -m
     edpo_export --verify` against the dense path in eager PyTorch).
     """
@@ -139,16 +148,19 @@ class EpsDpoLoss(torch.nn.Module):
         epsilon,
         label_smoothing,
         step_tolerance,
+        label_positions=None,
     ):
+        if self.lm_head_chunks > 0:
+            return self._sliced_forward(
+                input_ids, attention_mask, loss_mask, ref_logps, ref_token_logps, ref_topk_ids, ref_topk_logps,
+                beta, epsilon, label_smoothing, step_tolerance, label_positions,
+            )  # fmt: skip
         labels = input_ids[:, 1:]
         topk_ids = ref_topk_ids[:, 1:, :]
-        if self.lm_head_chunks > 0:
-            hidden, h_pad, weight, token_logps, p_topk, lse = self._chunked_logps(input_ids, attention_mask, topk_ids)
-        else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-            logp_next = torch.log_softmax(at_least_fp32(logits[:, :-1, :]), dim=-1)
-            token_logps = label_logps(logp_next, labels)
-            p_topk = logp_next.detach().gather(-1, topk_ids)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logp_next = torch.log_softmax(at_least_fp32(logits[:, :-1, :]), dim=-1)
+        token_logps = label_logps(logp_next, labels)
+        p_topk = logp_next.detach().gather(-1, topk_ids)
         mask = loss_mask[:, 1:] > 0
         zeros = torch.zeros_like(token_logps)
         logps = torch.where(mask, token_logps, zeros).sum(-1)
@@ -168,34 +180,71 @@ class EpsDpoLoss(torch.nn.Module):
         steps, losses, z, beta_i = steps_and_loss(
             logps, logps_plus, logps_minus, ref_logps, beta, epsilon, label_smoothing, step_tolerance
         )
-        loss = losses.mean()
-        if self.lm_head_chunks > 0:
-            dz = loss_grad_wrt_z(z.detach(), beta_i, label_smoothing) / z.shape[0]
-            coef = torch.cat([dz, -dz]).unsqueeze(-1) * mask.to(z.dtype)  # dL/d token_logps [N, T-1]
-            surrogate = self._chunked_surrogate(hidden, h_pad, weight, labels, lse, coef)
-            loss = loss.detach() + (surrogate - surrogate.detach())
-        return loss, logps.detach(), logps_plus, logps_minus, steps
+        return losses.mean(), logps.detach(), logps_plus, logps_minus, steps
 
-    def _chunked_logps(self, input_ids, attention_mask, topk_ids):
-        """Label and top-K log-probs without materialising [N, T, V] (values only, no gradient).
+    def _sliced_forward(
+        self, input_ids, attention_mask, loss_mask, ref_logps, ref_token_logps, ref_topk_ids, ref_topk_logps,
+        beta, epsilon, label_smoothing, step_tolerance, label_positions,
+    ):  # fmt: skip
+        """`forward` with the output projection in slices, at the M label positions only
+        (`label_positions`, flat indices r·T + t with loss_mask[r, t] = 1, t ≥ 1; None: those
+        of `loss_mask`). Every per-token value is computed at those positions, [M] or [M, K],
+        and summed per row in the [N, T] layout, zeros elsewhere, as the dense form sums."""
+        n, t = input_ids.shape
+        k = ref_topk_ids.shape[-1]
+        pos = label_positions if label_positions is not None else loss_positions(loss_mask)
+        hidden, h_pad, weight, token_logps, p_topk, lse = self._chunked_logps(input_ids, attention_mask, ref_topk_ids, pos)
+        labels = input_ids.reshape(n * t).index_select(0, pos)
+        topk_ids = ref_topk_ids.reshape(n * t, k).index_select(0, pos)
+        # A listed position outside loss_mask contributes nothing (the mask stays the contract).
+        keep = loss_mask.reshape(n * t).index_select(0, pos) > 0
+        zeros = torch.zeros_like(token_logps)
 
-        Returns the differentiable final hidden states [M, H], the same detached and padded to
-        C equal slices [M_padded, H], the output projection W [V, H], token log-probs [N, T-1]
-        (detached), policy log-probs at the cached ids [N, T-1, K] and the per-position
+        def row_sums(values):
+            flat = torch.zeros(n * t, dtype=values.dtype).index_put((pos,), torch.where(keep, values, zeros))
+            return flat.reshape(n, t).sum(-1)
+
+        logps = row_sums(token_logps)
+        q_topk = ref_topk_logps.reshape(n * t, k).index_select(0, pos)
+        q_label = ref_token_logps.reshape(n * t).index_select(0, pos)
+        label_in_topk = (topk_ids == labels.unsqueeze(-1)).any(-1)
+        one = torch.ones_like(epsilon)
+        logps_plus, logps_minus = (
+            row_sums(perturbed_token_logps_sparse(a, token_logps, q_label, p_topk, q_topk, label_in_topk))
+            for a in (one + epsilon, one - epsilon)
+        )
+        steps, losses, z, beta_i = steps_and_loss(
+            logps, logps_plus, logps_minus, ref_logps, beta, epsilon, label_smoothing, step_tolerance
+        )
+        dz = loss_grad_wrt_z(z.detach(), beta_i, label_smoothing) / z.shape[0]
+        row = torch.div(pos, t, rounding_mode="floor")
+        coef = torch.where(keep, torch.cat([dz, -dz]).index_select(0, row), zeros)  # dL/d token_logps [M]
+        surrogate = self._chunked_surrogate(hidden, h_pad, weight, labels, lse, coef)
+        loss = losses.mean().detach() + (surrogate - surrogate.detach())
+        return loss, logps, logps_plus, logps_minus, steps
+
+    def _chunked_logps(self, input_ids, attention_mask, ref_topk_ids, pos):
+        """Label and top-K log-probs at the label positions `pos` [M] without materialising
+        [M, V] (values only, no gradient).
+
+        Returns the differentiable final hidden states predicting them [M, H], the same detached
+        and padded to C equal slices [M_padded, H], the output projection W [V, H], token
+        log-probs [M] (detached), policy log-probs at the cached ids [M, K] and the per-position
         log-normaliser [M_padded]; the surrogate reuses the padded states and normaliser.
         """
         base = self.model.get_decoder()
         weight = self.model.get_output_embeddings().weight
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1, :]
-        n, t1, h = hidden.shape
-        k = topk_ids.shape[-1]
-        m = n * t1
-        hidden = hidden.reshape(m, h)
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        n, t, h = hidden.shape
+        k = ref_topk_ids.shape[-1]
+        m = pos.shape[0]
+        # Label token r·T + t is predicted from the hidden state at r·T + t − 1.
+        hidden = hidden.reshape(n * t, h).index_select(0, pos - 1)
         size, padded = chunk_bounds(m, self.lm_head_chunks)
         pad = padded - m
         h_pad = pad_rows(hidden.detach(), pad)
-        y_pad = pad_rows(input_ids[:, 1:].reshape(m), pad)
-        ids_pad = pad_rows(topk_ids.reshape(m, k), pad)
+        y_pad = pad_rows(input_ids.reshape(n * t).index_select(0, pos), pad)
+        ids_pad = pad_rows(ref_topk_ids.reshape(n * t, k).index_select(0, pos), pad)
         w = weight.detach()
         labels_out, topk_out, lse_out = [], [], []
         for c in range(self.lm_head_chunks):
@@ -205,9 +254,7 @@ class EpsDpoLoss(torch.nn.Module):
             labels_out.append(logits.gather(-1, y_pad[rows].unsqueeze(-1)).squeeze(-1) - lse)
             topk_out.append(logits.gather(-1, ids_pad[rows]) - lse.unsqueeze(-1))
             lse_out.append(lse)
-        token_logps = torch.cat(labels_out)[:m].reshape(n, t1)
-        p_topk = torch.cat(topk_out)[:m].reshape(n, t1, k)
-        return hidden, h_pad, weight, token_logps, p_topk, torch.cat(lse_out)
+        return hidden, h_pad, weight, torch.cat(labels_out)[:m], torch.cat(topk_out)[:m], torch.cat(lse_out)
 
     def _chunked_surrogate(self, hidden, h_pad, weight, labels, lse, coef):
         """A scalar whose gradient is Σ_t coef_t · ∇ log p(y_t) (its value is discarded).
@@ -222,7 +269,7 @@ class EpsDpoLoss(torch.nn.Module):
         """
         m = hidden.shape[0]
         size, padded = chunk_bounds(m, self.lm_head_chunks)
-        c_pad = pad_rows(coef.reshape(m), padded - m)
+        c_pad = pad_rows(coef, padded - m)
         w = weight.detach()
         expect_out = []
         grad_w = None
@@ -235,10 +282,8 @@ class EpsDpoLoss(torch.nn.Module):
                 part = probs_t @ (c_pad[rows].unsqueeze(-1) * h_c)
                 grad_w = part if grad_w is None else grad_w + part
         expect = torch.cat(expect_out)[:m]
-        y = labels.reshape(m)
-        c_tok = coef.reshape(m)
-        per_token = (hidden * (weight[y] - expect)).sum(-1)
-        surrogate = (c_tok * per_token).sum()
+        per_token = (hidden * (weight[labels] - expect)).sum(-1)
+        surrogate = (coef * per_token).sum()
         return surrogate if grad_w is None else surrogate - (weight * grad_w).sum()
 
 

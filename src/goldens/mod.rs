@@ -341,7 +341,7 @@ fn verify_reference(
         .copied()
         .next()
         .unwrap_or(1);
-    let scored = reference.score(ids.view(), mask.view(), topk)?;
+    let scored = reference.score(ids.view(), mask.view(), None, topk)?;
     let tok64 = goldens.f64("reference.f64.token_logps")?;
     let band = bands.absolute("reference.token_logps", tok64.iter().copied())?;
     let err = max_abs_diff(&scored.token_logps.into_dyn(), tok64);

@@ -117,6 +117,7 @@ impl StepRunner {
                 let scores = reference.score(
                     rows.input_ids.view(),
                     rows.attention_mask.view(),
+                    Some(rows.loss_mask.view()),
                     self.topk_online,
                 )?;
                 Ok(batch::online_batch(rows, scores))

@@ -9,7 +9,7 @@ import torch
 
 from edpo_export.goldens import golden_batch, perturbed
 from edpo_export.graphs import ReferenceScorer, export_train_graph
-from edpo_export.objective import exact_eps_dpo, full_logps_next
+from edpo_export.objective import exact_eps_dpo, full_logps_next, loss_positions
 from edpo_export.verify import verify
 
 
@@ -51,8 +51,10 @@ def test_scoring_graph_k_is_a_runtime_input(exported):
     sess = ort.InferenceSession(str(bundle / "reference.onnx"), providers=["CPUExecutionProvider"])
     ids = np.array([[1, 5, 9, 13, 2], [3, 4, 5, 6, 7]], dtype=np.int64)
     mask = np.ones_like(ids)
+    every = np.array([r * 5 + t for r in range(2) for t in range(1, 5)], dtype=np.int64)
     for k in (1, 3, 512):
-        tok, vals, top = sess.run(None, {"input_ids": ids, "attention_mask": mask, "k": np.array(k, dtype=np.int64)})
+        feeds = {"input_ids": ids, "attention_mask": mask, "label_positions": every, "k": np.array(k, dtype=np.int64)}
+        tok, vals, top = sess.run(None, feeds)
         assert vals.shape == (2, 5, k) and top.shape == (2, 5, k)
     # At K = V the top-K log-probs are the whole distribution: they sum to 1 in probability.
     assert np.allclose(np.exp(vals[:, 1:, :]).sum(-1), 1.0, atol=1e-5)
@@ -84,6 +86,7 @@ def test_full_vocabulary_cache_gives_the_exact_eps_step(exported):
         "ref_topk_ids": ref_topi.numpy(), "ref_topk_logps": ref_topv.numpy(),
         "beta": np.array(0.1, np.float32), "epsilon": np.array(0.1, np.float32),
         "label_smoothing": np.array(0.0, np.float32), "step_tolerance": np.array(1e-6, np.float32),
+        "label_positions": loss_positions(loss_mask).numpy(),
     }  # fmt: skip
     for graph_name, stored in manifest["graphs"]["train"]["param_inputs"].items():
         feeds[graph_name] = params[stored]

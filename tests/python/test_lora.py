@@ -108,7 +108,8 @@ def test_adapter_gradients_match_pytorch_peft_autograd(lora_exported):
     assert all(np.abs(v).max() > 0 for k, v in adapter.items() if ".lora_B." in k)
     sess = ort.InferenceSession(str(bundle / "policy.train.onnx"), providers=["CPUExecutionProvider"])
     feeds = {name: goldens[f"train.in.{name}"] for name, _, _ in TRAIN_BATCH_INPUTS}
-    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {**feeds, **adapter})))
+    positions = {"label_positions": goldens["train.in.label_positions"]}
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {**feeds, **positions, **adapter})))
 
     peft_model = PeftModel.from_pretrained(load_model(bundle), bundle / "adapter", is_trainable=True)
     set_peft_model_state_dict(peft_model, {k: torch.from_numpy(v) for k, v in adapter.items()})

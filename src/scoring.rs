@@ -15,7 +15,8 @@ pub struct BatchStats {
 
 /// Scores every row of `pairs` (prompt + chosen, prompt + rejected, in the batch layout's
 /// order) with top-`topk` outputs; calls `each(row, outputs, r)` once per row with the batch
-/// outputs and the row's index `r` in them (positions beyond the row's length are padding).
+/// outputs and the row's index `r` in them. Only the row's response positions are scored: with
+/// a sliced scoring graph the prompt and padding positions hold zeros.
 pub fn score_pair_rows(
     graph: &mut ReferenceGraph,
     pairs: &[&TokenizedPair],

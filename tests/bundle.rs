@@ -249,11 +249,17 @@ fn label_mask_scores_only_its_positions_with_the_same_values() {
         } else {
             (0.0, vec![0.0; 5], vec![0; 5])
         };
-        assert_eq!(some.token_logps[[i, t]], want_tok, "({i}, {t})");
-        assert_eq!(
-            some.topk_logps.slice(ndarray::s![i, t, ..]).to_vec(),
-            want_vals
+        // Same values up to float rounding (a slice of fewer positions may take another GEMM
+        // kernel; on this repo's machine they are bit for bit equal).
+        assert!(
+            (some.token_logps[[i, t]] - want_tok).abs() <= 1e-6,
+            "({i}, {t})"
         );
+        let vals = some.topk_logps.slice(ndarray::s![i, t, ..]).to_vec();
+        assert!(vals
+            .iter()
+            .zip(&want_vals)
+            .all(|(a, b)| (a - b).abs() <= 1e-6));
         assert_eq!(
             some.topk_ids.slice(ndarray::s![i, t, ..]).to_vec(),
             want_ids

@@ -6,7 +6,8 @@
     python -m edpo_export --verify BUNDLE
 
 The bundle (see ../shared/spec/architecture.md, export-notes.md):
-  reference.onnx       scoring graph: input_ids, attention_mask, k → token_logps, topk_logps,
+  reference.onnx       scoring graph: input_ids, attention_mask, k (and label_positions, the
+                       tokens to score, unless --lm-head-chunks 0) → token_logps, topk_logps,
                        topk_ids. Its weights are initializers stored *outside* the graph, as
                        references into params.safetensors (so ONNX Runtime reads them from the
                        one weights file; edpo overrides them by name to score a checkpoint).

@@ -45,7 +45,9 @@ TRAIN_STAT_OUTPUTS = [
     ("steps", "int64", ["B"]),
 ]
 # The sliced joint graph's (--lm-head-chunks > 0) flat indices r·T + t of loss_mask's label
-# tokens (t ≥ 1; objective.EpsDpoLoss); the dense one computes every position.
+# tokens (objective.EpsDpoLoss); the dense one computes every position. For both sliced graphs'
+# `label_positions`: at least one, and never t = 0 (token 0 has no predicting state; position
+# r·T would read row r − 1's last state). edpo builds them so (src/graphs.rs).
 TRAIN_POSITIONS_INPUT = ("label_positions", "int64", ["M"])
 REFERENCE_INPUTS = [
     ("input_ids", "int64", ["N", "T"]),

@@ -38,8 +38,8 @@ def perturbed_token_logps_sparse(
 ) -> torch.Tensor:
     """log π̂_a(y) per token from the cached sparse reference (objective.md §7).
 
-    p_* are policy log-probs, q_* reference log-probs; *_label are [N, T'], *_topk [N, T', K];
-    label_in_topk [N, T'] marks tokens whose label is already one of the K cached ids (then
+    p_* are policy log-probs, q_* reference log-probs; *_label are [N, T'] (or [M] at M label
+    positions), *_topk [N, T', K] (or [M, K]); label_in_topk, shaped as *_label, marks tokens whose label is already one of the K cached ids (then
     S = T_K and the label must not be counted twice).
     """
     neg_inf = torch.full_like(p_label, float("-inf"))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from .common import (
     FORMAT_VERSION, GOLDENS_FILE, MANIFEST, PARAMS_FILE, REFERENCE_FILE, REFERENCE_INPUTS, REFERENCE_OUTPUTS,
-    REFERENCE_POSITIONS_INPUT, TOKENIZER_FILES, TRAIN_BATCH_INPUTS, TRAIN_FILE, TRAIN_POSITIONS_INPUT, TRAIN_STAT_OUTPUTS, fail,
-    log, peak_rss_mb, reference_sha256, sha256_file,
+    LABEL_POSITIONS_INPUT, TOKENIZER_FILES, TRAIN_BATCH_INPUTS, TRAIN_FILE, TRAIN_STAT_OUTPUTS, fail, log, peak_rss_mb,
+    reference_sha256, sha256_file,
 )  # fmt: skip
 from .goldens import compute_goldens, golden_batch
 from .graphs import export_reference_graph, export_train_graph, load_model, tied_pairs, untied_copy
@@ -127,6 +127,7 @@ def export(args) -> None:
     untied._edpo_tied = tied  # alias → stored name, for the reference graph's weight offsets
     weights = {name: tied.get(name, name) for name, _ in untied.named_parameters()}
     vocab = model.get_output_embeddings().weight.shape[0]
+    positions = [LABEL_POSITIONS_INPUT] if args.lm_head_chunks > 0 else []
     log(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {vocab}, tied {tied}")
 
     stored = {name: p.detach().contiguous() for name, p in model.named_parameters()}
@@ -180,13 +181,13 @@ def export(args) -> None:
         "graphs": {
             "reference": {
                 "file": REFERENCE_FILE,
-                "inputs": io_entries(REFERENCE_INPUTS + ([REFERENCE_POSITIONS_INPUT] if args.lm_head_chunks > 0 else [])),
+                "inputs": io_entries(REFERENCE_INPUTS + positions),
                 "outputs": io_entries(REFERENCE_OUTPUTS),
                 "weights": weights,
             },
             "train": {
                 "file": TRAIN_FILE,
-                "inputs": io_entries(TRAIN_BATCH_INPUTS + ([TRAIN_POSITIONS_INPUT] if args.lm_head_chunks > 0 else [])),
+                "inputs": io_entries(TRAIN_BATCH_INPUTS + positions),
                 "outputs": io_entries(TRAIN_STAT_OUTPUTS),
                 "param_inputs": train["param_inputs"],
                 "grad_outputs": train["grad_outputs"],

@@ -44,19 +44,17 @@ TRAIN_STAT_OUTPUTS = [
     ("logps_minus", "float32", ["N"]),
     ("steps", "int64", ["B"]),
 ]
-# The sliced joint graph's (--lm-head-chunks > 0) flat indices r·T + t of loss_mask's label
-# tokens (objective.EpsDpoLoss); the dense one computes every position. For both sliced graphs'
-# `label_positions`: at least one, and never t = 0 (token 0 has no predicting state; position
-# r·T would read row r − 1's last state). edpo builds them so (src/graphs.rs).
-TRAIN_POSITIONS_INPUT = ("label_positions", "int64", ["M"])
 REFERENCE_INPUTS = [
     ("input_ids", "int64", ["N", "T"]),
     ("attention_mask", "int64", ["N", "T"]),
     ("k", "int64", []),
 ]
-# The sliced scoring graph's (--lm-head-chunks > 0) flat indices r·T + t of the label tokens
-# it scores (graphs.ReferenceScorer); the dense one scores every position.
-REFERENCE_POSITIONS_INPUT = ("label_positions", "int64", ["M"])
+# Both sliced graphs' (--lm-head-chunks > 0) extra input: the flat indices r·T + t of the label
+# tokens to compute (graphs.ReferenceScorer: the tokens to score; objective.EpsDpoLoss: the loss
+# mask's). At least one, and never t = 0 (token 0 has no predicting state; position r·T would
+# read row r − 1's last state); edpo builds them so (src/graphs.rs). Dense graphs compute every
+# position and have no such input.
+LABEL_POSITIONS_INPUT = ("label_positions", "int64", ["M"])
 REFERENCE_OUTPUTS = [
     ("token_logps", "float32", ["N", "T"]),
     ("topk_logps", "float32", ["N", "T", "K"]),

@@ -58,7 +58,7 @@ from .common import (
     BAND_FACTOR, BAND_FLOOR, EXTRA_RANKS, FULL_GRAD_MAX_NUMEL, FULL_GRADS, GOLDENS_FORMAT, GRAD_PROJECTIONS,
     TRAIN_BATCH_INPUTS,
 )  # fmt: skip
-from .graphs import ReferenceScorer, all_label_positions
+from .graphs import ReferenceScorer
 
 TRAIN_OUTPUTS = ["loss", "logps", "logps_plus", "logps_minus", "steps"]
 _MASK64 = (1 << 64) - 1
@@ -222,13 +222,15 @@ def reference_goldens(model, model64, ids, attn, k: int, ranks: int, tensors: di
     how many of fp32's top-K ids differ from float64's."""
     import torch
 
+    from .objective import loss_positions
+
     with torch.no_grad():
         tok32, topv32, topi32 = ReferenceScorer.build(model, k)(ids, attn)
         tok64, topv64, topi64 = ReferenceScorer.build(model64, ranks)(ids, attn)
     tensors.update({
         "reference.in.input_ids": ids,
         "reference.in.attention_mask": attn,
-        "reference.in.label_positions": all_label_positions(ids),
+        "reference.in.label_positions": loss_positions(torch.ones_like(ids)),
         "reference.in.k": torch.tensor(k, dtype=torch.int64),
         "reference.f64.token_logps": tok64,
         "reference.f64.topk_logps": topv64,

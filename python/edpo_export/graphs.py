@@ -95,7 +95,7 @@ class ReferenceScorer:
     def build(model, k: int, lm_head_chunks: int = 0):
         import torch
 
-        from .objective import at_least_fp32, chunk_bounds, pad_rows
+        from .objective import at_label_positions, at_least_fp32, chunk_bounds, loss_positions, pad_rows
 
         class Scorer(torch.nn.Module):
             def __init__(self, inner):
@@ -105,7 +105,7 @@ class ReferenceScorer:
             def forward(self, input_ids, attention_mask, label_positions=None):
                 if lm_head_chunks > 0:
                     if label_positions is None:
-                        label_positions = all_label_positions(input_ids)
+                        label_positions = loss_positions(torch.ones_like(input_ids))
                     return self.sliced(input_ids, attention_mask, label_positions)
                 logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
                 logp = torch.log_softmax(at_least_fp32(logits[:, :-1, :]), dim=-1)
@@ -118,11 +118,9 @@ class ReferenceScorer:
 
             def sliced(self, input_ids, attention_mask, label_positions):
                 hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-                n, t, h = hidden.shape
+                n, t, _ = hidden.shape
                 m = label_positions.shape[0]
-                # Label token r·T + t is predicted from the hidden state at r·T + t − 1.
-                h_sel = hidden.reshape(n * t, h).index_select(0, label_positions - 1)
-                y_sel = input_ids.reshape(n * t).index_select(0, label_positions)
+                h_sel, y_sel = at_label_positions(hidden, input_ids, label_positions)
                 size, padded = chunk_bounds(m, lm_head_chunks)
                 h_pad, y_pad = pad_rows(h_sel, padded - m), pad_rows(y_sel, padded - m)
                 w = self.model.get_output_embeddings().weight
@@ -152,15 +150,6 @@ class ReferenceScorer:
                 )
 
         return Scorer(model)
-
-
-def all_label_positions(input_ids):
-    """label_positions of every position t ≥ 1 of every row (the dense form's positions)."""
-    import torch
-
-    n, t = input_ids.shape
-    flat = torch.arange(n * t, dtype=torch.int64).reshape(n, t)
-    return flat[:, 1:].reshape(-1)
 
 
 def strip_model_prefix(name: str) -> str:
@@ -362,6 +351,8 @@ def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool,
     import torch
     from torch.export import Dim
 
+    from .objective import loss_positions
+
     scorer = ReferenceScorer.build(untied, TRACE_TOPK, lm_head_chunks)
     n, t = Dim("N", min=2), Dim("T", min=3)
     dynamic = ({0: n, 1: t}, {0: n, 1: t})
@@ -375,8 +366,9 @@ def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool,
                 f"logits in the scoring graph (max |Δ| = {gap:.2e}); export with `--lm-head-chunks 0`"
             )
         # Traced on a subset of the positions (t ≥ 2), as prep asks for the response tokens.
-        positions = all_label_positions(example[0]).reshape(example[0].shape[0], -1)[:, 1:].reshape(-1)
-        example = (*example, positions)
+        from_t2 = torch.ones_like(example[0])
+        from_t2[:, 1] = 0
+        example = (*example, loss_positions(from_t2))
         dynamic = (*dynamic, {0: Dim("M", min=1)})
     t0 = time.time()
     program = torch.onnx.export(

@@ -101,10 +101,18 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def loss_positions(loss_mask: torch.Tensor) -> torch.Tensor:
-    """label_positions of a batch: flat indices r·T + t of loss_mask's 1s at t ≥ 1."""
+    """label_positions of a batch: flat indices r·T + t of loss_mask's 1s at t ≥ 1 (every
+    position t ≥ 1 for a mask of ones)."""
     flat = loss_mask.clone()
     flat[:, 0] = 0
     return torch.nonzero(flat.reshape(-1) > 0).reshape(-1)
+
+
+def at_label_positions(hidden: torch.Tensor, input_ids: torch.Tensor, pos: torch.Tensor):
+    """The final hidden states predicting the label tokens at `pos` [M, H] and those labels [M]:
+    label token r·T + t is predicted from the hidden state at r·T + t − 1."""
+    n, t, h = hidden.shape
+    return hidden.reshape(n * t, h).index_select(0, pos - 1), input_ids.reshape(n * t).index_select(0, pos)
 
 
 def loss_grad_wrt_z(z: torch.Tensor, beta_i: torch.Tensor, label_smoothing: torch.Tensor) -> torch.Tensor:
@@ -193,9 +201,8 @@ class EpsDpoLoss(torch.nn.Module):
         n, t = input_ids.shape
         k = ref_topk_ids.shape[-1]
         pos = label_positions if label_positions is not None else loss_positions(loss_mask)
-        hidden, h_pad, weight, token_logps, p_topk, lse = self._chunked_logps(input_ids, attention_mask, ref_topk_ids, pos)
-        labels = input_ids.reshape(n * t).index_select(0, pos)
         topk_ids = ref_topk_ids.reshape(n * t, k).index_select(0, pos)
+        hidden, labels, h_pad, weight, token_logps, p_topk, lse = self._chunked_logps(input_ids, attention_mask, pos, topk_ids)
         # A listed position outside loss_mask contributes nothing (the mask stays the contract).
         keep = loss_mask.reshape(n * t).index_select(0, pos) > 0
         zeros = torch.zeros_like(token_logps)
@@ -223,28 +230,26 @@ class EpsDpoLoss(torch.nn.Module):
         loss = losses.mean().detach() + (surrogate - surrogate.detach())
         return loss, logps, logps_plus, logps_minus, steps
 
-    def _chunked_logps(self, input_ids, attention_mask, ref_topk_ids, pos):
-        """Label and top-K log-probs at the label positions `pos` [M] without materialising
-        [M, V] (values only, no gradient).
+    def _chunked_logps(self, input_ids, attention_mask, pos, topk_ids):
+        """Label and top-K log-probs at the label positions `pos` [M] (`topk_ids` [M, K]: the
+        cached ids there) without materialising [M, V] (values only, no gradient).
 
-        Returns the differentiable final hidden states predicting them [M, H], the same detached
-        and padded to C equal slices [M_padded, H], the output projection W [V, H], token
-        log-probs [M] (detached), policy log-probs at the cached ids [M, K] and the per-position
-        log-normaliser [M_padded]; the surrogate reuses the padded states and normaliser.
+        Returns the differentiable final hidden states predicting them [M, H], the labels [M],
+        the hidden states detached and padded to C equal slices [M_padded, H], the output
+        projection W [V, H], token log-probs [M] (detached), policy log-probs at the cached ids
+        [M, K] and the per-position log-normaliser [M_padded]; the surrogate reuses the padded
+        states and normaliser.
         """
         base = self.model.get_decoder()
         weight = self.model.get_output_embeddings().weight
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        n, t, h = hidden.shape
-        k = ref_topk_ids.shape[-1]
+        last = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden, labels = at_label_positions(last, input_ids, pos)
         m = pos.shape[0]
-        # Label token r·T + t is predicted from the hidden state at r·T + t − 1.
-        hidden = hidden.reshape(n * t, h).index_select(0, pos - 1)
         size, padded = chunk_bounds(m, self.lm_head_chunks)
         pad = padded - m
         h_pad = pad_rows(hidden.detach(), pad)
-        y_pad = pad_rows(input_ids.reshape(n * t).index_select(0, pos), pad)
-        ids_pad = pad_rows(ref_topk_ids.reshape(n * t, k).index_select(0, pos), pad)
+        y_pad = pad_rows(labels, pad)
+        ids_pad = pad_rows(topk_ids, pad)
         w = weight.detach()
         labels_out, topk_out, lse_out = [], [], []
         for c in range(self.lm_head_chunks):
@@ -254,7 +259,7 @@ class EpsDpoLoss(torch.nn.Module):
             labels_out.append(logits.gather(-1, y_pad[rows].unsqueeze(-1)).squeeze(-1) - lse)
             topk_out.append(logits.gather(-1, ids_pad[rows]) - lse.unsqueeze(-1))
             lse_out.append(lse)
-        return hidden, h_pad, weight, torch.cat(labels_out)[:m], torch.cat(topk_out)[:m], torch.cat(lse_out)
+        return hidden, labels, h_pad, weight, torch.cat(labels_out)[:m], torch.cat(topk_out)[:m], torch.cat(lse_out)
 
     def _chunked_surrogate(self, hidden, h_pad, weight, labels, lse, coef):
         """A scalar whose gradient is Σ_t coef_t · ∇ log p(y_t) (its value is discarded).

@@ -69,6 +69,22 @@ pub struct TrainGraphSpec {
     /// references into `params.safetensors` (graph initializer name → stored name).
     #[serde(default)]
     pub base_weights: BTreeMap<String, String>,
+    /// How the graph sums gradients into accumulators (bundles exported before it: none, the
+    /// gradient outputs are plain gradients).
+    #[serde(default)]
+    pub grad_accumulation: Option<GradAccumulation>,
+}
+
+/// The joint graph's in-place gradient sum: every gradient output is
+/// `accumulator + scale · ∂loss/∂θ`, so the trainer binds an output and its accumulator input
+/// to one buffer and adds each micro-batch's weighted gradient without a second
+/// parameter-sized buffer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GradAccumulation {
+    /// The scalar float32 input that weights this run's gradient.
+    pub scale: String,
+    /// Gradient output name → its accumulator input (same shape, float32).
+    pub accumulators: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

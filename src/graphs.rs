@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ndarray::{Array1, Array2, Array3, ArrayView2};
-use ort::session::{Session, SessionInputValue};
+use ort::session::{OutputSelector, RunOptions, Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 
 use crate::bundle::{contract_problems, Bundle, BundleError, Port};
@@ -335,6 +335,9 @@ pub struct TrainGraph {
     /// Whether the graph takes `label_positions` (sliced output projection, computed at the
     /// loss mask's positions only).
     takes_positions: bool,
+    /// The in-graph gradient sum (bundles exported with it): the scale input and, per entry
+    /// of `grad_outputs`, its accumulator input.
+    accumulation: Option<(String, Vec<String>)>,
     /// Wall seconds spent inside `Session::run` so far.
     run_seconds: f64,
 }
@@ -365,6 +368,13 @@ impl TrainGraph {
             name: n.clone(),
             dtype: "float32".into(),
         }));
+        let accumulation = accumulation_inputs(bundle, spec)?;
+        if let Some((scale, accumulators)) = &accumulation {
+            inputs.extend(std::iter::once(scale).chain(accumulators).map(|n| Port {
+                name: n.clone(),
+                dtype: "float32".into(),
+            }));
+        }
         check_contract(bundle, &spec.file, &session, inputs, outputs)?;
         let param_inputs = spec
             .param_inputs
@@ -389,6 +399,7 @@ impl TrainGraph {
             param_inputs,
             grad_outputs,
             takes_positions: spec.inputs.iter().any(|i| i.name == LABEL_POSITIONS),
+            accumulation,
             run_seconds: 0.0,
         })
     }
@@ -501,7 +512,8 @@ impl TrainGraph {
 
     /// Runs the joint graph on one micro-batch and adds `weight` · d loss / d θ to `grad_acc`
     /// (one buffer per stored parameter, in `ParamStore` order; tied weights get both
-    /// gradients). Accumulating in place keeps one gradient-sized buffer alive, not three.
+    /// gradients). A graph with the in-graph sum adds into the buffers themselves; an older
+    /// one returns the gradient, which is added here.
     pub fn run(
         &mut self,
         params: &ParamStore,
@@ -512,16 +524,62 @@ impl TrainGraph {
     ) -> Result<TrainOutputs, GraphError> {
         self.check_batch(batch)?;
         if grad_acc.len() != params.params.len() {
-            return Err(GraphError::Batch {
-                file: self.file.clone(),
-                message: format!(
-                    "{} gradient buffers for {} parameters",
-                    grad_acc.len(),
-                    params.params.len()
-                ),
-            });
+            return Err(self.batch_error(format!(
+                "{} gradient buffers for {} parameters",
+                grad_acc.len(),
+                params.params.len()
+            )));
         }
+        let slots = self.grad_slots(params)?;
         let inputs = self.inputs(params, batch, settings)?;
+        match self.accumulation.clone() {
+            Some((scale, accumulators)) => self.run_in_place(
+                inputs,
+                &scale,
+                &accumulators,
+                &slots,
+                params,
+                grad_acc,
+                weight,
+            ),
+            None => self.run_and_add(inputs, &slots, grad_acc, weight),
+        }
+    }
+
+    fn batch_error(&self, message: String) -> GraphError {
+        GraphError::Batch {
+            file: self.file.clone(),
+            message,
+        }
+    }
+
+    fn run_error(&self, message: String) -> GraphError {
+        GraphError::Run {
+            file: self.file.clone(),
+            message,
+        }
+    }
+
+    /// The `ParamStore` position of each gradient output's parameter.
+    fn grad_slots(&self, params: &ParamStore) -> Result<Vec<usize>, GraphError> {
+        self.grad_outputs
+            .iter()
+            .map(|(_, stored)| {
+                params.position(stored).ok_or_else(|| {
+                    self.batch_error(format!("parameter `{stored}` is not in the parameter set"))
+                })
+            })
+            .collect()
+    }
+
+    /// A graph that returns plain gradients: run it, then add `weight` · each to its buffer.
+    fn run_and_add(
+        &mut self,
+        inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)>,
+        slots: &[usize],
+        grad_acc: &mut [Vec<f32>],
+        weight: f32,
+    ) -> Result<TrainOutputs, GraphError> {
         let file = self.file.clone();
         let started = Instant::now();
         let outputs = self.session.run(inputs).map_err(|e| GraphError::Run {
@@ -529,11 +587,7 @@ impl TrainGraph {
             message: e.to_string(),
         })?;
         self.run_seconds += started.elapsed().as_secs_f64();
-        for (out_name, stored) in &self.grad_outputs {
-            let slot = params.position(stored).ok_or_else(|| GraphError::Batch {
-                file: file.clone(),
-                message: format!("parameter `{stored}` is not in the parameter set"),
-            })?;
+        for ((out_name, _), &slot) in self.grad_outputs.iter().zip(slots) {
             let value = outputs
                 .get(out_name.as_str())
                 .and_then(|v| v.try_extract_tensor::<f32>().ok())
@@ -546,6 +600,88 @@ impl TrainGraph {
         }
         train_outputs(&outputs, &file)
     }
+
+    /// A graph with the in-graph sum: each buffer is both its accumulator input and its
+    /// gradient output, so ONNX Runtime writes `buffer + weight · gradient` over it.
+    #[allow(clippy::too_many_arguments)]
+    fn run_in_place<'a>(
+        &mut self,
+        mut inputs: Vec<(Cow<'a, str>, SessionInputValue<'a>)>,
+        scale: &str,
+        accumulators: &[String],
+        slots: &[usize],
+        params: &ParamStore,
+        grad_acc: &'a mut [Vec<f32>],
+        weight: f32,
+    ) -> Result<TrainOutputs, GraphError> {
+        let scale_value =
+            Tensor::from_array(ndarray::arr0(weight)).map_err(|e| self.run_error(e.to_string()))?;
+        inputs.push((scale.to_string().into(), scale_value.into()));
+        let mut selector = OutputSelector::default();
+        let mut buffers: Vec<Option<&'a mut Vec<f32>>> = grad_acc.iter_mut().map(Some).collect();
+        for (((out_name, _), acc_name), &slot) in
+            self.grad_outputs.iter().zip(accumulators).zip(slots)
+        {
+            let buffer = buffers[slot].take().ok_or_else(|| {
+                self.batch_error(format!(
+                    "two gradient outputs sum into parameter `{}`",
+                    params.params[slot].name
+                ))
+            })?;
+            let shape: Vec<i64> = params.params[slot]
+                .shape
+                .iter()
+                .map(|&d| d as i64)
+                .collect();
+            // SAFETY: the output value goes to the selector, which is dropped (with the run's
+            // outputs) at the end of this function, before the buffer is used again.
+            let pair = unsafe { crate::in_place::in_place(buffer, &shape) }
+                .map_err(|message| self.run_error(message))?;
+            inputs.push((acc_name.clone().into(), pair.input.into()));
+            selector = selector.preallocate(out_name.clone(), pair.output);
+        }
+        let options = RunOptions::new()
+            .map_err(|e| self.run_error(e.to_string()))?
+            .with_outputs(selector);
+        let file = self.file.clone();
+        let started = Instant::now();
+        let outputs = self
+            .session
+            .run_with_options(inputs, &options)
+            .map_err(|e| GraphError::Run {
+                file: file.clone(),
+                message: e.to_string(),
+            })?;
+        self.run_seconds += started.elapsed().as_secs_f64();
+        train_outputs(&outputs, &file)
+    }
+}
+
+/// The scale input and the accumulator input of each gradient output (in `grad_outputs`
+/// order) of a joint graph that sums in place; None for one that returns plain gradients.
+fn accumulation_inputs(
+    bundle: &Bundle,
+    spec: &crate::bundle::TrainGraphSpec,
+) -> Result<Option<(String, Vec<String>)>, BundleError> {
+    let Some(acc) = &spec.grad_accumulation else {
+        return Ok(None);
+    };
+    let accumulators = spec
+        .grad_outputs
+        .keys()
+        .map(|out| {
+            acc.accumulators
+                .get(out)
+                .cloned()
+                .ok_or_else(|| BundleError::Contract {
+                    file: bundle.path(&spec.file),
+                    problems: format!(
+                        "gradient output `{out}` has no accumulator in `grad_accumulation`"
+                    ),
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Some((acc.scale.clone(), accumulators)))
 }
 
 /// The per-batch outputs of a joint-graph run (everything but the gradients).

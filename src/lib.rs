@@ -17,6 +17,7 @@ pub mod error;
 pub mod eval;
 pub mod goldens;
 pub mod graphs;
+pub mod in_place;
 pub mod inspect;
 pub mod lora;
 pub mod objective;

@@ -291,3 +291,64 @@ fn params_with_wrong_shape_are_refused() {
         "{msg}"
     );
 }
+
+/// One pair (two rows of 10 tokens, the response from token 5) with a made-up cached reference.
+fn train_batch() -> edpo::graphs::TrainBatch {
+    let (n, t, k) = (2, 10, 16);
+    let ids = ndarray::Array2::from_shape_fn((n, t), |(i, j)| ((i * 37 + j * 11) % 500) as i64);
+    let loss_mask = ndarray::Array2::from_shape_fn((n, t), |(_, j)| i64::from(j >= 5));
+    edpo::graphs::TrainBatch {
+        input_ids: ids,
+        attention_mask: ndarray::Array2::ones((n, t)),
+        loss_mask,
+        ref_logps: ndarray::Array1::from(vec![-30.0, -32.0]),
+        ref_token_logps: ndarray::Array2::from_elem((n, t), -6.0),
+        ref_topk_ids: ndarray::Array3::from_shape_fn((n, t, k), |(i, j, r)| {
+            ((i * 7 + j * 3 + r * 29) % 500) as i64
+        }),
+        ref_topk_logps: ndarray::Array3::from_shape_fn((n, t, k), |(_, _, r)| -2.0 - r as f32),
+    }
+}
+
+#[test]
+fn the_joint_graph_adds_the_weighted_gradient_to_the_buffers_in_place() {
+    let bundle = Bundle::open(&sample_bundle()).unwrap();
+    assert!(
+        bundle.manifest.graphs.train.grad_accumulation.is_some(),
+        "the sample bundle sums in the graph"
+    );
+    let params = bundle.load_params().unwrap();
+    let mut graph = edpo::graphs::TrainGraph::new(&bundle, &config()).unwrap();
+    let settings = edpo::graphs::LossSettings {
+        beta: 0.1,
+        epsilon: 0.01,
+        label_smoothing: 0.0,
+        step_tolerance: 1e-6,
+    };
+    let batch = train_batch();
+    let mut plain = params.zeros_like();
+    graph
+        .run(&params, &batch, &settings, &mut plain, 1.0)
+        .unwrap();
+    assert!(plain.iter().all(|g| g.iter().any(|v| *v != 0.0)));
+    let start: Vec<Vec<f32>> = plain
+        .iter()
+        .map(|g| (0..g.len()).map(|i| (i % 13) as f32 * 0.25 - 1.0).collect())
+        .collect();
+    let mut summed = start.clone();
+    graph
+        .run(&params, &batch, &settings, &mut summed, 0.375)
+        .unwrap();
+    graph
+        .run(&params, &batch, &settings, &mut summed, 0.625)
+        .unwrap();
+    for ((s, a), g) in summed.iter().zip(&start).zip(&plain) {
+        for ((s, a), g) in s.iter().zip(a).zip(g) {
+            let want = (a + 0.375 * g) + 0.625 * g;
+            assert!(
+                (s - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "{s} vs {want}"
+            );
+        }
+    }
+}

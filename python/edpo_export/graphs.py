@@ -10,7 +10,7 @@ import struct
 import time
 from pathlib import Path
 
-from .common import PARAMS_FILE, REFERENCE_OUTPUTS, TRACE_TOPK, TRAIN_STAT_OUTPUTS, fail, log
+from .common import GRAD_SCALE, PARAMS_FILE, REFERENCE_OUTPUTS, TRACE_TOPK, TRAIN_STAT_OUTPUTS, accumulator_name, fail, log
 from .remat import recompute_in_backward
 
 # Attention is traced as transformers' eager implementation: scores + an additive float mask,
@@ -195,6 +195,7 @@ def finish_onnx(onnx_program, param_names: set[str], output_names: list[str], op
         onnxscript.optimizer.optimize(model)
         log(f"onnxscript optimiser: {time.time() - t0:.1f}s")
     log(f"{drop_unit_powers(model)} Pow(x, 1) nodes replaced by x")
+    log(f"{drop_identity_transposes(model)} identity Transposes dropped")
     ir.passes.common.RemoveUnusedNodesPass()(model)
     return model
 
@@ -209,6 +210,23 @@ def constant_of(value):
     if node is not None and node.op_type == "Constant" and "value" in node.attributes:
         return node.attributes["value"].value.numpy()
     return None
+
+
+def drop_identity_transposes(model) -> int:
+    """Transpose(x, perm = 0, 1, …) → x. The exporter's index_put (the embedding's backward, a
+    scatter into a zero [V, H] tensor) wraps its data and result in such Transposes, and ONNX
+    Runtime runs each as a full copy: four [V, H] copies per run of the joint graph."""
+    replaced = 0
+    for node in list(model.graph.all_nodes()):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        perm = node.attributes.get("perm")
+        out, data = node.outputs[0], node.inputs[0]
+        if perm is None or list(perm.value) != list(range(len(perm.value))) or out.is_graph_output():
+            continue
+        out.replace_all_uses_with(data)
+        replaced += 1
+    return replaced
 
 
 def drop_unit_powers(model) -> int:
@@ -329,21 +347,63 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
     rename, tied = (lora[0], lora[2]) if lora else (None, None)
     model = finish_onnx(program, params, output_names, optimize, rename, tied)
     recomputed = recompute_in_backward(model, recompute)
+    import onnx
     import onnx_ir as ir
 
-    if lora is None:
-        ir.save(model, out)
-        return grad_of, recomputed
-    import onnx
-
-    names, params_path, alias = lora
-    frozen = {names.get(n, n) for n, p in untied.named_parameters() if not p.requires_grad}
     proto = ir.serde.serialize_model(model)
     del model, program
-    point_params_at_safetensors(proto, frozen, params_path, alias)
-    proto.graph.ClearField("value_info")
+    grad_of = accumulate_gradients(proto, grad_of, tied or tied_alias_map(untied))
+    if lora is not None:
+        names, params_path, alias = lora
+        frozen = {names.get(n, n) for n, p in untied.named_parameters() if not p.requires_grad}
+        point_params_at_safetensors(proto, frozen, params_path, alias)
+        proto.graph.ClearField("value_info")
     onnx.save(proto, out)
     return grad_of, recomputed
+
+
+def accumulate_gradients(proto, grad_of: list[str], tied: dict[str, str]) -> list[str]:
+    """Sum the gradients into accumulators, in the graph: the gradient outputs grad.X of one
+    stored tensor (X and its tied aliases, `tied`: {alias: stored name}) become one output
+    grad.S = grad_acc.S + grad_scale · Σ (their values), S the stored tensor's graph input, with
+    new inputs grad_acc.S (its shape) and the scalar grad_scale (common.GRAD_SCALE). The Mul
+    and Add are the last nodes of that output, so a trainer that binds grad_acc.S and grad.S to
+    one buffer accumulates in place (the Add reads each element before it writes it). Returns
+    the graph inputs that keep a gradient output, in `grad_of`'s order."""
+    from onnx import TensorProto, helper
+
+    groups: dict[str, list[str]] = {}
+    for name in grad_of:
+        groups.setdefault(tied.get(name, name), []).append(name)
+    if any(stored not in members for stored, members in groups.items()):
+        raise RuntimeError(f"a tied parameter's stored tensor is not a graph input: {groups}")
+    outputs = {o.name: o for o in proto.graph.output}
+    raw = {f"grad.{name}": f"grad.{name}.raw" for name in grad_of}
+    for node in proto.graph.node:
+        node.output[:] = [raw.get(o, o) for o in node.output]
+        node.input[:] = [raw.get(i, i) for i in node.input]
+    for info in proto.graph.value_info:
+        info.name = raw.get(info.name, info.name)
+    kept = [o for o in proto.graph.output if o.name not in raw or o.name[len("grad."):] in groups]
+    del proto.graph.output[:]
+    proto.graph.output.extend(kept)
+    proto.graph.input.append(helper.make_tensor_value_info(GRAD_SCALE, TensorProto.FLOAT, []))
+    for stored, members in groups.items():
+        out = f"grad.{stored}"
+        acc = helper.make_tensor_value_info(accumulator_name(out), TensorProto.FLOAT, None)
+        acc.type.CopyFrom(outputs[out].type)
+        proto.graph.input.append(acc)
+        total = raw[out]
+        for other in members:
+            if other != stored:
+                summed = f"{total}+{other}"
+                proto.graph.node.append(helper.make_node("Add", [total, raw[f"grad.{other}"]], [summed]))
+                total = summed
+        proto.graph.node.extend([
+            helper.make_node("Mul", [total, GRAD_SCALE], [f"{out}.scaled"], name=f"{out}.scale"),
+            helper.make_node("Add", [acc.name, f"{out}.scaled"], [out], name=f"{out}.accumulate"),
+        ])  # fmt: skip
+    return [name for name in grad_of if name in groups]
 
 
 def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool, example, lm_head_chunks: int):

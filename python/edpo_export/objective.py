@@ -121,6 +121,13 @@ def loss_grad_wrt_z(z: torch.Tensor, beta_i: torch.Tensor, label_smoothing: torc
     return beta_i * (-(1.0 - label_smoothing) * torch.sigmoid(-bz) + label_smoothing * torch.sigmoid(bz))
 
 
+# Output-projection slices per product added to the surrogate's Gw [V, H] (the projection's
+# gradient, `_chunked_surrogate`): every product passes over all of Gw
+# (SmolLM2: 108 MB), so 16 slices add it in 4 products; the concatenated [V, 4·size] slices are
+# the price (at 2,048 tokens ~130 MB, next to GBs of activations).
+GW_SLICES_PER_PRODUCT = 4
+
+
 class EpsDpoLoss(torch.nn.Module):
     """Wraps a causal LM: batch + cached sparse reference → ε-DPO loss and per-pair outputs.
 
@@ -132,7 +139,7 @@ class EpsDpoLoss(torch.nn.Module):
     of the logits, and takes a twelfth input, `label_positions` (the M positions of loss_mask's
     label tokens, `loss_positions`): the output projection, log-softmax and the K+1 gathers run
     over C slices of those positions only (not over prompt and padding), and the gradient of
-    the projection is attached by a surrogate term built from per-token expectations (see
+    the projection is attached by a surrogate term built from per-slice stop-gradient terms (see
     `_chunked_surrogate`). The values are the same
     computation; the gradients are the same up to float rounding (checked by `python -m
     edpo_export --verify` against the dense path in eager PyTorch).
@@ -264,32 +271,46 @@ class EpsDpoLoss(torch.nn.Module):
     def _chunked_surrogate(self, hidden, h_pad, weight, labels, lse, coef):
         """A scalar whose gradient is Σ_t coef_t · ∇ log p(y_t) (its value is discarded).
 
-        With P_t = softmax(W h_t) and E_t = Σ_v P_tv W_v:
-          ∂ log p(y_t)/∂h_t = W[y_t] − E_t,   ∂ log p(y_t)/∂W_v = h_t (1[v = y_t] − P_tv).
-        E_t [M, H] and G = Σ_t coef_t P_t ⊗ h_t [V, H] are computed slice by slice under
-        stop-gradient, so surrogate = Σ_t coef_t h_t·(W[y_t] − E_t) − ⟨W, G⟩ has exactly that
-        gradient. The logits are recomputed here as W·hᵀ (transposed) so that graph optimisers
-        do not merge them with the forward slices and keep those alive. A frozen W (a LoRA
-        graph's output projection) needs no G: its [V, H] slices are not computed.
+        With P_t = softmax(W h_t) and D_t = onehot(y_t) − P_t ([V]):
+          ∂ log p(y_t)/∂h_t = Wᵀ D_t,   ∂ log p(y_t)/∂W = D_t ⊗ h_t.
+        Gh_t = Wᵀ D_t [M, H] and Gw = Σ_t coef_t D_t ⊗ h_t [V, H] are computed slice by slice
+        under stop-gradient, so surrogate = Σ_t coef_t h_t·Gh_t + ⟨W, Gw⟩ has exactly that
+        gradient. The label's one-hot enters D_t within each [V, size] slice, so no gradient
+        is scattered into a [V, H] tensor for the label rows, and ⟨W, Gw⟩ is one matrix
+        product (no [V, H] element-wise product on either pass). The logits are recomputed here as W·hᵀ
+        (transposed) so that graph optimisers do not merge them with the forward slices and
+        keep those alive. A frozen W (a LoRA graph's output projection) needs no Gw: its
+        [V, H] slices are not computed.
         """
         m = hidden.shape[0]
         size, padded = chunk_bounds(m, self.lm_head_chunks)
         c_pad = pad_rows(coef, padded - m)
+        y_pad = pad_rows(labels, padded - m)
         w = weight.detach()
-        expect_out = []
+        vocab = torch.arange(w.shape[0], dtype=labels.dtype).unsqueeze(-1)  # [V, 1]
+        grad_h_out = []
         grad_w = None
+        pending = []  # slices' (D_t, coef_t h_t) not yet added to Gw
         for c in range(self.lm_head_chunks):
             rows = slice(c * size, (c + 1) * size)
             h_c = h_pad[rows]
             probs_t = torch.exp((w @ h_c.t()).float() - lse[rows].unsqueeze(0))  # [V, size]
-            expect_out.append(probs_t.t() @ w)
+            d_t = (vocab == y_pad[rows].unsqueeze(0)).to(probs_t.dtype) - probs_t
+            grad_h_out.append(d_t.t() @ w)
             if weight.requires_grad:
-                part = probs_t @ (c_pad[rows].unsqueeze(-1) * h_c)
+                pending.append((d_t, c_pad[rows].unsqueeze(-1) * h_c))
+            if pending and (len(pending) == GW_SLICES_PER_PRODUCT or c == self.lm_head_chunks - 1):
+                # Each product reads and writes all of Gw [V, H]: a few wide ones, not one per slice.
+                part = torch.cat([d for d, _ in pending], 1) @ torch.cat([ch for _, ch in pending])
                 grad_w = part if grad_w is None else grad_w + part
-        expect = torch.cat(expect_out)[:m]
-        per_token = (hidden * (weight[labels] - expect)).sum(-1)
-        surrogate = (coef * per_token).sum()
-        return surrogate if grad_w is None else surrogate - (weight * grad_w).sum()
+                pending = []
+        grad_h = torch.cat(grad_h_out)[:m]
+        surrogate = (coef * (hidden * grad_h).sum(-1)).sum()
+        if grad_w is None:
+            return surrogate
+        # ⟨W, Gw⟩ as a [1, V·H] × [V·H, 1] product: its backward is one [V, H] MatMul output,
+        # where an element-wise product and sum would add a [V, H] Mul and Expand on both passes.
+        return surrogate + (weight.reshape(1, -1) @ grad_w.reshape(-1, 1)).reshape(())
 
 
 def full_logps_next(model, input_ids, attention_mask) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import GOLDENS_FORMAT, MANIFEST, fail, sha256_file
+from .common import GOLDENS_FORMAT, MANIFEST, fail, plain_gradient_feeds, sha256_file
 from .goldens import project
 
 REEXPORT = "re-export the bundle with `python -m edpo_export --model HF_DIR --out BUNDLE`"
@@ -198,6 +198,7 @@ def check_train(bundle: Path, manifest: dict, goldens: dict, bands: Bands, check
     feeds = {i["name"]: goldens[f"train.in.{i['name']}"] for i in spec["inputs"]}
     for graph_name, stored in spec["param_inputs"].items():
         feeds[graph_name] = params[stored]
+    feeds.update(plain_gradient_feeds(spec, feeds))
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     for name in ("loss", "logps", "logps_plus", "logps_minus"):
         err = float(np.abs(outs[name].astype(np.float64) - goldens[f"train.f64.{name}"]).max())

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::optim::AdamW;
-use crate::params::{Param, ParamStore, ParamsError};
+use crate::params::{ParamStore, ParamsError};
 
 pub const CHECKPOINTS: &str = "checkpoints";
 
@@ -95,22 +95,19 @@ pub fn save(
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     params.save(&tmp.join("model.safetensors"), Some(meta))?;
-    let mut moments = Vec::with_capacity(params.len() * 2);
+    let mut moments: Vec<(String, &[usize], &[f32])> = Vec::with_capacity(params.len() * 2);
     for (i, p) in params.params.iter().enumerate() {
-        moments.push(Param {
-            name: format!("exp_avg.{}", p.name),
-            shape: p.shape.clone(),
-            data: optimizer.exp_avg[i].clone(),
-        });
-        moments.push(Param {
-            name: format!("exp_avg_sq.{}", p.name),
-            shape: p.shape.clone(),
-            data: optimizer.exp_avg_sq[i].clone(),
-        });
+        let shape = p.shape.as_slice();
+        moments.push((format!("exp_avg.{}", p.name), shape, &optimizer.exp_avg[i]));
+        moments.push((
+            format!("exp_avg_sq.{}", p.name),
+            shape,
+            &optimizer.exp_avg_sq[i],
+        ));
     }
     let mut meta = HashMap::new();
     meta.insert("adam_step".to_string(), optimizer.step.to_string());
-    ParamStore::new(moments).save(&tmp.join("optimizer.safetensors"), Some(meta))?;
+    crate::params::save_tensors(&tmp.join("optimizer.safetensors"), &moments, Some(meta))?;
     let json = serde_json::to_vec_pretty(state).expect("state serialises");
     std::fs::write(tmp.join("state.json"), json).map_err(|e| err(e.to_string()))?;
     sync_folder(&tmp).map_err(|e| err(e.to_string()))?;
@@ -217,6 +214,7 @@ pub fn load(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::params::Param;
     use crate::train::optim::AdamWConfig;
 
     fn params(scale: f32) -> ParamStore {

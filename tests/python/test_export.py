@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from edpo_export.common import plain_gradient_feeds
 from edpo_export.goldens import golden_batch, perturbed
 from edpo_export.graphs import ReferenceScorer, export_train_graph
 from edpo_export.objective import exact_eps_dpo, full_logps_next, loss_positions
@@ -27,6 +28,11 @@ def test_export_then_verify_passes(exported, arch, capsys):
         alias, stored = next(iter(tied.items()))
         assert manifest["graphs"]["train"]["param_inputs"][alias] == stored
         assert alias not in {p["name"] for p in manifest["params"]}
+        # The graph sums the two gradients into the stored tensor's one output (verify checks it).
+        grads = manifest["graphs"]["train"]["grad_outputs"]
+        assert f"grad.{alias}" not in grads and grads[f"grad.{stored}"] == stored
+        accumulators = manifest["graphs"]["train"]["grad_accumulation"]["accumulators"]
+        assert set(accumulators) == set(grads)
     else:
         assert tied == {}
     steps = set(np.asarray(__import__("safetensors.numpy").numpy.load_file(bundle / "goldens.safetensors")["train.f64.steps"]).tolist())
@@ -90,6 +96,7 @@ def test_full_vocabulary_cache_gives_the_exact_eps_step(exported):
     }  # fmt: skip
     for graph_name, stored in manifest["graphs"]["train"]["param_inputs"].items():
         feeds[graph_name] = params[stored]
+    feeds.update(plain_gradient_feeds(manifest["graphs"]["train"], feeds))
     sess = ort.InferenceSession(str(bundle / "policy.train.onnx"), providers=["CPUExecutionProvider"])
     out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     for name in ("logps", "logps_plus", "logps_minus"):

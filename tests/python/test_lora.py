@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import BUNDLE, PY_ENV, ROOT, edpo_bin
-from edpo_export.common import PARAMS_FILE, REFERENCE_FILE, TOKENIZER_FILES, reference_sha256
+from edpo_export.common import PARAMS_FILE, REFERENCE_FILE, TOKENIZER_FILES, plain_gradient_feeds, reference_sha256
 
 LORA_BUNDLE = ROOT / "data-samples" / "bundle-lora"
 HP = ["--lr", "1e-2", "--beta", "0.1", "--epsilon", "0.05"]
@@ -86,7 +86,8 @@ def test_lora_graph_takes_the_adapter_and_reads_the_base_from_params(exported, l
     inline = sum(len(t.raw_data) for t in proto.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL)
     assert inline < 4096, inline
     inputs = {i.name for i in proto.graph.input}
-    assert inputs == {i["name"] for i in train["inputs"]} | adapters
+    acc = train["grad_accumulation"]
+    assert inputs == {i["name"] for i in train["inputs"]} | adapters | {acc["scale"], *acc["accumulators"].values()}
 
 
 def test_adapter_gradients_match_pytorch_peft_autograd(lora_exported):
@@ -109,7 +110,9 @@ def test_adapter_gradients_match_pytorch_peft_autograd(lora_exported):
     sess = ort.InferenceSession(str(bundle / "policy.train.onnx"), providers=["CPUExecutionProvider"])
     feeds = {name: goldens[f"train.in.{name}"] for name, _, _ in TRAIN_BATCH_INPUTS}
     positions = {"label_positions": goldens["train.in.label_positions"]}
-    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {**feeds, **positions, **adapter})))
+    feeds = {**feeds, **positions, **adapter}
+    feeds.update(plain_gradient_feeds(m["graphs"]["train"], feeds))
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
 
     peft_model = PeftModel.from_pretrained(load_model(bundle), bundle / "adapter", is_trainable=True)
     set_peft_model_state_dict(peft_model, {k: torch.from_numpy(v) for k, v in adapter.items()})

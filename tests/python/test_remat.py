@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import PY_ENV
 
-from edpo_export.common import TRAIN_STAT_OUTPUTS
+from edpo_export.common import TRAIN_STAT_OUTPUTS, plain_gradient_feeds
 
 STATS = [name for name, _, _ in TRAIN_STAT_OUTPUTS]
 
@@ -62,6 +62,7 @@ def run_joint_graph(bundle, graph) -> dict:
     feeds = {i["name"]: goldens[f"train.in.{i['name']}"] for i in spec["inputs"]}
     for graph_name, stored in spec["param_inputs"].items():
         feeds[graph_name] = params[stored]
+    feeds.update(plain_gradient_feeds(spec, feeds))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])

@@ -75,14 +75,11 @@ pub struct TrainGraphSpec {
     pub grad_accumulation: Option<GradAccumulation>,
 }
 
-/// The joint graph's in-place gradient sum: every gradient output is
-/// `accumulator + scale · ∂loss/∂θ`, so the trainer binds an output and its accumulator input
-/// to one buffer and adds each micro-batch's weighted gradient without a second
-/// parameter-sized buffer.
+/// The joint graph's in-place gradient sum: every gradient output is `accumulator + ∂(grad_scale ·
+/// loss)/∂θ`, so the trainer binds an output and its accumulator input to one buffer and adds
+/// each micro-batch's weighted gradient without a second parameter-sized buffer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GradAccumulation {
-    /// The scalar float32 input that weights this run's gradient.
-    pub scale: String,
     /// Gradient output name → its accumulator input (same shape, float32).
     pub accumulators: BTreeMap<String, String>,
 }

@@ -128,6 +128,10 @@ pub struct ScoreOutputs {
 /// The sliced graphs' input: flat indices r·T + t of the label tokens to score.
 const LABEL_POSITIONS: &str = "label_positions";
 
+/// The joint graph's scalar input that weights its loss and gradients (the micro-batch's share
+/// of the optimiser step; bundles exported before it have none).
+const GRAD_SCALE: &str = "grad_scale";
+
 /// The flat positions r·T + t (1 ≤ t < T) where `label_mask` is set (every one without a mask).
 fn label_positions(n: usize, t: usize, label_mask: Option<ArrayView2<i64>>) -> Vec<i64> {
     (0..n)
@@ -335,9 +339,12 @@ pub struct TrainGraph {
     /// Whether the graph takes `label_positions` (sliced output projection, computed at the
     /// loss mask's positions only).
     takes_positions: bool,
-    /// The in-graph gradient sum (bundles exported with it): the scale input and, per entry
-    /// of `grad_outputs`, its accumulator input.
-    accumulation: Option<(String, Vec<String>)>,
+    /// Whether the graph takes `grad_scale`, the weight of its loss (and so of its gradients)
+    /// in the step; older graphs return the unweighted loss and gradients.
+    takes_scale: bool,
+    /// The in-graph gradient sum (bundles exported with it): per entry of `grad_outputs`, its
+    /// accumulator input.
+    accumulators: Option<Vec<String>>,
     /// Wall seconds spent inside `Session::run` so far.
     run_seconds: f64,
 }
@@ -368,13 +375,11 @@ impl TrainGraph {
             name: n.clone(),
             dtype: "float32".into(),
         }));
-        let accumulation = accumulation_inputs(bundle, spec)?;
-        if let Some((scale, accumulators)) = &accumulation {
-            inputs.extend(std::iter::once(scale).chain(accumulators).map(|n| Port {
-                name: n.clone(),
-                dtype: "float32".into(),
-            }));
-        }
+        let accumulators = accumulator_inputs(bundle, spec)?;
+        inputs.extend(accumulators.iter().flatten().map(|n| Port {
+            name: n.clone(),
+            dtype: "float32".into(),
+        }));
         check_contract(bundle, &spec.file, &session, inputs, outputs)?;
         let param_inputs = spec
             .param_inputs
@@ -399,7 +404,8 @@ impl TrainGraph {
             param_inputs,
             grad_outputs,
             takes_positions: spec.inputs.iter().any(|i| i.name == LABEL_POSITIONS),
-            accumulation,
+            takes_scale: spec.inputs.iter().any(|i| i.name == GRAD_SCALE),
+            accumulators,
             run_seconds: 0.0,
         })
     }
@@ -439,13 +445,14 @@ impl TrainGraph {
         Ok(())
     }
 
-    /// The graph's inputs: the batch tensors, the loss settings and every parameter (views,
-    /// no copies).
+    /// The graph's inputs: the batch tensors, the loss settings, the micro-batch's `weight`
+    /// (graphs that take `grad_scale`) and every parameter (views, no copies).
     fn inputs<'a>(
         &self,
         params: &'a ParamStore,
         batch: &'a TrainBatch,
         settings: &LossSettings,
+        weight: f32,
     ) -> Result<Vec<(Cow<'a, str>, SessionInputValue<'a>)>, GraphError> {
         let run_err = |e: ort::Error| GraphError::Run {
             file: self.file.clone(),
@@ -489,7 +496,11 @@ impl TrainGraph {
             ("epsilon", settings.epsilon),
             ("label_smoothing", settings.label_smoothing),
             ("step_tolerance", settings.step_tolerance),
+            (GRAD_SCALE, weight),
         ] {
+            if name == GRAD_SCALE && !self.takes_scale {
+                continue;
+            }
             let scalar = Tensor::from_array(ndarray::arr0(value)).map_err(run_err)?;
             inputs.push((name.into(), scalar.into()));
         }
@@ -531,19 +542,21 @@ impl TrainGraph {
             )));
         }
         let slots = self.grad_slots(params)?;
-        let inputs = self.inputs(params, batch, settings)?;
-        match self.accumulation.clone() {
-            Some((scale, accumulators)) => self.run_in_place(
-                inputs,
-                &scale,
-                &accumulators,
-                &slots,
-                params,
-                grad_acc,
-                weight,
-            ),
-            None => self.run_and_add(inputs, &slots, grad_acc, weight),
-        }
+        let inputs = self.inputs(params, batch, settings, weight)?;
+        // A graph that takes the weight applies it to the loss and gradients it returns.
+        let (add_weight, loss_weight) = if self.takes_scale {
+            (1.0, weight)
+        } else {
+            (weight, 1.0)
+        };
+        let mut out = match self.accumulators.clone() {
+            Some(accumulators) => {
+                self.run_in_place(inputs, &accumulators, &slots, params, grad_acc)?
+            }
+            None => self.run_and_add(inputs, &slots, grad_acc, add_weight)?,
+        };
+        out.loss /= loss_weight;
+        Ok(out)
     }
 
     fn batch_error(&self, message: String) -> GraphError {
@@ -607,16 +620,11 @@ impl TrainGraph {
     fn run_in_place<'a>(
         &mut self,
         mut inputs: Vec<(Cow<'a, str>, SessionInputValue<'a>)>,
-        scale: &str,
         accumulators: &[String],
         slots: &[usize],
         params: &ParamStore,
         grad_acc: &'a mut [Vec<f32>],
-        weight: f32,
     ) -> Result<TrainOutputs, GraphError> {
-        let scale_value =
-            Tensor::from_array(ndarray::arr0(weight)).map_err(|e| self.run_error(e.to_string()))?;
-        inputs.push((scale.to_string().into(), scale_value.into()));
         let mut selector = OutputSelector::default();
         let mut buffers: Vec<Option<&'a mut Vec<f32>>> = grad_acc.iter_mut().map(Some).collect();
         for (((out_name, _), acc_name), &slot) in
@@ -657,31 +665,36 @@ impl TrainGraph {
     }
 }
 
-/// The scale input and the accumulator input of each gradient output (in `grad_outputs`
-/// order) of a joint graph that sums in place; None for one that returns plain gradients.
-fn accumulation_inputs(
+/// The accumulator input of each gradient output (in `grad_outputs` order) of a joint graph
+/// that sums in place; None for one that returns plain gradients.
+fn accumulator_inputs(
     bundle: &Bundle,
     spec: &crate::bundle::TrainGraphSpec,
-) -> Result<Option<(String, Vec<String>)>, BundleError> {
+) -> Result<Option<Vec<String>>, BundleError> {
     let Some(acc) = &spec.grad_accumulation else {
         return Ok(None);
     };
-    let accumulators = spec
-        .grad_outputs
+    let contract = |problems: String| BundleError::Contract {
+        file: bundle.path(&spec.file),
+        problems,
+    };
+    if !spec.inputs.iter().any(|i| i.name == GRAD_SCALE) {
+        return Err(contract(format!(
+            "a graph that sums gradients in place must take `{GRAD_SCALE}` (an export of an \
+             earlier edpo_export); re-export the bundle"
+        )));
+    }
+    spec.grad_outputs
         .keys()
         .map(|out| {
-            acc.accumulators
-                .get(out)
-                .cloned()
-                .ok_or_else(|| BundleError::Contract {
-                    file: bundle.path(&spec.file),
-                    problems: format!(
-                        "gradient output `{out}` has no accumulator in `grad_accumulation`"
-                    ),
-                })
+            acc.accumulators.get(out).cloned().ok_or_else(|| {
+                contract(format!(
+                    "gradient output `{out}` has no accumulator in `grad_accumulation`"
+                ))
+            })
         })
-        .collect::<Result<_, _>>()?;
-    Ok(Some((acc.scale.clone(), accumulators)))
+        .collect::<Result<_, _>>()
+        .map(Some)
 }
 
 /// The per-batch outputs of a joint-graph run (everything but the gradients).

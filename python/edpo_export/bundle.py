@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .common import (
-    FORMAT_VERSION, GOLDENS_FILE, GRAD_SCALE, accumulator_name, MANIFEST, PARAMS_FILE, REFERENCE_FILE, REFERENCE_INPUTS, REFERENCE_OUTPUTS,
+    FORMAT_VERSION, GOLDENS_FILE, accumulator_name, MANIFEST, PARAMS_FILE, REFERENCE_FILE, REFERENCE_INPUTS, REFERENCE_OUTPUTS,
     LABEL_POSITIONS_INPUT, TOKENIZER_FILES, TRAIN_BATCH_INPUTS, TRAIN_FILE, TRAIN_STAT_OUTPUTS, fail, log, peak_rss_mb,
     reference_sha256, sha256_file,
 )  # fmt: skip
@@ -145,7 +145,7 @@ def export(args) -> None:
     example = (
         ids, attn, loss_mask, torch.zeros(4), torch.zeros(4, 8),
         torch.zeros(4, 8, k, dtype=torch.int64), torch.zeros(4, 8, k),
-        torch.tensor(0.1), torch.tensor(0.1), torch.tensor(0.0), torch.tensor(1e-6),
+        torch.tensor(0.1), torch.tensor(0.1), torch.tensor(0.0), torch.tensor(1e-6), torch.tensor(1.0),
     )  # fmt: skip
     t0 = time.time()
     export_reference_graph(
@@ -192,7 +192,6 @@ def export(args) -> None:
                 "param_inputs": train["param_inputs"],
                 "grad_outputs": train["grad_outputs"],
                 "grad_accumulation": {
-                    "scale": GRAD_SCALE,
                     "accumulators": {out: accumulator_name(out) for out in train["grad_outputs"]},
                 },
                 **({"base_weights": train["base_weights"]} if "base_weights" in train else {}),

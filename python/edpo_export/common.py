@@ -36,6 +36,7 @@ TRAIN_BATCH_INPUTS = [
     ("epsilon", "float32", []),
     ("label_smoothing", "float32", []),
     ("step_tolerance", "float32", []),
+    ("grad_scale", "float32", []),
 ]
 TRAIN_STAT_OUTPUTS = [
     ("loss", "float32", []),
@@ -55,12 +56,13 @@ REFERENCE_INPUTS = [
 # read row r − 1's last state); edpo builds them so (src/graphs.rs). Dense graphs compute every
 # position and have no such input.
 LABEL_POSITIONS_INPUT = ("label_positions", "int64", ["M"])
-# The joint graph sums its gradients into accumulators (graphs.accumulate_gradients): every
-# gradient output is grad.X = grad_acc.X + grad_scale · ∂loss/∂X, so the trainer binds grad_acc.X
-# and grad.X to one buffer and adds a micro-batch's weighted gradient in place, with no second
-# parameter-sized buffer. The manifest's `graphs.train.grad_accumulation` names the inputs;
-# a plain gradient is zero accumulators and a scale of 1 (`plain_gradient_feeds`).
-GRAD_SCALE = "grad_scale"
+# The joint graph weights its loss by the input grad_scale (the micro-batch's share of the
+# step; 1 in the goldens), so its gradients come weighted from the backward pass itself, and
+# sums them into accumulators (graphs.accumulate_gradients): every gradient output is
+# grad.X = grad_acc.X + ∂(grad_scale · loss)/∂X, so the trainer binds grad_acc.X and grad.X to
+# one buffer and adds a micro-batch's gradient in place, with no second parameter-sized buffer.
+# The manifest's `graphs.train.grad_accumulation` names the accumulators; a plain gradient is
+# zero accumulators (`plain_gradient_feeds`).
 
 
 def accumulator_name(grad_output: str) -> str:
@@ -69,14 +71,14 @@ def accumulator_name(grad_output: str) -> str:
 
 
 def plain_gradient_feeds(spec: dict, feeds: dict) -> dict:
-    """The joint graph's accumulation feeds for a plain gradient (zeros and scale 1), given its
-    parameter `feeds` (numpy arrays by graph name); {} for a graph that does not accumulate."""
+    """The joint graph's accumulator feeds for a plain gradient (zeros), given its parameter
+    `feeds` (numpy arrays by graph name); {} for a graph that does not accumulate."""
     import numpy as np
 
     acc = spec.get("grad_accumulation")
     if acc is None:
         return {}
-    out = {acc["scale"]: np.array(1.0, dtype=np.float32)}
+    out = {}
     for grad_output, acc_input in acc["accumulators"].items():
         out[acc_input] = np.zeros_like(feeds[spec["grad_outputs"][grad_output]])
     return out

@@ -181,6 +181,7 @@ def train_inputs(model, ids, attn, loss_mask, k: int) -> dict:
         "epsilon": torch.tensor(0.1),
         "label_smoothing": torch.tensor(0.0),
         "step_tolerance": torch.tensor(1e-6),
+        "grad_scale": torch.tensor(1.0),
         "label_positions": loss_positions(loss_mask),  # the sliced joint graph's input
     }
 

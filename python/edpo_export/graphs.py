@@ -10,7 +10,7 @@ import struct
 import time
 from pathlib import Path
 
-from .common import GRAD_SCALE, PARAMS_FILE, REFERENCE_OUTPUTS, TRACE_TOPK, TRAIN_STAT_OUTPUTS, accumulator_name, fail, log
+from .common import PARAMS_FILE, REFERENCE_OUTPUTS, TRACE_TOPK, TRAIN_STAT_OUTPUTS, accumulator_name, fail, log
 from .remat import recompute_in_backward
 
 # Attention is traced as transformers' eager implementation: scores + an additive float mask,
@@ -283,7 +283,7 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
     n, t, k = 2 * b, Dim("T", min=3), Dim("K")
     dynamic = (
         {0: n, 1: t}, {0: n, 1: t}, {0: n, 1: t}, {0: n}, {0: n, 1: t},
-        {0: n, 1: t, 2: k}, {0: n, 1: t, 2: k}, None, None, None, None,
+        {0: n, 1: t, 2: k}, {0: n, 1: t, 2: k}, None, None, None, None, None,
     )  # fmt: skip
     if lm_head_chunks > 0:
         example = (*example, loss_positions(example[2]))
@@ -365,12 +365,12 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
 def accumulate_gradients(proto, grad_of: list[str], tied: dict[str, str]) -> list[str]:
     """Sum the gradients into accumulators, in the graph: the gradient outputs grad.X of one
     stored tensor (X and its tied aliases, `tied`: {alias: stored name}) become one output
-    grad.S = grad_acc.S + grad_scale · Σ (their values), S the stored tensor's graph input, with
-    new inputs grad_acc.S (its shape) and the scalar grad_scale (common.GRAD_SCALE). The Mul
-    and Add are the last nodes of that output, so a trainer that binds grad_acc.S and grad.S to
-    one buffer accumulates in place (the Add reads each element before it writes it). Returns
-    the graph inputs that keep a gradient output, in `grad_of`'s order."""
-    from onnx import TensorProto, helper
+    grad.S = grad_acc.S + Σ (their values), S the stored tensor's graph input, with a new input
+    grad_acc.S (its shape). The Add is the last node of that output, so a trainer that binds
+    grad_acc.S and grad.S to one buffer accumulates in place (the Add reads each element
+    before it writes it). Returns the graph inputs that keep a gradient output, in `grad_of`'s
+    order."""
+    from onnx import helper
 
     groups: dict[str, list[str]] = {}
     for name in grad_of:
@@ -387,10 +387,9 @@ def accumulate_gradients(proto, grad_of: list[str], tied: dict[str, str]) -> lis
     kept = [o for o in proto.graph.output if o.name not in raw or o.name[len("grad."):] in groups]
     del proto.graph.output[:]
     proto.graph.output.extend(kept)
-    proto.graph.input.append(helper.make_tensor_value_info(GRAD_SCALE, TensorProto.FLOAT, []))
     for stored, members in groups.items():
         out = f"grad.{stored}"
-        acc = helper.make_tensor_value_info(accumulator_name(out), TensorProto.FLOAT, None)
+        acc = helper.make_tensor_value_info(accumulator_name(out), outputs[out].type.tensor_type.elem_type, None)
         acc.type.CopyFrom(outputs[out].type)
         proto.graph.input.append(acc)
         total = raw[out]
@@ -399,10 +398,7 @@ def accumulate_gradients(proto, grad_of: list[str], tied: dict[str, str]) -> lis
                 summed = f"{total}+{other}"
                 proto.graph.node.append(helper.make_node("Add", [total, raw[f"grad.{other}"]], [summed]))
                 total = summed
-        proto.graph.node.extend([
-            helper.make_node("Mul", [total, GRAD_SCALE], [f"{out}.scaled"], name=f"{out}.scale"),
-            helper.make_node("Add", [acc.name, f"{out}.scaled"], [out], name=f"{out}.accumulate"),
-        ])  # fmt: skip
+        proto.graph.node.append(helper.make_node("Add", [acc.name, total], [out], name=f"{out}.accumulate"))
     return [name for name in grad_of if name in groups]
 
 

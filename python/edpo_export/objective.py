@@ -122,9 +122,8 @@ def loss_grad_wrt_z(z: torch.Tensor, beta_i: torch.Tensor, label_smoothing: torc
 
 
 # Output-projection slices per product added to the surrogate's Gw [V, H] (the projection's
-# gradient, `_chunked_surrogate`): every product passes over all of Gw
-# (SmolLM2: 108 MB), so 16 slices add it in 4 products; the concatenated [V, 4·size] slices are
-# the price (at 2,048 tokens ~130 MB, next to GBs of activations).
+# gradient, `_chunked_surrogate`): every product passes over all of Gw (SmolLM2: 108 MB), so
+# 16 slices add it in 4 products, each over [V, 4·size] probabilities recomputed for it.
 GW_SLICES_PER_PRODUCT = 4
 
 
@@ -132,11 +131,11 @@ class EpsDpoLoss(torch.nn.Module):
     """Wraps a causal LM: batch + cached sparse reference → ε-DPO loss and per-pair outputs.
 
     This is the module traced into `policy.train.onnx`. Outputs, in order: loss (mean over
-    pairs; the joint graph differentiates it), logps, logps_plus, logps_minus [N], steps [B].
+    pairs, times `grad_scale`; the joint graph differentiates it), logps, logps_plus, logps_minus [N], steps [B].
 
     `lm_head_chunks = 0` is the dense computation (full [N, T, V] logits; autograd keeps them
     for the backward pass). `lm_head_chunks = C > 0` never holds more than one [M/C, V] slice
-    of the logits, and takes a twelfth input, `label_positions` (the M positions of loss_mask's
+    of the logits, and takes a thirteenth input, `label_positions` (the M positions of loss_mask's
     label tokens, `loss_positions`): the output projection, log-softmax and the K+1 gathers run
     over C slices of those positions only (not over prompt and padding), and the gradient of
     the projection is attached by a surrogate term built from per-slice stop-gradient terms (see
@@ -163,13 +162,17 @@ class EpsDpoLoss(torch.nn.Module):
         epsilon,
         label_smoothing,
         step_tolerance,
+        grad_scale=None,
         label_positions=None,
     ):
+        """`grad_scale` (None: 1) weights the loss output, hence every gradient: the
+        micro-batch's share of the optimiser step, applied by the backward pass itself."""
         if self.lm_head_chunks > 0:
-            return self._sliced_forward(
+            loss, *rest = self._sliced_forward(
                 input_ids, attention_mask, loss_mask, ref_logps, ref_token_logps, ref_topk_ids, ref_topk_logps,
                 beta, epsilon, label_smoothing, step_tolerance, label_positions,
             )  # fmt: skip
+            return (loss if grad_scale is None else loss * grad_scale, *rest)
         labels = input_ids[:, 1:]
         topk_ids = ref_topk_ids[:, 1:, :]
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -195,7 +198,8 @@ class EpsDpoLoss(torch.nn.Module):
         steps, losses, z, beta_i = steps_and_loss(
             logps, logps_plus, logps_minus, ref_logps, beta, epsilon, label_smoothing, step_tolerance
         )
-        return losses.mean(), logps.detach(), logps_plus, logps_minus, steps
+        loss = losses.mean()
+        return loss if grad_scale is None else loss * grad_scale, logps.detach(), logps_plus, logps_minus, steps
 
     def _sliced_forward(
         self, input_ids, attention_mask, loss_mask, ref_logps, ref_token_logps, ref_topk_ids, ref_topk_logps,
@@ -277,10 +281,11 @@ class EpsDpoLoss(torch.nn.Module):
         under stop-gradient, so surrogate = Σ_t coef_t h_t·Gh_t + ⟨W, Gw⟩ has exactly that
         gradient. The label's one-hot enters D_t within each [V, size] slice, so no gradient
         is scattered into a [V, H] tensor for the label rows, and ⟨W, Gw⟩ is one matrix
-        product (no [V, H] element-wise product on either pass). The logits are recomputed here as W·hᵀ
-        (transposed) so that graph optimisers do not merge them with the forward slices and
-        keep those alive. A frozen W (a LoRA graph's output projection) needs no Gw: its
-        [V, H] slices are not computed.
+        product (no [V, H] element-wise product on either pass). The logits are recomputed here
+        as W·hᵀ (transposed), and again for Gw over wider slices, so that graph optimisers do
+        not merge them with the forward slices (nor Gw's with Gh's) and keep [V, size] slices
+        alive until the end of the backward pass. A frozen W (a LoRA graph's output
+        projection) needs no Gw: its [V, H] products are not computed.
         """
         m = hidden.shape[0]
         size, padded = chunk_bounds(m, self.lm_head_chunks)
@@ -288,23 +293,22 @@ class EpsDpoLoss(torch.nn.Module):
         y_pad = pad_rows(labels, padded - m)
         w = weight.detach()
         vocab = torch.arange(w.shape[0], dtype=labels.dtype).unsqueeze(-1)  # [V, 1]
-        grad_h_out = []
+
+        def d_of(rows):  # D for the positions `rows`: [V, rows]
+            probs_t = torch.exp((w @ h_pad[rows].t()).float() - lse[rows].unsqueeze(0))
+            return (vocab == y_pad[rows].unsqueeze(0)).to(probs_t.dtype) - probs_t
+
+        grad_h = torch.cat([d_of(slice(c * size, (c + 1) * size)).t() @ w for c in range(self.lm_head_chunks)])[:m]
         grad_w = None
-        pending = []  # slices' (D_t, coef_t h_t) not yet added to Gw
-        for c in range(self.lm_head_chunks):
-            rows = slice(c * size, (c + 1) * size)
-            h_c = h_pad[rows]
-            probs_t = torch.exp((w @ h_c.t()).float() - lse[rows].unsqueeze(0))  # [V, size]
-            d_t = (vocab == y_pad[rows].unsqueeze(0)).to(probs_t.dtype) - probs_t
-            grad_h_out.append(d_t.t() @ w)
-            if weight.requires_grad:
-                pending.append((d_t, c_pad[rows].unsqueeze(-1) * h_c))
-            if pending and (len(pending) == GW_SLICES_PER_PRODUCT or c == self.lm_head_chunks - 1):
-                # Each product reads and writes all of Gw [V, H]: a few wide ones, not one per slice.
-                part = torch.cat([d for d, _ in pending], 1) @ torch.cat([ch for _, ch in pending])
+        if weight.requires_grad:
+            # Gw from D recomputed over GW_SLICES_PER_PRODUCT slices at a time (a wider product,
+            # a different expression from the slices above, which graph optimisers would
+            # otherwise merge and keep alive until Gw is needed at the end of the backward pass).
+            wide = size * GW_SLICES_PER_PRODUCT
+            for g in range(0, self.lm_head_chunks, GW_SLICES_PER_PRODUCT):
+                rows = slice(g * size, g * size + wide)
+                part = d_of(rows) @ (c_pad[rows].unsqueeze(-1) * h_pad[rows])
                 grad_w = part if grad_w is None else grad_w + part
-                pending = []
-        grad_h = torch.cat(grad_h_out)[:m]
         surrogate = (coef * (hidden * grad_h).sum(-1)).sum()
         if grad_w is None:
             return surrogate

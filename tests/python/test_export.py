@@ -92,6 +92,7 @@ def test_full_vocabulary_cache_gives_the_exact_eps_step(exported):
         "ref_topk_ids": ref_topi.numpy(), "ref_topk_logps": ref_topv.numpy(),
         "beta": np.array(0.1, np.float32), "epsilon": np.array(0.1, np.float32),
         "label_smoothing": np.array(0.0, np.float32), "step_tolerance": np.array(1e-6, np.float32),
+        "grad_scale": np.array(1.0, np.float32),
         "label_positions": loss_positions(loss_mask).numpy(),
     }  # fmt: skip
     for graph_name, stored in manifest["graphs"]["train"]["param_inputs"].items():
@@ -165,7 +166,7 @@ def test_export_refuses_slicing_a_model_whose_logits_are_not_the_plain_projectio
     example = (
         ids, attn, loss_mask, torch.zeros(4), torch.zeros(4, 8),
         torch.zeros(4, 8, 4, dtype=torch.int64), torch.zeros(4, 8, 4),
-        torch.tensor(0.1), torch.tensor(0.1), torch.tensor(0.0), torch.tensor(1e-6),
+        torch.tensor(0.1), torch.tensor(0.1), torch.tensor(0.0), torch.tensor(1e-6), torch.tensor(1.0),
     )  # fmt: skip
     with pytest.raises(SystemExit) as exc:
         export_train_graph(model, tmp_path / "t.onnx", False, example, 16)

@@ -496,13 +496,13 @@ impl TrainGraph {
             ("epsilon", settings.epsilon),
             ("label_smoothing", settings.label_smoothing),
             ("step_tolerance", settings.step_tolerance),
-            (GRAD_SCALE, weight),
         ] {
-            if name == GRAD_SCALE && !self.takes_scale {
-                continue;
-            }
             let scalar = Tensor::from_array(ndarray::arr0(value)).map_err(run_err)?;
             inputs.push((name.into(), scalar.into()));
+        }
+        if self.takes_scale {
+            let scalar = Tensor::from_array(ndarray::arr0(weight)).map_err(run_err)?;
+            inputs.push((GRAD_SCALE.into(), scalar.into()));
         }
         for (graph_name, stored) in &self.param_inputs {
             let p = params.get(stored).ok_or_else(|| GraphError::Batch {
@@ -549,11 +549,10 @@ impl TrainGraph {
         } else {
             (weight, 1.0)
         };
-        let mut out = match self.accumulators.clone() {
-            Some(accumulators) => {
-                self.run_in_place(inputs, &accumulators, &slots, params, grad_acc)?
-            }
-            None => self.run_and_add(inputs, &slots, grad_acc, add_weight)?,
+        let mut out = if self.accumulators.is_some() {
+            self.run_in_place(inputs, &slots, params, grad_acc)?
+        } else {
+            self.run_and_add(inputs, &slots, grad_acc, add_weight)?
         };
         out.loss /= loss_weight;
         Ok(out)
@@ -616,17 +615,16 @@ impl TrainGraph {
 
     /// A graph with the in-graph sum: each buffer is both its accumulator input and its
     /// gradient output, so ONNX Runtime writes `buffer + weight · gradient` over it.
-    #[allow(clippy::too_many_arguments)]
     fn run_in_place<'a>(
         &mut self,
         mut inputs: Vec<(Cow<'a, str>, SessionInputValue<'a>)>,
-        accumulators: &[String],
         slots: &[usize],
         params: &ParamStore,
         grad_acc: &'a mut [Vec<f32>],
     ) -> Result<TrainOutputs, GraphError> {
         let mut selector = OutputSelector::default();
         let mut buffers: Vec<Option<&'a mut Vec<f32>>> = grad_acc.iter_mut().map(Some).collect();
+        let accumulators = self.accumulators.iter().flatten();
         for (((out_name, _), acc_name), &slot) in
             self.grad_outputs.iter().zip(accumulators).zip(slots)
         {

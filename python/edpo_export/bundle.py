@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from .common import (
-    FORMAT_VERSION, GOLDENS_FILE, accumulator_name, MANIFEST, PARAMS_FILE, REFERENCE_FILE, REFERENCE_INPUTS, REFERENCE_OUTPUTS,
-    LABEL_POSITIONS_INPUT, TOKENIZER_FILES, TRAIN_BATCH_INPUTS, TRAIN_FILE, TRAIN_STAT_OUTPUTS, fail, log, peak_rss_mb,
-    reference_sha256, sha256_file,
+    FORMAT_VERSION, GOLDENS_FILE, LABEL_POSITIONS_INPUT, MANIFEST, PARAMS_FILE, REFERENCE_FILE, REFERENCE_INPUTS,
+    REFERENCE_OUTPUTS, TOKENIZER_FILES, TRAIN_BATCH_INPUTS, TRAIN_FILE, TRAIN_STAT_OUTPUTS, accumulator_name, fail, log,
+    peak_rss_mb, reference_sha256, sha256_file,
 )  # fmt: skip
 from .goldens import compute_goldens, golden_batch
 from .graphs import export_reference_graph, export_train_graph, load_model, tied_pairs, untied_copy

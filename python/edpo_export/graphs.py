@@ -370,7 +370,7 @@ def accumulate_gradients(proto, grad_of: list[str], tied: dict[str, str]) -> lis
     grad_acc.S and grad.S to one buffer accumulates in place (the Add reads each element
     before it writes it). Returns the graph inputs that keep a gradient output, in `grad_of`'s
     order."""
-    from onnx import helper
+    from onnx import ValueInfoProto, helper
 
     groups: dict[str, list[str]] = {}
     for name in grad_of:
@@ -389,8 +389,7 @@ def accumulate_gradients(proto, grad_of: list[str], tied: dict[str, str]) -> lis
     proto.graph.output.extend(kept)
     for stored, members in groups.items():
         out = f"grad.{stored}"
-        acc = helper.make_tensor_value_info(accumulator_name(out), outputs[out].type.tensor_type.elem_type, None)
-        acc.type.CopyFrom(outputs[out].type)
+        acc = ValueInfoProto(name=accumulator_name(out), type=outputs[out].type)
         proto.graph.input.append(acc)
         total = raw[out]
         for other in members:

@@ -167,12 +167,19 @@ class EpsDpoLoss(torch.nn.Module):
     ):
         """`grad_scale` (None: 1) weights the loss output, hence every gradient: the
         micro-batch's share of the optimiser step, applied by the backward pass itself."""
+        batch = (input_ids, attention_mask, loss_mask, ref_logps, ref_token_logps, ref_topk_ids, ref_topk_logps)
+        settings = (beta, epsilon, label_smoothing, step_tolerance)
         if self.lm_head_chunks > 0:
-            loss, *rest = self._sliced_forward(
-                input_ids, attention_mask, loss_mask, ref_logps, ref_token_logps, ref_topk_ids, ref_topk_logps,
-                beta, epsilon, label_smoothing, step_tolerance, label_positions,
-            )  # fmt: skip
-            return (loss if grad_scale is None else loss * grad_scale, *rest)
+            loss, *rest = self._sliced_forward(*batch, *settings, label_positions)
+        else:
+            loss, *rest = self._dense_forward(*batch, *settings)
+        return (loss if grad_scale is None else loss * grad_scale, *rest)
+
+    def _dense_forward(
+        self, input_ids, attention_mask, loss_mask, ref_logps, ref_token_logps, ref_topk_ids, ref_topk_logps,
+        beta, epsilon, label_smoothing, step_tolerance,
+    ):  # fmt: skip
+        """`forward` with the full [N, T, V] logits (autograd differentiates the loss itself)."""
         labels = input_ids[:, 1:]
         topk_ids = ref_topk_ids[:, 1:, :]
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -198,8 +205,7 @@ class EpsDpoLoss(torch.nn.Module):
         steps, losses, z, beta_i = steps_and_loss(
             logps, logps_plus, logps_minus, ref_logps, beta, epsilon, label_smoothing, step_tolerance
         )
-        loss = losses.mean()
-        return loss if grad_scale is None else loss * grad_scale, logps.detach(), logps_plus, logps_minus, steps
+        return losses.mean(), logps.detach(), logps_plus, logps_minus, steps
 
     def _sliced_forward(
         self, input_ids, attention_mask, loss_mask, ref_logps, ref_token_logps, ref_topk_ids, ref_topk_logps,

@@ -56,6 +56,15 @@ fn ports(outlets: &[ort::value::Outlet]) -> Vec<Port> {
         .collect()
 }
 
+/// The first row of `mask` that is not ones followed by zeros (right padding), if any.
+fn first_not_right_padded(mask: ArrayView2<i64>) -> Option<usize> {
+    mask.outer_iter().position(|row| {
+        row.iter()
+            .zip(row.iter().skip(1))
+            .any(|(a, b)| *a == 0 && *b != 0)
+    })
+}
+
 fn check_contract(
     bundle: &Bundle,
     file: &str,
@@ -234,6 +243,15 @@ impl ReferenceGraph {
                     ),
                 });
             }
+        }
+        if let Some(row) = first_not_right_padded(attention_mask) {
+            return Err(GraphError::Batch {
+                file: self.file.clone(),
+                message: format!(
+                    "row {row} of attention_mask has a 0 before a 1: rows must be padded on the \
+                     right (the scoring graph's attention may be causal without the padding mask)"
+                ),
+            });
         }
         let (n, t) = input_ids.dim();
         let positions = label_positions(n, t, label_mask);

@@ -227,6 +227,23 @@ fn scoring_graph_takes_weights_from_any_checkpoint() {
 }
 
 #[test]
+fn scoring_a_row_padded_on_the_left_is_a_clear_error() {
+    let bundle = Bundle::open(&sample_bundle()).unwrap();
+    let mut graph = ReferenceGraph::new(&bundle, None, &config()).unwrap();
+    let ids = ndarray::Array2::from_shape_fn((2, 5), |(i, t)| (i * 5 + t) as i64);
+    let mut mask = ndarray::Array2::<i64>::ones((2, 5));
+    mask[[1, 0]] = 0;
+    let msg = graph
+        .score(ids.view(), mask.view(), None, 3)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("row 1 of attention_mask") && msg.contains("padded on the right"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn label_mask_scores_only_its_positions_with_the_same_values() {
     let bundle = Bundle::open(&sample_bundle()).unwrap();
     let mut graph = ReferenceGraph::new(&bundle, None, &config()).unwrap();

@@ -148,9 +148,10 @@ def export(args) -> None:
         torch.tensor(0.1), torch.tensor(0.1), torch.tensor(0.0), torch.tensor(1e-6), torch.tensor(1.0),
     )  # fmt: skip
     t0 = time.time()
-    export_reference_graph(
-        untied, out / REFERENCE_FILE, out / PARAMS_FILE, args.optimize, (ids[:3], attn[:3]), args.lm_head_chunks
-    )
+    scoring_attention = export_reference_graph(
+        untied, out / REFERENCE_FILE, out / PARAMS_FILE, args.optimize, (ids[:3], attn[:3]), args.lm_head_chunks,
+        args.scoring_attention,
+    )  # fmt: skip
     t_ref = time.time() - t0
     t0 = time.time()
     if args.lora:
@@ -204,6 +205,7 @@ def export(args) -> None:
             "lm_head_chunks": args.lm_head_chunks,
             "recompute": args.recompute,
             "recomputed_layers": train["recomputed_layers"],
+            "scoring_attention": scoring_attention,
             "seconds_reference": round(t_ref, 2),
             "seconds_train": round(t_train, 2),
             "seconds_total": None,

@@ -58,6 +58,12 @@ def main(argv=None, prog: str | None = None) -> int:
         "per layer), layers = everything inside each decoder layer (gradient checkpointing: one more "
         "forward pass, activations of one layer at a time), none = keep everything",
     )  # fmt: skip
+    parser.add_argument(
+        "--scoring-attention", choices=["fused", "eager"], default="fused",
+        help="the scoring graph's attention: fused = ONNX Runtime's causal GroupQueryAttention kernel "
+        "(default, where the architecture allows it: no sliding window, soft-capping or sinks; attention.py), "
+        "eager = scores, additive mask, softmax as transformers' eager attention",
+    )  # fmt: skip
     lora = parser.add_argument_group("LoRA (a bundle that trains adapters over the frozen base; lora.py)")
     lora.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every parameter")
     lora.add_argument("--lora-rank", type=int, metavar="R", help="adapter rank r (default 8, PEFT's)")

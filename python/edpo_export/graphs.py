@@ -4,6 +4,7 @@ training graph of the ε-DPO loss (parameters as inputs, one gradient output per
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import struct
@@ -401,7 +402,11 @@ def accumulate_gradients(proto, grad_of: list[str], tied: dict[str, str]) -> lis
     return [name for name in grad_of if name in groups]
 
 
-def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool, example, lm_head_chunks: int):
+def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool, example, lm_head_chunks: int,
+                           attention: str = "fused") -> str:  # fmt: skip
+    """The scoring graph; `attention` "fused" traces each layer's attention as ONNX Runtime's
+    causal GroupQueryAttention kernel (attention.py) where the model's attention allows it, else
+    as the eager chain. Returns the attention traced ("fused" or "eager")."""
     import onnx
     import torch
     from torch.export import Dim
@@ -426,10 +431,12 @@ def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool,
         example = (*example, loss_positions(from_t2))
         dynamic = (*dynamic, {0: Dim("M", min=1)})
     t0 = time.time()
-    program = torch.onnx.export(
-        scorer, example, dynamic_shapes=dynamic, dynamo=True, external_data=False, optimize=False
-    )
-    log(f"reference graph exported in {time.time() - t0:.1f}s")
+    with scoring_attention(untied, scorer, example, attention) as (attention, translation):
+        program = torch.onnx.export(
+            scorer, example, dynamic_shapes=dynamic, dynamo=True, external_data=False, optimize=False,
+            custom_translation_table=translation,
+        )  # fmt: skip
+    log(f"reference graph exported in {time.time() - t0:.1f}s (attention: {attention})")
     params = {name for name, _ in untied.named_parameters()}
     model = finish_onnx(program, params, [name for name, _, _ in REFERENCE_OUTPUTS], optimize)
     import onnx_ir as ir
@@ -439,6 +446,44 @@ def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool,
     point_params_at_safetensors(proto, params, params_path, tied_alias_map(untied))
     proto.graph.ClearField("value_info")
     onnx.save(proto, out)
+    return attention
+
+
+@contextlib.contextmanager
+def scoring_attention(untied, scorer, example, attention: str):
+    """Within: `untied` traced with the `attention` asked for if its architecture allows it;
+    yields (the attention used, torch.onnx's custom translation table for it)."""
+    import torch
+
+    from . import attention as fused
+
+    reason = fused.unsupported_reason(untied) if attention == "fused" else None
+    if attention != "fused" or reason is not None:
+        if reason is not None:
+            log(f"scoring attention: eager ({reason})")
+        yield "eager", None
+        return
+    fused.register()
+    previous = untied.config._attn_implementation
+    with torch.no_grad():
+        eager = scorer(*example)
+        untied.config._attn_implementation = fused.FUSED
+        try:
+            gap = real_position_gap(eager, scorer(*example), example[1])
+            if gap > 1e-4:
+                fail(
+                    f"{type(untied).__name__}: causal attention without the padding mask differs from the model's "
+                    f"attention at real tokens (max |Δ| = {gap:.2e}); export with `--scoring-attention eager`"
+                )
+            yield "fused", fused.onnx_translation()
+        finally:
+            untied.config._attn_implementation = previous
+
+
+def real_position_gap(a, b, attention_mask) -> float:
+    """Largest |a − b| of the scoring outputs (token and top-K log-probs) at real tokens."""
+    real = attention_mask.bool()
+    return max(float((x[real].float() - y[real].float()).abs().max()) for x, y in zip(a[:2], b[:2]))
 
 
 def tied_alias_map(untied) -> dict[str, str]:

@@ -21,6 +21,8 @@ def test_export_then_verify_passes(exported, arch, capsys):
     text = capsys.readouterr().out
     assert "verify passed" in text and "FAIL" not in text
     manifest = json.loads((bundle / "edpo-model.json").read_text())
+    # GPT-2's attention module is not transformers' grouped-query interface: eager.
+    assert manifest["export"]["scoring_attention"] == ("eager" if arch == "gpt2" else "fused")
     tied = manifest["tied"]
     if arch in ("qwen2", "gpt2"):
         # Tied embeddings: one stored tensor, two graph inputs, one summed gradient.
@@ -172,3 +174,40 @@ def test_export_refuses_slicing_a_model_whose_logits_are_not_the_plain_projectio
         export_train_graph(model, tmp_path / "t.onnx", False, example, 16)
     assert exc.value.code == 2
     assert "--lm-head-chunks 0" in capsys.readouterr().err
+
+
+def test_fused_scoring_attention_gives_the_eager_values_at_real_tokens(exported, samples, tmp_path):
+    """The default scoring graph (attention as ONNX Runtime's causal GroupQueryAttention, no padding
+    mask) against an export with transformers' eager attention, on right-padded rows of different
+    lengths: the same log-probs and top-K at every real token."""
+    import onnx
+    import onnxruntime as ort
+
+    import edpo_export
+
+    fused = exported("llama")
+    eager = tmp_path / "eager"
+    edpo_export.main([
+        "--model", str(samples / "configs" / "llama-tiny"), "--random-init", "0", "--out", str(eager),
+        "--topk-default", "8", "--scoring-attention", "eager",
+    ])  # fmt: skip
+    ops = {path: {n.op_type for n in onnx.load(path / "reference.onnx").graph.node} for path in (fused, eager)}
+    assert "GroupQueryAttention" in ops[fused] and "GroupQueryAttention" not in ops[eager]
+    for path, want in ((fused, "fused"), (eager, "eager")):
+        assert json.loads((path / "edpo-model.json").read_text())["export"]["scoring_attention"] == want
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 500, size=(3, 11)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 4:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask, "k": np.array(5, dtype=np.int64),
+             "label_positions": np.array([r * 11 + t for r in range(3) for t in range(1, 11)], dtype=np.int64)}  # fmt: skip
+    outs = {}
+    for path in (fused, eager):
+        sess = ort.InferenceSession(str(path / "reference.onnx"), providers=["CPUExecutionProvider"])
+        outs[path] = sess.run(None, feeds)
+    real = mask == 1
+    (tok_f, vals_f, ids_f), (tok_e, vals_e, ids_e) = outs[fused], outs[eager]
+    assert np.abs(tok_f[real] - tok_e[real]).max() < 1e-5
+    assert np.abs(vals_f[real] - vals_e[real]).max() < 1e-5
+    assert np.array_equal(ids_f[real], ids_e[real])

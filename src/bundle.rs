@@ -184,6 +184,25 @@ pub struct Manifest {
     /// it was recorded have none, and edpo computes it from their file hashes.
     #[serde(default)]
     pub reference_sha256: Option<String>,
+    /// The exporter's settings (only what edpo reads; older bundles have fewer).
+    #[serde(default)]
+    pub export: ExportSpec,
+}
+
+/// The manifest's `export` section, as far as edpo reads it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExportSpec {
+    /// The scoring graph's attention: `fused` is causal without the padding mask (ONNX
+    /// Runtime's GroupQueryAttention), right-padded rows only; `eager` (or absent) is masked.
+    #[serde(default)]
+    pub scoring_attention: Option<String>,
+}
+
+impl ExportSpec {
+    /// Whether the scoring graph takes right-padded rows only (its attention ignores the mask).
+    pub fn scoring_needs_right_padding(&self) -> bool {
+        self.scoring_attention.as_deref() == Some("fused")
+    }
 }
 
 /// An opened, integrity-checked bundle.

@@ -157,6 +157,8 @@ pub struct ReferenceGraph {
     /// Whether the graph takes `label_positions` (sliced output projection) and so computes the
     /// output projection only where asked; the dense graph scores every position.
     takes_positions: bool,
+    /// Whether its attention ignores the padding mask (rows must be right-padded).
+    right_padded_only: bool,
     /// Wall seconds spent inside `Session::run` so far.
     run_seconds: f64,
 }
@@ -205,10 +207,20 @@ impl ReferenceGraph {
             spec_ports(&spec.inputs),
             spec_ports(&spec.outputs),
         )?;
+        let right_padded_only = bundle.manifest.export.scoring_needs_right_padding();
+        if right_padded_only && config.device != crate::runtime::Device::Cpu {
+            tracing::warn!(
+                "{}: the scoring attention is ONNX Runtime's GroupQueryAttention, whose CUDA kernel \
+                 takes float16/bfloat16 only, so this float32 graph may run it on the CPU; export \
+                 with `--scoring-attention eager` for CUDA",
+                spec.file
+            );
+        }
         Ok(ReferenceGraph {
             session,
             file: spec.file.clone(),
             takes_positions: spec.inputs.iter().any(|i| i.name == LABEL_POSITIONS),
+            right_padded_only,
             run_seconds: 0.0,
         })
     }
@@ -244,12 +256,14 @@ impl ReferenceGraph {
                 });
             }
         }
-        if let Some(row) = first_not_right_padded(attention_mask) {
+        if let Some(row) = first_not_right_padded(attention_mask).filter(|_| self.right_padded_only)
+        {
             return Err(GraphError::Batch {
                 file: self.file.clone(),
                 message: format!(
-                    "row {row} of attention_mask has a 0 before a 1: rows must be padded on the \
-                     right (the scoring graph's attention may be causal without the padding mask)"
+                    "row {row} of attention_mask has a 0 before a 1: this scoring graph's \
+                     attention is causal without the padding mask, so rows must be padded on \
+                     the right (or export the bundle with `--scoring-attention eager`)"
                 ),
             });
         }
@@ -742,4 +756,35 @@ fn train_outputs(
         logps_minus: vec1("logps_minus")?,
         pair_steps: steps,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_not_right_padded;
+    use ndarray::{arr2, Array2};
+
+    #[test]
+    fn right_padding_is_ones_then_zeros_in_every_row() {
+        assert_eq!(
+            first_not_right_padded(arr2(&[[1, 1, 0], [1, 0, 0]]).view()),
+            None
+        );
+        assert_eq!(
+            first_not_right_padded(arr2(&[[0, 0, 0], [1, 1, 1]]).view()),
+            None
+        );
+        assert_eq!(
+            first_not_right_padded(arr2(&[[1, 1, 1], [0, 1, 1]]).view()),
+            Some(1)
+        );
+        assert_eq!(first_not_right_padded(arr2(&[[1, 0, 1]]).view()), Some(0));
+        assert_eq!(
+            first_not_right_padded(Array2::<i64>::zeros((0, 4)).view()),
+            None
+        );
+        assert_eq!(
+            first_not_right_padded(Array2::<i64>::ones((2, 1)).view()),
+            None
+        );
+    }
 }

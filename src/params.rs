@@ -260,10 +260,8 @@ pub fn f32_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
 const HUGE_PAGE_BYTES: usize = 2 << 20;
 
 /// `len` zeros, in memory asked for transparent huge pages when it spans at least one (Linux,
-/// `madvise` mode): parameter-sized buffers are touched first in the first optimiser step, and
-/// faulting them in 4 KiB pages cost 2.1 s of SmolLM2's first AdamW update on this repo's
-/// machine (0.04 s for a later one). The zeros come from the allocator's zeroed memory, so
-/// nothing is written before the first use.
+/// `madvise` mode): fewer page faults for parameter-sized buffers. The zeros come from the
+/// allocator's zeroed memory, written by no one; `resident` faults such a buffer in at once.
 pub fn zeroed(len: usize) -> Vec<f32> {
     let bytes = len * std::mem::size_of::<f32>();
     if bytes < 2 * HUGE_PAGE_BYTES {
@@ -300,7 +298,8 @@ fn advise_huge_pages(_start: *mut u8, _bytes: usize) {}
 /// `buffer` with every page faulted in by this thread, in order. Left to the first parallel
 /// pass over it (rayon's threads faulting a fresh buffer's pages at once), SmolLM2's 1.08 GB of
 /// AdamW moments took 1.5 s of the first optimiser step on this repo's machine; faulted in here,
-/// 0.26–0.34 s.
+/// 0.26–0.34 s. (On a multi-socket machine first touch places every page on this thread's
+/// memory node, where the parallel passes then read it; not measured here, one node.)
 fn resident(mut buffer: Vec<f32>) -> Vec<f32> {
     const PAGE_FLOATS: usize = 4096 / std::mem::size_of::<f32>();
     for page in buffer.chunks_mut(PAGE_FLOATS) {

@@ -20,18 +20,28 @@ _registered = False
 
 def unsupported_reason(model) -> str | None:
     """Why `model`'s attention cannot be the causal kernel (None if it can): the kernel has no
-    sliding window, soft-capping, sinks or non-causal attention."""
+    sliding or chunked window, soft-capping or sinks, one head size for queries, keys and
+    values, a multiple of 8 (ONNX Runtime refuses others when the graph runs)."""
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         return "an encoder-decoder model"
-    for name in ("sliding_window", "attn_logit_softcapping"):
-        if getattr(config, name, None) and getattr(config, "use_sliding_window", True):
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return f"config.sliding_window = {config.sliding_window}"
+    for name in ("attn_logit_softcapping", "attention_chunk_size"):
+        if getattr(config, name, None):
             return f"config.{name} = {getattr(config, name)}"
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        return f"config.layer_types has {sorted(kinds - {'full_attention'})}"
     layers = [m for m in model.modules() if hasattr(m, "num_key_value_groups") and hasattr(m, "scaling")]
     if not layers:
         return "no attention module takes transformers' attention interface"
-    if any(not getattr(m, "is_causal", False) or hasattr(m, "sinks") for m in layers):
-        return "an attention module that is not plain causal attention"
+    for m in layers:
+        if not getattr(m, "is_causal", False) or hasattr(m, "sinks") or getattr(m, "sliding_window", None):
+            return f"{type(m).__name__} is not plain causal attention"
+        head = getattr(m, "head_dim", None)
+        if head is None or head % 8 or getattr(m, "v_head_dim", head) != head:
+            return f"{type(m).__name__}'s head size {head} (the kernel takes one, a multiple of 8)"
     return None
 
 
@@ -66,6 +76,9 @@ def register() -> None:
         return torch.empty_like(query)
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        used = [k for k in ("sliding_window", "softcap", "s_aux", "position_bias") if kwargs.get(k) is not None]
+        if used or dropout:
+            raise ValueError(f"{type(module).__name__} passes {used or ['dropout']}, which the causal kernel does not take")
         b, n, s, d = query.shape
         g = key.shape[1]
         scale = float(scaling if scaling is not None else d**-0.5)

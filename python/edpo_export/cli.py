@@ -54,8 +54,8 @@ def main(argv=None, prog: str | None = None) -> int:
     parser.add_argument(
         "--recompute", choices=["attention", "layers", "none"], default="attention",
         help="what the backward pass recomputes instead of keeping from the forward pass (remat.py): "
-        "attention = each layer's attention probabilities (default; no [rows, heads, T, T] tensor kept "
-        "per layer), layers = everything inside each decoder layer (gradient checkpointing: one more "
+        "attention = each layer's attention probabilities (no [rows, heads, T, T] tensor kept per layer) and "
+        "the values a few element-wise products from kept ones (RMSNorm, SwiGLU; default), layers = everything inside each decoder layer (gradient checkpointing: one more "
         "forward pass, activations of one layer at a time), none = keep everything",
     )  # fmt: skip
     parser.add_argument(

@@ -11,7 +11,8 @@ a decoder layer but its inputs, as Hugging Face's gradient checkpointing; an exp
 ONNX Runtime would undo a plain copy: its common-subexpression pass merges two nodes with the
 same inputs, and nothing would stop it from running the copy during the forward pass. So the
 copied nodes read their activation inputs (Q for the attention copy; every float input from
-outside the layer for a layer copy) through `x + 0·max(g)`, g a value of the backward pass found
+outside the layer for a layer copy; for an element-wise copy, the smallest input every copied
+node depends on) through `x + 0·max(g)`, g a value of the backward pass found
 next to the nodes the copy serves (the gradient arriving at the layer; it must depend on a graph
 input, or ONNX Runtime would fold the gate away): the copy is a different expression and cannot
 start before g exists. x + 0 is x, so the copy computes the same numbers with the same kernels.
@@ -158,7 +159,10 @@ def recompute_elementwise(model, stat_outputs: list[str]) -> int:
         zero = zero_after(graph, seed, tag)
         copies: dict = {}
         for value, nodes, leaves, _ in group:
-            for leaf in gated_leaves(nodes, leaves):
+            gated = gated_leaves(nodes, leaves)
+            if not gated:  # parameters and constants only: an ungated copy would be merged back
+                continue
+            for leaf in gated:
                 if leaf not in copies:
                     copies[leaf] = plus(graph, leaf, zero, tag)
             rewire_backward(graph, value, copy_of(graph, value, nodes, copies), forward)
@@ -198,7 +202,11 @@ def cheap_cone(value, forward: set):
                 nodes.add(node)
                 stack.extend(v for v in node.inputs if v is not None)
             continue
-        if node is None or node.op_type == "Constant" or current.dtype is None or not current.dtype.is_floating_point():
+        if node is None or node.op_type == "Constant":
+            continue
+        if current.dtype is None:
+            return None
+        if not current.dtype.is_floating_point():
             continue
         if node not in forward or not kept_by_backward(current, forward):
             return None
@@ -229,11 +237,25 @@ def kept_by_backward(value, forward: set) -> bool:
 
 def gated_leaves(nodes: set, leaves: list) -> list:
     """The leaves a copy of `nodes` reads through the gate: the smallest leaf every node of the
-    cone depends on (one small copy), else every activation leaf."""
-    covering = [leaf for leaf in leaves if descendants([u for u, _ in leaf.uses() if u in nodes]) >= nodes]
+    cone depends on (one copy of it: a norm's inverse RMS, SwiGLU's g), else every activation
+    leaf."""
+    covering = [leaf for leaf in leaves if reachable_within([u for u, _ in leaf.uses() if u in nodes], nodes) >= nodes]
     if covering:
         return [min(covering, key=estimated_size)]
     return [leaf for leaf in leaves if leaf.producer() is not None]
+
+
+def reachable_within(starts, nodes: set) -> set:
+    """`starts` and the nodes of `nodes` that depend on them through nodes of `nodes`."""
+    seen: set = set()
+    stack = list(starts)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(user for out in node.outputs for user, _ in out.uses() if user in nodes)
+    return seen
 
 
 def estimated_size(value) -> float:

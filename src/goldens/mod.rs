@@ -348,14 +348,30 @@ fn verify_reference(
     let tok64 = goldens.f64("reference.f64.token_logps")?;
     let band = bands.absolute("reference.token_logps", tok64.iter().copied())?;
     let tok64 = goldens.array::<_, Ix2>(tok64)?;
+    let vals64 = goldens.array::<_, Ix3>(goldens.f64("reference.f64.topk_logps")?)?;
+    let ids64 = goldens.array::<_, Ix3>(goldens.i64("reference.f64.topk_ids")?)?;
+    let (n, t) = mask.dim();
+    if real.is_empty()
+        || tok64.dim() != (n, t)
+        || vals64.dim().0 != n
+        || vals64.dim().1 != t
+        || ids64.dim() != vals64.dim()
+    {
+        return Err(GoldensError::Format {
+            file: goldens.file.clone(),
+            message: format!(
+                "the reference goldens do not fit their batch [{n}, {t}] with {} real tokens; re-export the bundle",
+                real.len()
+            ),
+        }
+        .into());
+    }
     let err = real
         .iter()
         .map(|&at| (f64::from(scored.token_logps[at]) - tok64[at]).abs())
         .fold(0.0, f64::max);
     report.within("reference token_logps (max abs)", err, band);
 
-    let vals64 = goldens.array::<_, Ix3>(goldens.f64("reference.f64.topk_logps")?)?;
-    let ids64 = goldens.array::<_, Ix3>(goldens.i64("reference.f64.topk_ids")?)?;
     let k = scored.topk_ids.dim().2;
     if k > vals64.dim().2 {
         return Err(goldens

@@ -211,3 +211,27 @@ def test_fused_scoring_attention_gives_the_eager_values_at_real_tokens(exported,
     assert np.abs(tok_f[real] - tok_e[real]).max() < 1e-5
     assert np.abs(vals_f[real] - vals_e[real]).max() < 1e-5
     assert np.array_equal(ids_f[real], ids_e[real])
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"sliding_window": 4}, "sliding_window"),
+        ({"attention_chunk_size": 4}, "attention_chunk_size"),
+        ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
+        ({"head_dim": 12}, "head size 12"),
+    ],
+)
+def test_fused_scoring_attention_is_refused_where_the_kernel_does_not_apply(samples, change, reason):
+    """The exporter keeps the eager chain (and says why) for attention the causal kernel does not
+    compute: windows, per-layer kinds, head sizes ONNX Runtime's kernel refuses."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edpo_export.attention import unsupported_reason
+
+    config = AutoConfig.from_pretrained(samples / "configs" / "llama-tiny")
+    assert unsupported_reason(AutoModelForCausalLM.from_config(config)) is None
+    for key, value in change.items():
+        setattr(config, key, value)
+    got = unsupported_reason(AutoModelForCausalLM.from_config(config))
+    assert got is not None and reason in got, got

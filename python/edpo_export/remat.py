@@ -160,7 +160,7 @@ def recompute_elementwise(model, stat_outputs: list[str]) -> int:
         copies: dict = {}
         for value, nodes, leaves, _ in group:
             gated = gated_leaves(nodes, leaves)
-            if not gated:  # parameters and constants only: an ungated copy would be merged back
+            if not gated:  # no activation leaf (parameters, constants): an ungated copy would be merged back
                 continue
             for leaf in gated:
                 if leaf not in copies:
@@ -217,45 +217,35 @@ def cheap_cone(value, forward: set):
     return nodes, list(dict.fromkeys(leaves))
 
 
-def view_of_kept(value, forward: set) -> bool:
-    """Whether `value` is a view (through VIEW_OPS) of a value not made by CHEAP_OPS: a leaf."""
+def view_source(value):
+    """The value `value` is a view of (through VIEW_OPS), or `value` itself."""
     node = value.producer()
     while node is not None and node.op_type in VIEW_OPS:
         value = node.inputs[0]
         node = value.producer()
+    return value
+
+
+def view_of_kept(value, forward: set) -> bool:
+    """Whether `value` is a view (through VIEW_OPS) of a value not made by CHEAP_OPS: a leaf."""
+    node = view_source(value).producer()
     return node is None or node.op_type not in CHEAP_OPS or node not in forward
 
 
 def kept_by_backward(value, forward: set) -> bool:
-    """Whether the backward reads `value`'s buffer anyway: the value, its source or a view."""
-    node = value.producer()
-    while node is not None and node.op_type in VIEW_OPS and node in forward:
-        value = node.inputs[0]
-        node = value.producer()
-    return bool(backward_uses(value, forward))
+    """Whether the backward reads `value`'s buffer anyway: the value, its source or a view
+    (`value` is a forward value, and so is everything it is a view of)."""
+    return bool(backward_uses(view_source(value), forward))
 
 
 def gated_leaves(nodes: set, leaves: list) -> list:
     """The leaves a copy of `nodes` reads through the gate: the smallest leaf every node of the
     cone depends on (one copy of it: a norm's inverse RMS, SwiGLU's g), else every activation
     leaf."""
-    covering = [leaf for leaf in leaves if reachable_within([u for u, _ in leaf.uses() if u in nodes], nodes) >= nodes]
+    covering = [leaf for leaf in leaves if descendants([u for u, _ in leaf.uses() if u in nodes], within=nodes) >= nodes]
     if covering:
         return [min(covering, key=estimated_size)]
-    return [leaf for leaf in leaves if leaf.producer() is not None]
-
-
-def reachable_within(starts, nodes: set) -> set:
-    """`starts` and the nodes of `nodes` that depend on them through nodes of `nodes`."""
-    seen: set = set()
-    stack = list(starts)
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        stack.extend(user for out in node.outputs for user, _ in out.uses() if user in nodes)
-    return seen
+    return leaves  # cheap_cone's leaves are all activations
 
 
 def estimated_size(value) -> float:
@@ -427,8 +417,8 @@ def backward_uses(value, forward: set) -> list:
     return uses
 
 
-def descendants(nodes) -> set:
-    """`nodes` and every node that depends on them."""
+def descendants(nodes, within: set | None = None) -> set:
+    """`nodes` and every node that depends on them (through nodes of `within` only, if given)."""
     seen: set = set()
     stack = list(nodes)
     while stack:
@@ -436,7 +426,7 @@ def descendants(nodes) -> set:
         if node in seen:
             continue
         seen.add(node)
-        stack.extend(user for out in node.outputs for user, _ in out.uses())
+        stack.extend(user for out in node.outputs for user, _ in out.uses() if within is None or user in within)
     return seen
 
 

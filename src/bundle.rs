@@ -221,8 +221,19 @@ pub struct Bundle {
 }
 
 impl Bundle {
-    /// Reads the manifest and checks that every listed file exists and has its sha256.
+    /// Reads the manifest and checks that every listed file exists and has its sha256 (read
+    /// from the file, or remembered from an earlier open while the file is unchanged:
+    /// `file_hashes`).
     pub fn open(dir: &Path) -> Result<Bundle, BundleError> {
+        Self::open_checked(dir, true)
+    }
+
+    /// [`Bundle::open`], reading every file whatever was remembered (`edpo verify`).
+    pub fn open_rehashing(dir: &Path) -> Result<Bundle, BundleError> {
+        Self::open_checked(dir, false)
+    }
+
+    fn open_checked(dir: &Path, trust_remembered: bool) -> Result<Bundle, BundleError> {
         let manifest_path = dir.join(MANIFEST_FILE);
         if !manifest_path.is_file() {
             return Err(BundleError::NoManifest(dir.to_path_buf()));
@@ -261,12 +272,16 @@ impl Bundle {
                 });
             }
         }
+        let mut hashes = crate::file_hashes::FileHashes::load(dir);
+        if !trust_remembered {
+            hashes.forget();
+        }
         for (name, entry) in &manifest.files {
             let path = dir.join(name);
             if !path.is_file() {
                 return Err(BundleError::MissingFile { path });
             }
-            let got = sha256_file(&path)?;
+            let got = hashes.sha256(name, &path)?;
             if got != entry.sha256 {
                 return Err(BundleError::HashMismatch {
                     path,
@@ -275,6 +290,7 @@ impl Bundle {
                 });
             }
         }
+        hashes.save();
         let reference_sha256 = reference_identity(&manifest);
         if let Some(recorded) = &manifest.reference_sha256 {
             if *recorded != reference_sha256 {

@@ -15,6 +15,7 @@ pub mod data;
 pub mod dist;
 pub mod error;
 pub mod eval;
+pub mod file_hashes;
 pub mod goldens;
 pub mod graphs;
 pub mod in_place;

@@ -90,9 +90,10 @@ impl Default for SessionConfig {
 
 static LOADED: OnceLock<Result<(PathBuf, ort::environment::Environment), String>> = OnceLock::new();
 
-/// Candidate library locations, in search order, with a description of where each came from.
-pub fn candidate_paths() -> Vec<PathBuf> {
-    let mut out = Vec::new();
+/// The first libonnxruntime found in the search order of `architecture.md` (after
+/// `ORT_DYLIB_PATH`): the virtual environments, then python3's onnxruntime package (a
+/// subprocess, ~0.5 s, asked only when no environment has the library), then standard paths.
+fn first_candidate() -> Option<PathBuf> {
     let mut venvs: Vec<PathBuf> = Vec::new();
     if let Some(v) = std::env::var_os("EDPO_VENV") {
         venvs.push(PathBuf::from(v));
@@ -101,28 +102,28 @@ pub fn candidate_paths() -> Vec<PathBuf> {
         venvs.push(PathBuf::from(home).join(".cache/edpo/venv"));
     }
     venvs.push(PathBuf::from(".venv"));
-    for venv in venvs {
-        for lib in ["lib", "lib64"] {
-            if let Ok(entries) = std::fs::read_dir(venv.join(lib)) {
-                for entry in entries.flatten() {
-                    let site = entry.path().join("site-packages/onnxruntime/capi");
-                    out.extend(libraries_in(&site));
-                }
-            }
-        }
-    }
-    if let Some(dir) = python_onnxruntime_dir() {
-        out.extend(libraries_in(&dir.join("capi")));
-    }
-    for dir in [
+    let in_venvs = venvs.into_iter().flat_map(|venv| {
+        ["lib", "lib64"].into_iter().flat_map(move |lib| {
+            std::fs::read_dir(venv.join(lib))
+                .into_iter()
+                .flat_map(|entries| entries.flatten())
+                .flat_map(|entry| {
+                    libraries_in(&entry.path().join("site-packages/onnxruntime/capi"))
+                })
+        })
+    });
+    let from_python = std::iter::once_with(python_onnxruntime_dir)
+        .flatten()
+        .flat_map(|dir| libraries_in(&dir.join("capi")));
+    let system = [
         "/usr/local/lib",
         "/usr/lib",
         "/usr/lib/x86_64-linux-gnu",
         "/usr/lib/aarch64-linux-gnu",
-    ] {
-        out.extend(libraries_in(Path::new(dir)));
-    }
-    out
+    ]
+    .into_iter()
+    .flat_map(|dir| libraries_in(Path::new(dir)));
+    in_venvs.chain(from_python).chain(system).next()
 }
 
 fn libraries_in(dir: &Path) -> Vec<PathBuf> {
@@ -168,14 +169,11 @@ pub fn find_onnxruntime() -> Result<PathBuf, RuntimeError> {
             Err(RuntimeError::DylibPathMissing(p))
         };
     }
-    candidate_paths()
-        .into_iter()
-        .next()
-        .ok_or_else(|| RuntimeError::NotFound {
-            searched: "ORT_DYLIB_PATH (unset), $EDPO_VENV, $HOME/.cache/edpo/venv, ./.venv, \
+    first_candidate().ok_or_else(|| RuntimeError::NotFound {
+        searched: "ORT_DYLIB_PATH (unset), $EDPO_VENV, $HOME/.cache/edpo/venv, ./.venv, \
                        python3's onnxruntime package, /usr/local/lib, /usr/lib"
-                .to_string(),
-        })
+            .to_string(),
+    })
 }
 
 /// Loads ONNX Runtime once per process; later calls return the same library path.

@@ -28,6 +28,8 @@ from .common import TRAIN_STAT_OUTPUTS, fail, log
 # Ops that may sit between an attention score MatMul and its Softmax (scale, mask, casts, the
 # reshapes around the batched matmul).
 SCORE_CHAIN_OPS = {"Reshape", "Mul", "Div", "Add", "Sub", "Cast", "Identity", "Where"}
+# The scores' product: MatMul, or FusedMatMul once the scale is its alpha (graphs.scaled_products).
+SCORE_PRODUCTS = {("MatMul", ""), ("MatMul", "ai.onnx"), ("FusedMatMul", "com.microsoft")}
 VIEW_OPS = {"Identity", "Reshape"}
 # Nodes never copied: a copy of a random op would draw other numbers (exports are in eval mode,
 # so none are expected); a node with a subgraph is not cloned attribute by attribute.
@@ -57,14 +59,15 @@ def forward_nodes(graph, output_names: list[str]) -> set:
 
 
 def score_chain(softmax) -> list | None:
-    """[MatMul, …, Softmax]: the nodes from the attention scores' MatMul to `softmax`, following
-    the one input of each that leads back to a MatMul within a few steps; None if there is none."""
+    """[MatMul, …, Softmax]: the nodes from the attention scores' product (`SCORE_PRODUCTS`) to
+    `softmax`, following the one input of each that leads back to one within a few steps; None
+    if there is none."""
 
     def path_to_matmul(value, depth):
         node = value.producer() if value is not None else None
         if node is None or depth == 0:
             return None
-        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+        if (node.op_type, node.domain) in SCORE_PRODUCTS:
             return [node]
         if node.op_type not in SCORE_CHAIN_OPS:
             return None

@@ -580,8 +580,8 @@ pub fn verify_bundle(
     Ok(report)
 }
 
-/// `edpo verify`: opens the bundle folder `model` (manifest, file hashes) and replays its
-/// goldens.
+/// `edpo verify`: opens the bundle folder `model` (manifest, every file hashed again) and
+/// replays its goldens.
 pub fn verify(model: &Path, config: &SessionConfig) -> Result<VerifyReport, crate::Error> {
-    verify_bundle(&Bundle::open(model)?, config)
+    verify_bundle(&Bundle::open_rehashing(model)?, config)
 }

@@ -673,7 +673,7 @@ pub fn run(cfg: &TrainConfig, ranks: &dyn Ranks) -> Result<TrainSummary, Error> 
     let (mut trainer, resumed) = Trainer::open(cfg, ranks)?;
     // No rank writes before every rank has looked at the run folder.
     ranks.barrier();
-    let mut runner = StepRunner::new(&trainer.bundle, &trainer.set, cfg)?;
+    let mut runner = StepRunner::new(&trainer.bundle, &trainer.set, cfg, &trainer.params)?;
     let mut stages = StageTimes::default();
     stages.add("startup", started.elapsed().as_secs_f64());
     let quiet = cfg.quiet || !ranks.is_root();

@@ -54,12 +54,22 @@ pub struct StepRunner {
     step_tolerance: f64,
     /// Where the steps' time went (the trainer adds its own stages).
     pub times: StageTimes,
-    /// The last step's gradient buffers, handed back by `recycle` for the next step.
+    /// The gradient buffers of the next step: the last step's, handed back by `recycle`
+    /// (zeroed when taken), or the zeros allocated at start-up.
     spare_grads: Option<Vec<Vec<f32>>>,
+    /// Whether `spare_grads` are the start-up zeros (nothing to clear).
+    spare_grads_zero: bool,
 }
 
 impl StepRunner {
-    pub fn new(bundle: &Bundle, set: &ShardSet, cfg: &TrainConfig) -> Result<Self, Error> {
+    /// The graphs, the loader and the gradient buffers (parameter-sized, `params`' layout,
+    /// faulted in now rather than in the first step).
+    pub fn new(
+        bundle: &Bundle,
+        set: &ShardSet,
+        cfg: &TrainConfig,
+        params: &ParamStore,
+    ) -> Result<Self, Error> {
         let reference = match cfg.reference {
             ReferenceMode::Cached => None,
             ReferenceMode::Online => Some(ReferenceGraph::new(bundle, None, &cfg.session)?),
@@ -75,13 +85,15 @@ impl StepRunner {
             label_smoothing: cfg.label_smoothing,
             step_tolerance: cfg.step_tolerance,
             times: StageTimes::default(),
-            spare_grads: None,
+            spare_grads: Some(params.zeros_like()),
+            spare_grads_zero: true,
         })
     }
 
     /// Takes back a step's gradient buffers (after the optimiser used them) for the next step.
     pub fn recycle(&mut self, grads: Vec<Vec<f32>>) {
         self.spare_grads = Some(grads);
+        self.spare_grads_zero = false;
     }
 
     /// Loads the pairs of one micro-batch (`load_pairs`) and builds its joint-graph batch
@@ -146,6 +158,7 @@ impl StepRunner {
             step_tolerance: self.step_tolerance as f32,
         };
         let mut grads = match self.spare_grads.take() {
+            Some(grads) if self.spare_grads_zero => grads,
             Some(mut grads) => {
                 self.times
                     .time("grad_accumulate", || optim::zero(&mut grads));
@@ -153,6 +166,7 @@ impl StepRunner {
             }
             None => params.zeros_like(),
         };
+        self.spare_grads_zero = false;
         // Loss, non-finite micro-batches, Σ k over pairs: summed over the ranks below.
         let mut totals = [0.0f64; 3];
         let mut encoded = Vec::new();

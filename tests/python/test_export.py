@@ -23,6 +23,22 @@ def test_export_then_verify_passes(exported, arch, capsys):
     manifest = json.loads((bundle / "edpo-model.json").read_text())
     # GPT-2's attention module is not transformers' grouped-query interface: eager.
     assert manifest["export"]["scoring_attention"] == ("eager" if arch == "gpt2" else "fused")
+    # Weight transposes are folded into the products (Llama and Qwen2's nn.Linear; GPT-2's
+    # Conv1D multiplies by W as it is).
+    import onnx
+
+    graph = onnx.load(bundle / manifest["graphs"]["reference"]["file"], load_external_data=False).graph
+    weights = set(manifest["graphs"]["reference"]["weights"])
+    assert not [n.name for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights]
+    fused = sum(n.op_type == "FusedMatMul" for n in graph.node)
+    config = json.loads((bundle / "config.json").read_text())
+    layers = config.get("num_hidden_layers", config.get("n_layer"))
+    assert fused == (0 if arch == "gpt2" else 7 * layers), fused
+    # The attention scale is the alpha of the products next to it: per layer the scores of the
+    # forward pass and of their recomputation, and the two products of the scores' gradient.
+    joint = onnx.load(bundle / manifest["graphs"]["train"]["file"], load_external_data=False).graph
+    scaled = sum(n.op_type == "FusedMatMul" and any(a.name == "alpha" for a in n.attribute) for n in joint.node)
+    assert scaled == 4 * layers, scaled
     tied = manifest["tied"]
     if arch in ("qwen2", "gpt2"):
         # Tied embeddings: one stored tensor, two graph inputs, one summed gradient.
@@ -39,6 +55,74 @@ def test_export_then_verify_passes(exported, arch, capsys):
         assert tied == {}
     steps = set(np.asarray(__import__("safetensors.numpy").numpy.load_file(bundle / "goldens.safetensors")["train.f64.steps"]).tolist())
     assert steps == {-1, 0, 1}, f"golden batch exercises every step value, got {steps}"
+
+
+def test_a_folded_weight_transpose_gives_the_same_bits():
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edpo_export.graphs import transposed_weight_products
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 64])
+    w = helper.make_tensor_value_info("w", TensorProto.FLOAT, [48, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "wt"], ["y"])]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x, w], [y]), opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((2, 5, 64), dtype=np.float32), "w": rng.standard_normal((48, 64), dtype=np.float32)}
+
+    def run(model):
+        # w as an initializer, as in the scoring graph (pre-packed by ONNX Runtime).
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        model.graph.initializer.append(onnx.numpy_helper.from_array(feeds["w"], "w"))
+        del model.graph.input[1]
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": feeds["x"]})[0]
+
+    before = run(proto)
+    assert transposed_weight_products(proto, {"w"}) == 1
+    assert [n.op_type for n in proto.graph.node] == ["FusedMatMul"]
+    assert np.array_equal(run(proto), before)
+    assert transposed_weight_products(proto, {"w"}) == 0
+
+
+def test_a_folded_scaling_gives_the_same_bits():
+    """Both forms of scaled_products: the scores' Reshape(MatMul)·s (bit for bit) and the
+    gradient's Reshape(x·s) read by two products (a power-of-two scale: also bit for bit)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edpo_export.graphs import scaled_products
+
+    f = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info(n, f, s) for n, s in (("q", [6, 7, 8]), ("k", [6, 8, 7]), ("g", [2, 3, 7, 7]), ("v", [6, 7, 5]))]
+    outputs = [helper.make_tensor_value_info(n, f, None) for n in ("scores", "dv", "dq")]
+    s = helper.make_tensor("s", f, [], [0.125])
+    shape4, shape3 = (helper.make_tensor(n, TensorProto.INT64, [len(v)], v) for n, v in (("shape4", [2, 3, 7, 7]), ("shape3", [6, 7, 7])))
+    nodes = [
+        helper.make_node("MatMul", ["q", "k"], ["qk"]),
+        helper.make_node("Reshape", ["qk", "shape4"], ["qk4"]),
+        helper.make_node("Mul", ["qk4", "s"], ["scores"]),
+        helper.make_node("Mul", ["g", "s"], ["gs"]),
+        helper.make_node("Reshape", ["gs", "shape3"], ["gs3"]),
+        helper.make_node("MatMul", ["gs3", "v"], ["dv"]),
+        helper.make_node("MatMul", ["k", "gs3"], ["dq"]),
+    ]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=[s, shape4, shape3])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    rng = np.random.default_rng(0)
+    feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim], dtype=np.float32) for i in inputs}
+
+    def run(model):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+    before = run(proto)
+    assert scaled_products(proto) == 2
+    assert sorted(n.op_type for n in proto.graph.node) == ["FusedMatMul"] * 3 + ["Reshape"] * 2
+    assert all(next(a.f for a in n.attribute if a.name == "alpha") == 0.125 for n in proto.graph.node if n.op_type == "FusedMatMul")
+    for a, b in zip(before, run(proto)):
+        assert np.array_equal(a, b)
+    assert scaled_products(proto) == 0
 
 
 def test_verify_refuses_a_changed_file(exported, tmp_path):

@@ -281,8 +281,13 @@ impl Bundle {
             if !path.is_file() {
                 return Err(BundleError::MissingFile { path });
             }
-            let got = hashes.sha256(name, &path)?;
+            // A remembered hash is trusted when it is the manifest's; any other is read again.
+            let got = match hashes.remembered(name, &path) {
+                Some(sha256) if sha256 == entry.sha256 => continue,
+                _ => hashes.read(name, &path)?,
+            };
             if got != entry.sha256 {
+                hashes.save();
                 return Err(BundleError::HashMismatch {
                     path,
                     got,

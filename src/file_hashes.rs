@@ -8,7 +8,12 @@
 //! sets back), so a file written since is hashed again. A file changed less than
 //! [`SETTLE_SECONDS`] before it was hashed is not remembered: file-system timestamps are
 //! coarse, and two writes within one tick can leave the same times. The record is best
-//! effort: a folder that cannot be written is hashed on every open.
+//! effort: a folder that cannot be written is hashed on every open. A file whose remembered
+//! hash is not the manifest's is read before it is called changed.
+//!
+//! This trusts the file system's change times: on file systems that only imitate them (FAT,
+//! some FUSE mounts) or for files written through a shared memory map, run `edpo verify`,
+//! which reads every file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -54,10 +59,12 @@ impl Identity {
 
     /// Whether the file last changed at least [`SETTLE_SECONDS`] ago.
     fn settled(&self) -> bool {
+        let nanos = |(secs, nsec): (i64, i64)| i128::from(secs) * 1_000_000_000 + i128::from(nsec);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        self.ctime.0.max(self.mtime.0) + SETTLE_SECONDS <= now
+            .map_or(0, |d| d.as_nanos() as i128);
+        let changed = nanos(self.ctime).max(nanos(self.mtime));
+        changed + i128::from(SETTLE_SECONDS) * 1_000_000_000 <= now
     }
 }
 
@@ -97,29 +104,35 @@ impl FileHashes {
     }
 
     /// The sha256 of the bundle file `name` at `path`: the remembered one when the file is
-    /// unchanged since, else read from the file (and remembered if it did not change meanwhile).
+    /// unchanged since, else [`Self::read`].
     pub fn sha256(&mut self, name: &str, path: &Path) -> Result<String, BundleError> {
-        let before = Identity::of(path);
-        if let (Some(now), Some(seen)) = (&before, self.seen.get(name)) {
-            if seen.identity == *now {
-                return Ok(seen.sha256.clone());
-            }
+        match self.remembered(name, path) {
+            Some(sha256) => Ok(sha256),
+            None => self.read(name, path),
         }
+    }
+
+    /// The remembered sha256 of `name`, if the file at `path` is unchanged since.
+    pub fn remembered(&self, name: &str, path: &Path) -> Option<String> {
+        let seen = self.seen.get(name)?;
+        (Identity::of(path)? == seen.identity).then(|| seen.sha256.clone())
+    }
+
+    /// Reads the file `name` at `path` and hashes it; remembers the hash if the file did not
+    /// change meanwhile and has settled, else forgets what was remembered of it.
+    pub fn read(&mut self, name: &str, path: &Path) -> Result<String, BundleError> {
+        let before = Identity::of(path);
         let sha256 = sha256_file(path)?;
         match (before, Identity::of(path)) {
             (Some(before), Some(after)) if before == after && after.settled() => {
-                self.seen.insert(
-                    name.to_string(),
-                    Seen {
-                        sha256: sha256.clone(),
-                        identity: after,
-                    },
-                );
+                let seen = Seen {
+                    sha256: sha256.clone(),
+                    identity: after,
+                };
+                self.seen.insert(name.to_string(), seen);
                 self.changed = true;
             }
-            _ => {
-                self.changed |= self.seen.remove(name).is_some();
-            }
+            _ => self.changed |= self.seen.remove(name).is_some(),
         }
         Ok(sha256)
     }
@@ -156,6 +169,7 @@ mod tests {
         // which shows the file was not read.
         let mut hashes = FileHashes::load(tmp.path());
         let identity = Identity::of(&path).unwrap();
+        let (identity_bytes, identity_mtime) = (identity.bytes, identity.mtime);
         let seen = Seen {
             sha256: "remembered".into(),
             identity,
@@ -166,8 +180,13 @@ mod tests {
         let mut reopened = FileHashes::load(tmp.path());
         assert_eq!(reopened.sha256("w.bin", &path).unwrap(), "remembered");
 
-        // A write of the same size changes the identity (its times): the file is read again.
+        // A write of the same size, its modification time set back to what it was: only the
+        // change time differs, and the file is read again.
         std::fs::write(&path, b"weightz").unwrap();
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(an_hour_ago).unwrap();
+        let now = Identity::of(&path).unwrap();
+        assert_eq!((now.bytes, now.mtime), (identity_bytes, identity_mtime));
         let mut reopened = FileHashes::load(tmp.path());
         let got = reopened.sha256("w.bin", &path).unwrap();
         assert_eq!(got, sha256_file(&path).unwrap());
@@ -175,6 +194,60 @@ mod tests {
             !reopened.seen.contains_key("w.bin"),
             "just written: not remembered"
         );
+    }
+
+    /// A copy of the sample bundle whose `params.safetensors` differs from the manifest, with a
+    /// record that remembers the manifest's hash under the changed file's identity.
+    fn bundle_with_a_wrong_record() -> (tempfile::TempDir, PathBuf) {
+        let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("data-samples/bundle");
+        let tmp = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(&sample).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_name() != RECORD_FILE {
+                std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+            }
+        }
+        let params = tmp.path().join("params.safetensors");
+        let mut bytes = std::fs::read(&params).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x55;
+        std::fs::write(&params, bytes).unwrap();
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(tmp.path().join("edpo-model.json")).unwrap())
+                .unwrap();
+        let mut hashes = FileHashes::load(tmp.path());
+        let seen = Seen {
+            sha256: manifest["files"]["params.safetensors"]["sha256"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            identity: Identity::of(&params).unwrap(),
+        };
+        hashes.seen.insert("params.safetensors".into(), seen);
+        hashes.changed = true;
+        hashes.save();
+        let path = tmp.path().to_path_buf();
+        (tmp, path)
+    }
+
+    #[test]
+    fn opening_a_bundle_trusts_the_record_and_verify_reads_every_file() {
+        use crate::bundle::Bundle;
+        let (_tmp, dir) = bundle_with_a_wrong_record();
+        // The record is trusted for an unchanged identity (here, deliberately, a wrong one)…
+        assert!(Bundle::open(&dir).is_ok());
+        // …and `edpo verify`'s open reads the file.
+        match Bundle::open_rehashing(&dir) {
+            Err(BundleError::HashMismatch { path, .. }) => {
+                assert!(path.ends_with("params.safetensors"))
+            }
+            other => panic!("expected a hash mismatch, got {:?}", other.err()),
+        }
+        // The rehashing open dropped the record: a plain open now reads the file too.
+        assert!(matches!(
+            Bundle::open(&dir),
+            Err(BundleError::HashMismatch { .. })
+        ));
     }
 
     #[test]

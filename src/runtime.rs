@@ -90,7 +90,7 @@ impl Default for SessionConfig {
 
 static LOADED: OnceLock<Result<(PathBuf, ort::environment::Environment), String>> = OnceLock::new();
 
-/// The first libonnxruntime found in the search order of `architecture.md` (after
+/// The first libonnxruntime found in the search order of the module doc (after
 /// `ORT_DYLIB_PATH`): the virtual environments, then python3's onnxruntime package (a
 /// subprocess, ~0.5 s, asked only when no environment has the library), then standard paths.
 fn first_candidate() -> Option<PathBuf> {

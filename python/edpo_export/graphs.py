@@ -354,7 +354,8 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
 
     proto = ir.serde.serialize_model(model)
     del model, program
-    log(f"joint graph: {scaled_products(proto)} scalings folded into their products")
+    scalings = scaled_products(proto)
+    log(f"joint graph: {scalings} scalings folded into their products")
     grad_of = accumulate_gradients(proto, grad_of, tied or tied_alias_map(untied))
     if lora is not None:
         names, params_path, alias = lora
@@ -406,7 +407,8 @@ def accumulate_gradients(proto, grad_of: list[str], tied: dict[str, str]) -> lis
 
 def transposed_weight_products(proto, params: set[str]) -> int:
     """MatMul(x, Transpose(W)) → com.microsoft FusedMatMul(x, W, transB=1) for parameters W
-    (every nn.Linear traces so). ONNX Runtime would fold each Transpose into a transposed copy of
+    (nn.Linear on a batch of sequences traces so; on a 2-D input it traces as Gemm, which
+    takes transB itself). ONNX Runtime would fold each Transpose into a transposed copy of
     the weight when it builds the session (SmolLM2: 210 weights, 0.3 s, and the copies) before
     pre-packing the copy; FusedMatMul pre-packs W as it is, transposing while it packs. Same
     kernel, same packed layout: the outputs are bit for bit those of the MatMul."""
@@ -433,30 +435,51 @@ def transposed_weight_products(proto, params: set[str]) -> int:
             use.input[1] = node.input[0]
             use.attribute.append(helper.make_attribute("transB", 1))
         folded.append(node)
-    for node in folded:
-        proto.graph.node.remove(node)
-    if folded and not any(o.domain == "com.microsoft" for o in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    remove_nodes(proto, folded)
     return len(folded)
 
 
+def remove_nodes(proto, nodes: list) -> None:
+    """Drops `nodes` from the graph (one pass) and declares the com.microsoft opset that the
+    rewrites above introduce."""
+    from onnx import helper
+
+    if not nodes:
+        return
+    gone = {id(n) for n in nodes}
+    kept = [n for n in proto.graph.node if id(n) not in gone]
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
 def scaled_products(proto) -> int:
-    """Folds a scalar factor into the matrix product next to it, as com.microsoft FusedMatMul's
-    alpha: Reshape(MatMul(a, b)) · s → Reshape(FusedMatMul(a, b, alpha=s)), and
-    Reshape(x · s) → MatMul → Reshape(x) → FusedMatMul(…, alpha=s) for every product reading it.
-    Eager attention scales its [rows, heads, T, T] scores after the product (and the backward
-    scales their gradient before its two products); `matmul` traces as a batched product and a
-    Reshape, which keeps ONNX Runtime's own fusion from reaching the Mul, so each ran as a full
-    pass over the scores (SmolLM2's joint graph at 2,048 tokens: 90 such passes, 5% of its
-    node time). The product applies alpha to its fp32 result: the same bits for the forward
-    form; the backward form rounds x·s once less (exact for a power-of-two scale)."""
+    """Folds a float32 scalar that multiplies a matrix product's result, or its input, into the
+    product as com.microsoft FusedMatMul's alpha; returns how many Muls went. Two forms, each
+    through the Reshape that a batched `matmul` traces with:
+
+    - the product's result is scaled: MatMul → Reshape → Mul(s) becomes FusedMatMul(alpha=s) →
+      Reshape;
+    - a value is scaled and then only multiplied: Mul(s) → Reshape → products becomes
+      Reshape → products with alpha=s.
+
+    The joint graph's eager attention scales its [rows, heads, T, T] scores after their product
+    and their gradient before its two products; the Reshape kept ONNX Runtime's own fusion from
+    reaching those Muls, so each was a full pass over the scores (SmolLM2 at 2,048 tokens: 90
+    passes, 5% of the joint graph's node time). LoRA's scaling of its B product goes the same
+    way. ONNX Runtime's CPU product applies alpha to each 128-wide block of the inner dimension:
+    bit for bit the unfused result when the scale is a power of two or the inner size fits one
+    block (attention's head size), else within a rounding of it."""
     from onnx import helper, numpy_helper
 
     scalars = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     for node in proto.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             scalars[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    scalars = {k: float(v.reshape(())) for k, v in scalars.items() if v.size == 1 and v.dtype.kind == "f"}
+    scalars = {k: float(v.reshape(())) for k, v in scalars.items() if v.size == 1 and v.ndim <= 1 and v.dtype == "float32"}
+    graph_inputs = {i.name for i in proto.graph.input}
+    scalars = {k: v for k, v in scalars.items() if k not in graph_inputs}
     producer = {o: n for n in proto.graph.node for o in n.output}
     consumers: dict[str, list] = {}
     for node in proto.graph.node:
@@ -504,10 +527,7 @@ def scaled_products(proto) -> int:
             scale(use, scalars[factors[0]])
         reshape.input[0] = x
         folded.append(mul)
-    for node in folded:
-        proto.graph.node.remove(node)
-    if folded and not any(o.domain == "com.microsoft" for o in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    remove_nodes(proto, folded)
     return len(folded)
 
 
@@ -552,8 +572,9 @@ def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool,
 
     proto = ir.serde.serialize_model(model)
     make_k_an_input(proto)
-    log(f"{transposed_weight_products(proto, params)} weight transposes folded into their products")
-    log(f"{scaled_products(proto)} scalings folded into their products")
+    transposes = transposed_weight_products(proto, params)
+    scalings = scaled_products(proto)
+    log(f"{transposes} weight transposes and {scalings} scalings folded into their products")
     point_params_at_safetensors(proto, params, params_path, tied_alias_map(untied))
     proto.graph.ClearField("value_info")
     onnx.save(proto, out)

@@ -28,7 +28,8 @@ from .common import TRAIN_STAT_OUTPUTS, fail, log
 # Ops that may sit between an attention score MatMul and its Softmax (scale, mask, casts, the
 # reshapes around the batched matmul).
 SCORE_CHAIN_OPS = {"Reshape", "Mul", "Div", "Add", "Sub", "Cast", "Identity", "Where"}
-# The scores' product: MatMul, or FusedMatMul once the scale is its alpha (graphs.scaled_products).
+# The scores' product: MatMul, or FusedMatMul with the scale as its alpha (graphs.scaled_products,
+# which the exporter runs after this rewrite; a graph exported with `--recompute none` has it).
 SCORE_PRODUCTS = {("MatMul", ""), ("MatMul", "ai.onnx"), ("FusedMatMul", "com.microsoft")}
 VIEW_OPS = {"Identity", "Reshape"}
 # Nodes never copied: a copy of a random op would draw other numbers (exports are in eval mode,

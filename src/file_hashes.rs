@@ -103,15 +103,6 @@ impl FileHashes {
         self.seen.clear();
     }
 
-    /// The sha256 of the bundle file `name` at `path`: the remembered one when the file is
-    /// unchanged since, else [`Self::read`].
-    pub fn sha256(&mut self, name: &str, path: &Path) -> Result<String, BundleError> {
-        match self.remembered(name, path) {
-            Some(sha256) => Ok(sha256),
-            None => self.read(name, path),
-        }
-    }
-
     /// The remembered sha256 of `name`, if the file at `path` is unchanged since.
     pub fn remembered(&self, name: &str, path: &Path) -> Option<String> {
         let seen = self.seen.get(name)?;
@@ -177,8 +168,9 @@ mod tests {
         hashes.seen.insert("w.bin".into(), seen);
         hashes.changed = true;
         hashes.save();
-        let mut reopened = FileHashes::load(tmp.path());
-        assert_eq!(reopened.sha256("w.bin", &path).unwrap(), "remembered");
+        let reopened = FileHashes::load(tmp.path());
+        let remembered = reopened.remembered("w.bin", &path);
+        assert_eq!(remembered.as_deref(), Some("remembered"));
 
         // A write of the same size, its modification time set back to what it was: only the
         // change time differs, and the file is read again.
@@ -188,7 +180,8 @@ mod tests {
         let now = Identity::of(&path).unwrap();
         assert_eq!((now.bytes, now.mtime), (identity_bytes, identity_mtime));
         let mut reopened = FileHashes::load(tmp.path());
-        let got = reopened.sha256("w.bin", &path).unwrap();
+        assert_eq!(reopened.remembered("w.bin", &path), None);
+        let got = reopened.read("w.bin", &path).unwrap();
         assert_eq!(got, sha256_file(&path).unwrap());
         assert!(
             !reopened.seen.contains_key("w.bin"),
@@ -256,7 +249,7 @@ mod tests {
         let path = tmp.path().join("w.bin");
         std::fs::write(&path, b"weights").unwrap();
         let mut hashes = FileHashes::load(tmp.path());
-        hashes.sha256("w.bin", &path).unwrap();
+        hashes.read("w.bin", &path).unwrap();
         hashes.save();
         assert!(!tmp.path().join(RECORD_FILE).exists(), "changed just now");
 
@@ -264,7 +257,7 @@ mod tests {
             1000 * SETTLE_SECONDS as u64 + 1100,
         ));
         let mut hashes = FileHashes::load(tmp.path());
-        let sha256 = hashes.sha256("w.bin", &path).unwrap();
+        let sha256 = hashes.read("w.bin", &path).unwrap();
         hashes.save();
         let reopened = FileHashes::load(tmp.path());
         assert_eq!(reopened.seen["w.bin"].sha256, sha256);
@@ -278,7 +271,8 @@ mod tests {
         std::fs::write(&path, b"weights").unwrap();
         std::fs::write(tmp.path().join(RECORD_FILE), b"{not json").unwrap();
         let mut hashes = FileHashes::load(tmp.path());
-        let got = hashes.sha256("w.bin", &path).unwrap();
+        assert_eq!(hashes.remembered("w.bin", &path), None);
+        let got = hashes.read("w.bin", &path).unwrap();
         assert_eq!(got, sha256_file(&path).unwrap());
         let mut missing = FileHashes::load(&tmp.path().join("no-such-folder"));
         missing.changed = true;

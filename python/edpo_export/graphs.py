@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .common import PARAMS_FILE, REFERENCE_OUTPUTS, TRACE_TOPK, TRAIN_STAT_OUTPUTS, accumulator_name, fail, log
-from .remat import recompute_in_backward
+from .remat import PRODUCT_OPS, recompute_in_backward
 
 # The joint graph's attention is traced as transformers' eager implementation (the scoring
 # graph's, where it can, as one ONNX Runtime kernel: attention.py): scores + an additive float mask,
@@ -415,10 +415,7 @@ def transposed_weight_products(proto, params: set[str]) -> int:
     from onnx import helper
 
     graph_outputs = {o.name for o in proto.graph.output}
-    consumers: dict[str, list] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = consumers_of(proto)
     folded = []
     for node in proto.graph.node:
         if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or node.input[0] not in params:
@@ -437,6 +434,15 @@ def transposed_weight_products(proto, params: set[str]) -> int:
         folded.append(node)
     remove_nodes(proto, folded)
     return len(folded)
+
+
+def consumers_of(proto) -> dict[str, list]:
+    """{value name: the nodes reading it} of a graph proto's top-level nodes."""
+    consumers: dict[str, list] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
 
 
 def remove_nodes(proto, nodes: list) -> None:
@@ -481,14 +487,11 @@ def scaled_products(proto) -> int:
     graph_inputs = {i.name for i in proto.graph.input}
     scalars = {k: v for k, v in scalars.items() if k not in graph_inputs}
     producer = {o: n for n in proto.graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = consumers_of(proto)
     graph_outputs = {o.name for o in proto.graph.output}
 
     def product(node) -> bool:
-        return (node.op_type, node.domain) in (("MatMul", ""), ("MatMul", "ai.onnx"), ("FusedMatMul", "com.microsoft"))
+        return (node.op_type, node.domain) in PRODUCT_OPS
 
     def scale(node, factor: float) -> None:
         alpha = [a for a in node.attribute if a.name == "alpha"]

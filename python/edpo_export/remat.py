@@ -28,9 +28,10 @@ from .common import TRAIN_STAT_OUTPUTS, fail, log
 # Ops that may sit between an attention score MatMul and its Softmax (scale, mask, casts, the
 # reshapes around the batched matmul).
 SCORE_CHAIN_OPS = {"Reshape", "Mul", "Div", "Add", "Sub", "Cast", "Identity", "Where"}
-# The scores' product: MatMul, or FusedMatMul with the scale as its alpha (graphs.scaled_products,
-# which the exporter runs after this rewrite; a graph exported with `--recompute none` has it).
-SCORE_PRODUCTS = {("MatMul", ""), ("MatMul", "ai.onnx"), ("FusedMatMul", "com.microsoft")}
+# Matrix products as (op, domain): MatMul, or FusedMatMul carrying a folded scale or transpose
+# (graphs.scaled_products runs after this module's rewrite at export; a graph exported with
+# `--recompute none` and rewritten later has them in its attention scores).
+PRODUCT_OPS = {("MatMul", ""), ("MatMul", "ai.onnx"), ("FusedMatMul", "com.microsoft")}
 VIEW_OPS = {"Identity", "Reshape"}
 # Nodes never copied: a copy of a random op would draw other numbers (exports are in eval mode,
 # so none are expected); a node with a subgraph is not cloned attribute by attribute.
@@ -60,7 +61,7 @@ def forward_nodes(graph, output_names: list[str]) -> set:
 
 
 def score_chain(softmax) -> list | None:
-    """[MatMul, …, Softmax]: the nodes from the attention scores' product (`SCORE_PRODUCTS`) to
+    """[MatMul, …, Softmax]: the nodes from the attention scores' product (`PRODUCT_OPS`) to
     `softmax`, following the one input of each that leads back to one within a few steps; None
     if there is none."""
 
@@ -68,7 +69,7 @@ def score_chain(softmax) -> list | None:
         node = value.producer() if value is not None else None
         if node is None or depth == 0:
             return None
-        if (node.op_type, node.domain) in SCORE_PRODUCTS:
+        if (node.op_type, node.domain) in PRODUCT_OPS:
             return [node]
         if node.op_type not in SCORE_CHAIN_OPS:
             return None

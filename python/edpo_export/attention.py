@@ -8,11 +8,20 @@ value as the masked one (its keys are the tokens before it, none of them padding
 padding positions differ, and nothing reads them (edpo pads rows on the right, batch.rs, and
 scores only label positions). The joint graph keeps the eager chain: the kernel has no gradient.
 
-In PyTorch the kernel is the custom op `edpo::causal_gqa`, registered as a transformers attention
-implementation (FUSED) for the trace; its ONNX translation is the contrib op.
+Where the model's rotary embedding is transformers' plain form (rotate_half over the whole head,
+cos/sin halves equal: Llama, Qwen2 and their kind), the kernel rotates queries and keys itself
+(do_rotary, with the traced cos/sin rows as its caches), which removes the graph's
+Slice/Neg/Concat/Mul/Add passes over them (`rotary_in_kernel`).
+
+In PyTorch the kernel is the custom op `edpo::causal_gqa` (`edpo::causal_gqa_rotary`), registered
+as a transformers attention implementation (FUSED) for the trace; its ONNX translation is the
+contrib op.
 """
 
 # No `from __future__ import annotations`: torch.library reads the custom op's annotations.
+
+import contextlib
+import sys
 
 FUSED = "edpo_causal_gqa"
 _registered = False
@@ -33,7 +42,7 @@ def unsupported_reason(model) -> str | None:
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     if kinds != {"full_attention"}:
         return f"config.layer_types has {sorted(kinds - {'full_attention'})}"
-    layers = [m for m in model.modules() if hasattr(m, "num_key_value_groups") and hasattr(m, "scaling")]
+    layers = attention_layers(model)
     if not layers:
         return "no attention module takes transformers' attention interface"
     for m in layers:
@@ -46,36 +55,58 @@ def unsupported_reason(model) -> str | None:
 
 
 def register() -> None:
-    """Registers `edpo::causal_gqa` and the FUSED attention implementation (once)."""
+    """Registers `edpo::causal_gqa`, `edpo::causal_gqa_rotary` and the FUSED attention
+    implementation (once)."""
     global _registered
     if _registered:
         return
     import torch
     from transformers import AttentionInterface
 
-    @torch.library.custom_op("edpo::causal_gqa", mutates_args=())
-    def causal_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int, kv_num_heads: int,
-                   scale: float) -> torch.Tensor:  # fmt: skip
-        """query [B, S, N·D], key and value [B, S, G·D] → [B, S, N·D]: causal attention of N
-        query heads over G key-value heads (GroupQueryAttention's layout)."""
+    def attend(query, key, value, num_heads, kv_num_heads, scale, rotary=None):
         b, s, _ = query.shape
         d = query.shape[-1] // num_heads
 
         def heads(x, n):
-            return x.reshape(b, s, n, d).transpose(1, 2)
+            x = x.reshape(b, s, n, d).transpose(1, 2)
+            if rotary is None:
+                return x
+            cos, sin = (torch.cat([c, c], dim=-1)[:s] for c in rotary)
+            half = d // 2
+            return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
         k = heads(key, kv_num_heads).repeat_interleave(num_heads // kv_num_heads, dim=1)
-        v = heads(value, kv_num_heads).repeat_interleave(num_heads // kv_num_heads, dim=1)
+        v = value.reshape(b, s, kv_num_heads, d).transpose(1, 2).repeat_interleave(num_heads // kv_num_heads, dim=1)
         scores = torch.matmul(heads(query, num_heads), k.transpose(2, 3)) * scale
         future = torch.ones(s, s, dtype=torch.bool, device=query.device).triu(1)
         probs = torch.softmax(scores.float().masked_fill(future, float("-inf")), dim=-1).to(query.dtype)
         return torch.matmul(probs, v).transpose(1, 2).reshape(b, s, num_heads * d)
 
+    @torch.library.custom_op("edpo::causal_gqa", mutates_args=())
+    def causal_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int, kv_num_heads: int,
+                   scale: float) -> torch.Tensor:  # fmt: skip
+        """query [B, S, N·D], key and value [B, S, G·D] → [B, S, N·D]: causal attention of N
+        query heads over G key-value heads (GroupQueryAttention's layout)."""
+        return attend(query, key, value, num_heads, kv_num_heads, scale)
+
+    @torch.library.custom_op("edpo::causal_gqa_rotary", mutates_args=())
+    def causal_gqa_rotary(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, num_heads: int, kv_num_heads: int, scale: float) -> torch.Tensor:  # fmt: skip
+        """causal_gqa of query and key rotated first: position t's halves (x1, x2) of each head
+        become (x1·cos − x2·sin, x2·cos + x1·sin) with cos, sin = row t of the [≥ S, D/2] caches
+        (transformers' rotate_half form; GroupQueryAttention's do_rotary)."""
+        return attend(query, key, value, num_heads, kv_num_heads, scale, (cos, sin))
+
     @causal_gqa.register_fake
     def _(query, key, value, num_heads, kv_num_heads, scale):
         return torch.empty_like(query)
 
+    @causal_gqa_rotary.register_fake
+    def _(query, key, value, cos, sin, num_heads, kv_num_heads, scale):
+        return torch.empty_like(query)
+
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        rotary = _unrotated.pop() if _unrotated else None
         used = [k for k in ("sliding_window", "softcap", "s_aux", "position_bias") if kwargs.get(k) is not None]
         if used or dropout:
             raise ValueError(f"{type(module).__name__} passes {used or ['dropout']}, which the causal kernel does not take")
@@ -86,15 +117,75 @@ def register() -> None:
         def packed(x):
             return x.transpose(1, 2).reshape(b, s, x.shape[1] * d)
 
-        out = torch.ops.edpo.causal_gqa(packed(query), packed(key), packed(value), n, g, scale)
+        if rotary is None:
+            out = torch.ops.edpo.causal_gqa(packed(query), packed(key), packed(value), n, g, scale)
+        else:
+            cos, sin = (c[0, :, : d // 2] for c in rotary)
+            out = torch.ops.edpo.causal_gqa_rotary(packed(query), packed(key), packed(value), cos, sin, n, g, scale)
         return out.reshape(b, s, n, d), None
 
     AttentionInterface.register(FUSED, attention)
     _registered = True
 
 
+# (cos, sin) of the rotary that `rotary_in_kernel` held back, for the attention call after it.
+_unrotated: list = []
+
+
+@contextlib.contextmanager
+def rotary_in_kernel(model):
+    """Within: the attention modules' rotary embedding (their modeling module's
+    `apply_rotary_pos_emb`) is left to the kernel (`causal_gqa_rotary`: GroupQueryAttention's
+    do_rotary) where it has transformers' plain form — cos/sin [B, T, D] of a full-width
+    rotation, their two halves equal; any other call rotates as the model does. Yields whether
+    any module's rotary was replaced. The export compares the outputs with the eager model's."""
+    modules = {sys.modules[type(m).__module__] for m in attention_layers(model)}
+    patched = {}
+    for module in modules:
+        original = getattr(module, "apply_rotary_pos_emb", None)
+        if original is None:
+            continue
+
+        def held_back(q, k, cos, sin, *args, _original=original, **kwargs):
+            d = q.shape[-1]
+            plain = (not args and not kwargs and cos.dim() == 3 and cos.shape == sin.shape and cos.shape[-1] == d
+                     and d % 2 == 0 and (is_traced(cos) or halves_equal(cos, sin)))  # fmt: skip
+            if not plain:
+                return _original(q, k, cos, sin, *args, **kwargs)
+            _unrotated.append((cos, sin))
+            return q, k
+
+        patched[module] = original
+        module.apply_rotary_pos_emb = held_back
+    try:
+        yield bool(patched)
+    finally:
+        _unrotated.clear()
+        for module, original in patched.items():
+            module.apply_rotary_pos_emb = original
+
+
+def is_traced(t) -> bool:
+    """Whether `t` is a tracing placeholder (no values to look at)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def halves_equal(cos, sin) -> bool:
+    import torch
+
+    h = cos.shape[-1] // 2
+    return bool(torch.equal(cos[..., :h], cos[..., h:]) and torch.equal(sin[..., :h], sin[..., h:]))
+
+
+def attention_layers(model) -> list:
+    """The modules that take transformers' attention interface."""
+    return [m for m in model.modules() if hasattr(m, "num_key_value_groups") and hasattr(m, "scaling")]
+
+
 def onnx_translation() -> dict:
-    """{the custom op: its ONNX function}, for torch.onnx.export's custom_translation_table."""
+    """{each custom op: its ONNX function}, for torch.onnx.export's custom_translation_table."""
     import onnx
     import onnxscript
     import torch
@@ -102,18 +193,26 @@ def onnx_translation() -> dict:
 
     gqa = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "GroupQueryAttention", gqa_schema())
 
-    def causal_gqa(query, key, value, num_heads: int, kv_num_heads: int, scale: float):
+    def lengths(query):
         rows = op.Shape(query, start=0, end=1)
         length = op.Cast(op.Shape(query, start=1, end=2), to=onnx.TensorProto.INT32)
         # Every row taken as full length (seqlens_k = T − 1, total length T), no past keys.
         one = op.Cast(op.Constant(value_ints=[1]), to=onnx.TensorProto.INT32)
-        seqlens_k = op.Expand(op.Sub(length, one), rows)
-        total = op.Reshape(length, op.Constant(value_ints=[]))
-        out, _, _ = gqa(query, key, value, None, None, seqlens_k, total, num_heads=num_heads, kv_num_heads=kv_num_heads,
-                        scale=scale)  # fmt: skip
+        return op.Expand(op.Sub(length, one), rows), op.Reshape(length, op.Constant(value_ints=[]))
+
+    def causal_gqa(query, key, value, num_heads: int, kv_num_heads: int, scale: float):
+        seqlens_k, total = lengths(query)
+        out, _, _ = gqa(query, key, value, None, None, seqlens_k, total, None, None, num_heads=num_heads,
+                        kv_num_heads=kv_num_heads, scale=scale, do_rotary=0, rotary_interleaved=0)  # fmt: skip
         return out
 
-    return {torch.ops.edpo.causal_gqa.default: causal_gqa}
+    def causal_gqa_rotary(query, key, value, cos, sin, num_heads: int, kv_num_heads: int, scale: float):
+        seqlens_k, total = lengths(query)
+        out, _, _ = gqa(query, key, value, None, None, seqlens_k, total, cos, sin, num_heads=num_heads,
+                        kv_num_heads=kv_num_heads, scale=scale, do_rotary=1, rotary_interleaved=0)  # fmt: skip
+        return out
+
+    return {torch.ops.edpo.causal_gqa.default: causal_gqa, torch.ops.edpo.causal_gqa_rotary.default: causal_gqa_rotary}
 
 
 def gqa_schema():
@@ -128,11 +227,14 @@ def gqa_schema():
 
     inputs = [param("query", "T"), param("key", "T", optional), param("value", "T", optional),
               param("past_key", "T", optional), param("past_value", "T", optional),
-              param("seqlens_k", "M"), param("total_sequence_length", "M")]  # fmt: skip
+              param("seqlens_k", "M"), param("total_sequence_length", "M"),
+              param("cos_cache", "T", optional), param("sin_cache", "T", optional)]  # fmt: skip
     outputs = [param("output", "T"), param("present_key", "T"), param("present_value", "T")]
     attributes = [OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
                   OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
-                  OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "")]  # fmt: skip
+                  OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, ""),
+                  OpSchema.Attribute("do_rotary", OpSchema.AttrType.INT, ""),
+                  OpSchema.Attribute("rotary_interleaved", OpSchema.AttrType.INT, "")]  # fmt: skip
     return OpSchema(
         "GroupQueryAttention", "com.microsoft", 1, inputs=inputs, outputs=outputs,
         type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], "")], attributes=attributes,

@@ -47,9 +47,9 @@ def main(argv=None, prog: str | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--random-init", type=int, metavar="SEED", help="ignore weights; initialise from config with SEED")
     parser.add_argument(
-        "--lm-head-chunks", type=int, default=16, metavar="C",
+        "--lm-head-chunks", type=int, default=4, metavar="C",
         help="slices of the output projection in the scoring and training graphs, computed at the response "
-        "(label) positions only (0 = dense [N,T,V] logits at every position; default 16)",
+        "(label) positions only (0 = dense [N,T,V] logits at every position; default 4)",
     )  # fmt: skip
     parser.add_argument(
         "--recompute", choices=["attention", "layers", "none"], default="attention",

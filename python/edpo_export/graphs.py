@@ -11,6 +11,7 @@ import struct
 import time
 from pathlib import Path
 
+from . import projection
 from .common import PARAMS_FILE, REFERENCE_OUTPUTS, TRACE_TOPK, TRAIN_STAT_OUTPUTS, accumulator_name, fail, log
 from .remat import PRODUCT_OPS, recompute_in_backward
 
@@ -99,6 +100,9 @@ class ReferenceScorer:
 
         from .objective import at_label_positions, at_least_fp32, chunk_bounds, loss_positions, pad_rows
 
+        if lm_head_chunks > 0:
+            projection.register()
+
         class Scorer(torch.nn.Module):
             def __init__(self, inner):
                 super().__init__()
@@ -126,14 +130,8 @@ class ReferenceScorer:
                 size, padded = chunk_bounds(m, lm_head_chunks)
                 h_pad, y_pad = pad_rows(h_sel, padded - m), pad_rows(y_sel, padded - m)
                 w = self.model.get_output_embeddings().weight
-                tok_out, vals_out, ids_out = [], [], []
-                for c in range(lm_head_chunks):
-                    rows = slice(c * size, (c + 1) * size)
-                    logp = torch.log_softmax(at_least_fp32(torch.nn.functional.linear(h_pad[rows], w)), dim=-1)
-                    tok_out.append(logp.gather(-1, y_pad[rows].unsqueeze(-1)).squeeze(-1))
-                    vals, ids = torch.topk(logp, k, dim=-1)
-                    vals_out.append(vals)
-                    ids_out.append(ids)
+                # One ONNX Loop over the slices in the graph (projection.py).
+                scores = torch.ops.edpo.sliced_scores(h_pad, y_pad, w, lm_head_chunks, k)
                 # Back to the [N, T] layout: slot[r·T + t] is 1 + the position's index among the
                 # scored ones, 0 (a zero row prepended to each output) where it was not asked for.
                 slot = torch.zeros(n * t, dtype=torch.int64).index_put(
@@ -141,14 +139,14 @@ class ReferenceScorer:
                 )
 
                 def spread(values):
-                    values = torch.cat(values)[:m]
+                    values = values[:m]
                     return torch.cat([torch.zeros_like(values[:1]), values]).index_select(0, slot)
 
                 # -1, not k: K becomes a graph input after tracing (make_k_an_input).
                 return (
-                    spread(tok_out).reshape(n, t),
-                    spread(vals_out).reshape(n, t, -1),
-                    spread(ids_out).reshape(n, t, -1),
+                    spread(scores[0]).reshape(n, t),
+                    spread(scores[1]).reshape(n, t, -1),
+                    spread(scores[2]).reshape(n, t, -1),
                 )
 
         return Scorer(model)
@@ -564,6 +562,8 @@ def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool,
         dynamic = (*dynamic, {0: Dim("M", min=1)})
     t0 = time.time()
     with scoring_attention(untied, scorer, example, attention) as (attention, translation):
+        if lm_head_chunks > 0:
+            translation = {**(translation or {}), **projection.onnx_translation()}
         program = torch.onnx.export(
             scorer, example, dynamic_shapes=dynamic, dynamo=True, external_data=False, optimize=False,
             custom_translation_table=translation,
@@ -574,10 +574,12 @@ def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool,
     import onnx_ir as ir
 
     proto = ir.serde.serialize_model(model)
+    loops = projection.loop_sliced_scores(proto)
     make_k_an_input(proto)
     transposes = transposed_weight_products(proto, params)
     scalings = scaled_products(proto)
-    log(f"{transposes} weight transposes and {scalings} scalings folded into their products")
+    log(f"{transposes} weight transposes and {scalings} scalings folded into their products"
+        + (f"; the output projection's {lm_head_chunks} slices are one Loop" if loops else ""))
     point_params_at_safetensors(proto, params, params_path, tied_alias_map(untied))
     proto.graph.ClearField("value_info")
     onnx.save(proto, out)
@@ -604,23 +606,49 @@ def scoring_attention(untied, scorer, example, attention: str):
         eager = scorer(*example)
     untied.config._attn_implementation = fused.FUSED
     try:
-        with torch.no_grad():
-            got = scorer(*example)
-    except ValueError as e:  # a model passes what the kernel does not take (attention.py)
-        untied.config._attn_implementation = previous
-        log(f"scoring attention: eager ({e})")
-        yield "eager", None
-        return
-    try:
-        gap = real_position_gap(eager, got, example[1])
-        if gap > 1e-4:
-            fail(
-                f"{type(untied).__name__}: causal attention without the padding mask differs from the model's "
-                f"attention at real tokens (max |Δ| = {gap:.2e}); export with `--scoring-attention eager`"
-            )
-        yield "fused", fused.onnx_translation()
+        with contextlib.ExitStack() as stack:
+            try:
+                got = kernel_rotary(untied, scorer, example, eager, stack)
+                if got is None:
+                    with torch.no_grad():
+                        got = scorer(*example)
+            except ValueError as e:  # a model passes what the kernel does not take (attention.py)
+                stack.close()
+                untied.config._attn_implementation = previous
+                log(f"scoring attention: eager ({e})")
+                yield "eager", None
+                return
+            gap = real_position_gap(eager, got, example[1])
+            if gap > 1e-4:
+                fail(
+                    f"{type(untied).__name__}: causal attention without the padding mask differs from the model's "
+                    f"attention at real tokens (max |Δ| = {gap:.2e}); export with `--scoring-attention eager`"
+                )
+            yield "fused", fused.onnx_translation()
     finally:
         untied.config._attn_implementation = previous
+
+
+def kernel_rotary(untied, scorer, example, eager, stack):
+    """The fused scorer's outputs with the rotary embedding left to the kernel
+    (attention.rotary_in_kernel, entered on `stack` and kept for the trace) if the model's rotary
+    allows it and the outputs match the eager model's at real tokens; else None (the rotary
+    stays in the graph)."""
+    import torch
+
+    from . import attention as fused
+
+    with fused.rotary_in_kernel(untied) as replaced:
+        if not replaced:
+            return None
+        with torch.no_grad():
+            got = scorer(*example)
+    gap = real_position_gap(eager, got, example[1])
+    if gap > 1e-4:
+        log(f"scoring attention: the rotary embedding stays in the graph (in the kernel max |Δ| = {gap:.2e})")
+        return None
+    stack.enter_context(fused.rotary_in_kernel(untied))
+    return got
 
 
 def real_position_gap(a, b, attention_mask) -> float:
@@ -634,11 +662,11 @@ def tied_alias_map(untied) -> dict[str, str]:
 
 
 def make_k_an_input(proto) -> None:
-    """Replace the traced constant K of the TopK nodes (one per output-projection slice) by the
-    scalar int64 graph input `k`."""
+    """Replace the traced constant K of the TopK nodes (the dense graph's one, or the one in the
+    body of the output projection's Loop, projection.py) by the scalar int64 graph input `k`."""
     from onnx import TensorProto, helper, numpy_helper
 
-    topk = [n for n in proto.graph.node if n.op_type == "TopK"]
+    topk = [n for g in graphs_within(proto.graph) for n in g.node if n.op_type == "TopK"]
     if not topk:
         raise RuntimeError("expected a TopK node in the scoring graph, found none")
     proto.graph.input.append(helper.make_tensor_value_info("k", TensorProto.INT64, []))
@@ -648,7 +676,8 @@ def make_k_an_input(proto) -> None:
     old_ks = {node.input[1] for node in topk}
     for node in topk:
         node.input[1] = "edpo_k_1d"
-    unused = {k for k in old_ks if not any(k in n.input for n in proto.graph.node)}
+    used = {i for g in graphs_within(proto.graph) for n in g.node for i in n.input}
+    unused = old_ks - used
     if unused:
         keep = [t for t in proto.graph.initializer if t.name not in unused]
         del proto.graph.initializer[:]
@@ -661,6 +690,16 @@ def make_k_an_input(proto) -> None:
         if len(dims) == 3:
             dims[2].ClearField("dim_value")
             dims[2].dim_param = "K"
+
+
+def graphs_within(graph) -> list:
+    """`graph` and every subgraph of its nodes (Loop and If bodies), depth first."""
+    out = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                out.extend(graphs_within(sub))
+    return out
 
 
 def safetensors_offsets(path: Path) -> dict[str, tuple[int, int, list[int], str]]:

@@ -123,7 +123,8 @@ def loss_grad_wrt_z(z: torch.Tensor, beta_i: torch.Tensor, label_smoothing: torc
 
 # Output-projection slices per product added to the surrogate's Gw [V, H] (the projection's
 # gradient, `_chunked_surrogate`): every product passes over all of Gw (SmolLM2: 108 MB), so
-# 16 slices add it in 4 products, each over [V, 4·size] probabilities recomputed for it.
+# 16 slices add it in 4 products, each over [V, 4·size] probabilities recomputed for it (the
+# default 4 slices in one).
 GW_SLICES_PER_PRODUCT = 4
 
 

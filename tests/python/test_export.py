@@ -34,6 +34,19 @@ def test_export_then_verify_passes(exported, arch, capsys):
     config = json.loads((bundle / "config.json").read_text())
     layers = config.get("num_hidden_layers", config.get("n_layer"))
     assert fused == (0 if arch == "gpt2" else 7 * layers), fused
+    # Llama and Qwen2's rotary embedding is the kernel's (do_rotary): no rotate_half left.
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == (0 if arch == "gpt2" else layers)
+    assert all(next(a.i for a in n.attribute if a.name == "do_rotary") == 1 for n in gqa)
+    assert arch == "gpt2" or not [n for n in graph.node if n.op_type == "Neg"]
+    # The output projection's slices are one Loop, so one Gemm reads (and pre-packs) its weight.
+    from edpo_export.graphs import graphs_within
+
+    (loop,) = [n for n in graph.node if n.op_type == "Loop"]
+    (body,) = [a.g for a in loop.attribute if a.name == "body"]
+    (head,) = [n.input[1] for n in body.node if n.op_type == "Gemm"]
+    assert head in weights
+    assert len([n for g in graphs_within(graph) for n in g.node if head in n.input]) == 1
     # The attention scale is the alpha of the products next to it: per layer the scores of the
     # forward pass and of their recomputation, and the two products of the scores' gradient.
     joint = onnx.load(bundle / manifest["graphs"]["train"]["file"], load_external_data=False).graph
@@ -319,3 +332,45 @@ def test_fused_scoring_attention_is_refused_where_the_kernel_does_not_apply(samp
         setattr(config, key, value)
     got = unsupported_reason(AutoModelForCausalLM.from_config(config))
     assert got is not None and reason in got, got
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_rotary_is_left_to_the_kernel_only_in_its_plain_form(samples, monkeypatch, plain):
+    """The scoring trace hands the rotary embedding to the kernel (GroupQueryAttention's
+    do_rotary) where it is transformers' plain form, cos/sin halves equal; a rotary of another
+    form (here its cos/sin scaled along the head, halves unequal) stays the model's own. Either way the fused scorer
+    gives the eager model's log-probs at real tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edpo_export import attention
+
+    config = AutoConfig.from_pretrained(samples / "configs" / "llama-tiny")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    if not plain:
+        rotary = model.model.rotary_emb
+        plain_forward = rotary.forward
+        rotary.forward = lambda *a, **kw: tuple(c * torch.linspace(0.5, 1.5, c.shape[-1]) for c in plain_forward(*a, **kw))
+
+    class Counting(list):
+        held_back = 0
+
+        def append(self, item):
+            Counting.held_back += 1
+            super().append(item)
+
+    monkeypatch.setattr(attention, "_unrotated", Counting())
+    ids, attn, _ = golden_batch(config.vocab_size)
+    scorer = ReferenceScorer.build(model, 5)
+    with torch.no_grad():
+        eager = scorer(ids, attn)
+        attention.register()
+        model.config._attn_implementation = attention.FUSED
+        with attention.rotary_in_kernel(model) as replaced:
+            fused = scorer(ids, attn)
+    assert replaced
+    assert Counting.held_back == (config.num_hidden_layers if plain else 0)
+    real = attn.bool()
+    for a, b in zip(eager[:2], fused[:2]):
+        assert (a[real] - b[real]).abs().max() < 1e-5
+    assert torch.equal(eager[2][real][:, :3], fused[2][real][:, :3])

@@ -22,8 +22,13 @@ from pathlib import Path
 from edpo_bench.common import edpo_release, measured, write_results
 
 
+# Control-flow operators: their time is their body's nodes, which the trace lists too.
+CONTAINERS = {"Loop", "If", "Scan"}
+
+
 def summarize(traces: list[Path]) -> dict:
-    """Node time per operator type and graph-run time from ONNX Runtime trace files."""
+    """Node time per operator type and graph-run time from ONNX Runtime trace files (the nodes
+    inside a Loop's body counted as themselves, not also as the Loop)."""
     by_op: dict[str, float] = defaultdict(float)
     runs_us = 0.0
     for trace in traces:
@@ -31,7 +36,9 @@ def summarize(traces: list[Path]) -> dict:
             if ev.get("cat") == "Session" and ev.get("name") == "model_run":
                 runs_us += ev.get("dur", 0)
             elif ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
-                by_op[ev.get("args", {}).get("op_name", "?")] += ev.get("dur", 0)
+                op = ev.get("args", {}).get("op_name", "?")
+                if op not in CONTAINERS:
+                    by_op[op] += ev.get("dur", 0)
     node_us = sum(by_op.values())
     ops = sorted(by_op.items(), key=lambda kv: -kv[1])
     return {

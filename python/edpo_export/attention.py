@@ -21,10 +21,11 @@ contrib op.
 # No `from __future__ import annotations`: torch.library reads the custom op's annotations.
 
 import contextlib
-import sys
 
 FUSED = "edpo_causal_gqa"
 _registered = False
+# (cos, sin) of the rotary that `rotary_in_kernel` held back, for the attention call after it.
+_unrotated: list = []
 
 
 def unsupported_reason(model) -> str | None:
@@ -107,6 +108,8 @@ def register() -> None:
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         rotary = _unrotated.pop() if _unrotated else None
+        if rotary is not None and rotary[0].shape[-1] != query.shape[-1]:
+            raise RuntimeError("a held-back rotary does not fit this attention call's head size")
         used = [k for k in ("sliding_window", "softcap", "s_aux", "position_bias") if kwargs.get(k) is not None]
         if used or dropout:
             raise ValueError(f"{type(module).__name__} passes {used or ['dropout']}, which the causal kernel does not take")
@@ -128,51 +131,56 @@ def register() -> None:
     _registered = True
 
 
-# (cos, sin) of the rotary that `rotary_in_kernel` held back, for the attention call after it.
-_unrotated: list = []
+class HeldBack:
+    """What `rotary_in_kernel` did while it was entered: the rotary calls it held back for the
+    kernel and the ones it left to the model (not in the plain form)."""
+
+    def __init__(self):
+        self.held_back = 0
+        self.left = 0
 
 
 @contextlib.contextmanager
-def rotary_in_kernel(model):
-    """Within: the attention modules' rotary embedding (their modeling module's
-    `apply_rotary_pos_emb`) is left to the kernel (`causal_gqa_rotary`: GroupQueryAttention's
-    do_rotary) where it has transformers' plain form — cos/sin [B, T, D] of a full-width
-    rotation, their two halves equal; any other call rotates as the model does. Yields whether
-    any module's rotary was replaced. The export compares the outputs with the eager model's."""
-    modules = {sys.modules[type(m).__module__] for m in attention_layers(model)}
+def rotary_in_kernel(model, trace: bool = False):
+    """Within: the attention modules' rotary embedding (the `apply_rotary_pos_emb` their forward
+    calls) is left to the kernel (`causal_gqa_rotary`: GroupQueryAttention's do_rotary) where it
+    has transformers' plain form — cos/sin [1, T, D] of a rotation over the whole head, D a
+    multiple of 16 (ONNX Runtime's rotary), their two halves equal; other calls rotate as the
+    model does. The halves are compared on real tensors; `trace` (tracing placeholders, no
+    values) takes the form as checked by an eager pass before. Yields a HeldBack count.
+    The export keeps it only if every layer's call was held back and the outputs match the
+    eager model's (graphs.kernel_rotary)."""
+    count = HeldBack()
+    namespaces = {id(g): g for g in (type(m).forward.__globals__ for m in attention_layers(model))}
     patched = {}
-    for module in modules:
-        original = getattr(module, "apply_rotary_pos_emb", None)
-        if original is None:
-            continue
-
-        def held_back(q, k, cos, sin, *args, _original=original, **kwargs):
-            d = q.shape[-1]
-            plain = (not args and not kwargs and cos.dim() == 3 and cos.shape == sin.shape and cos.shape[-1] == d
-                     and d % 2 == 0 and (is_traced(cos) or halves_equal(cos, sin)))  # fmt: skip
-            if not plain:
-                return _original(q, k, cos, sin, *args, **kwargs)
-            _unrotated.append((cos, sin))
-            return q, k
-
-        patched[module] = original
-        module.apply_rotary_pos_emb = held_back
     try:
-        yield bool(patched)
+        for key, namespace in namespaces.items():
+            original = namespace.get("apply_rotary_pos_emb")
+            if original is None:
+                continue
+
+            def held_back(q, k, cos, sin, *args, _original=original, **kwargs):
+                d = q.shape[-1]
+                plain = (not args and not kwargs and cos.dim() == 3 and cos.shape[0] == 1 and cos.shape == sin.shape
+                         and cos.shape[-1] == d and d % 16 == 0 and (trace or halves_equal(cos, sin)))  # fmt: skip
+                if not plain:
+                    count.left += 1
+                    return _original(q, k, cos, sin, *args, **kwargs)
+                count.held_back += 1
+                _unrotated.append((cos, sin))
+                return q, k
+
+            patched[key] = original
+            namespace["apply_rotary_pos_emb"] = held_back
+        yield count
     finally:
         _unrotated.clear()
-        for module, original in patched.items():
-            module.apply_rotary_pos_emb = original
-
-
-def is_traced(t) -> bool:
-    """Whether `t` is a tracing placeholder (no values to look at)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor)
+        for key, original in patched.items():
+            namespaces[key]["apply_rotary_pos_emb"] = original
 
 
 def halves_equal(cos, sin) -> bool:
+    """Whether cos and sin repeat their first half (transformers' rotate_half layout)."""
     import torch
 
     h = cos.shape[-1] // 2

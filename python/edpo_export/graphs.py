@@ -607,15 +607,18 @@ def scoring_attention(untied, scorer, example, attention: str):
     untied.config._attn_implementation = fused.FUSED
     try:
         with contextlib.ExitStack() as stack:
-            try:
-                got = kernel_rotary(untied, scorer, example, eager, stack)
-                if got is None:
+            got = kernel_rotary(untied, scorer, example, eager)
+            if got is None:
+                try:
                     with torch.no_grad():
                         got = scorer(*example)
-            except ValueError as e:  # a model passes what the kernel does not take (attention.py)
-                stack.close()
+                except ValueError as e:  # a model passes what the kernel does not take (attention.py)
+                    got = e
+            else:  # the trace repeats the eager pass's decision (tracing has no values)
+                stack.enter_context(fused.rotary_in_kernel(untied, trace=True))
+            if isinstance(got, ValueError):
                 untied.config._attn_implementation = previous
-                log(f"scoring attention: eager ({e})")
+                log(f"scoring attention: eager ({got})")
                 yield "eager", None
                 return
             gap = real_position_gap(eager, got, example[1])
@@ -629,25 +632,31 @@ def scoring_attention(untied, scorer, example, attention: str):
         untied.config._attn_implementation = previous
 
 
-def kernel_rotary(untied, scorer, example, eager, stack):
+def kernel_rotary(untied, scorer, example, eager):
     """The fused scorer's outputs with the rotary embedding left to the kernel
-    (attention.rotary_in_kernel, entered on `stack` and kept for the trace) if the model's rotary
-    allows it and the outputs match the eager model's at real tokens; else None (the rotary
-    stays in the graph)."""
+    (attention.rotary_in_kernel) if every attention layer's rotary call has the plain form and
+    the outputs match the eager model's at real tokens; else None (the rotary stays in the
+    graph)."""
     import torch
 
     from . import attention as fused
 
-    with fused.rotary_in_kernel(untied) as replaced:
-        if not replaced:
-            return None
-        with torch.no_grad():
+    layers = len(fused.attention_layers(untied))
+    try:
+        with fused.rotary_in_kernel(untied) as count, torch.no_grad():
             got = scorer(*example)
+    except Exception as e:  # the kernel's rotary does not fit this model's: keep the model's
+        log(f"scoring attention: the rotary embedding stays in the graph ({type(e).__name__}: {e})")
+        return None
+    if count.held_back != layers or count.left:
+        if count.held_back or count.left:
+            log(f"scoring attention: the rotary embedding stays in the graph ({count.held_back} of {layers} "
+                f"layers' calls in the kernel's form, {count.left} not)")  # fmt: skip
+        return None
     gap = real_position_gap(eager, got, example[1])
     if gap > 1e-4:
         log(f"scoring attention: the rotary embedding stays in the graph (in the kernel max |Δ| = {gap:.2e})")
         return None
-    stack.enter_context(fused.rotary_in_kernel(untied))
     return got
 
 

@@ -4,8 +4,9 @@ label's log-prob and the top-K, one slice at a time, so at most one [M/C, V] sli
 alive.
 
 Traced as C unrolled slices, the graph had C Gemm nodes reading the same weight, and ONNX
-Runtime pre-packs a constant weight once per node that reads it (then keeps one copy): 16
-pre-packs of SmolLM2's 113 MB projection, 1.2 s of its 2.3 s session creation. The Loop's body
+Runtime pre-packs a constant weight once per node that reads it (then keeps one copy): with
+the then-default 16 slices, 16 pre-packs of SmolLM2's 113 MB projection, 1.2 s of its 2.3 s
+session creation. The Loop's body
 has one Gemm, pre-packed once; its kernels and their order are the unrolled slices', so the
 outputs are the same bits.
 

@@ -334,12 +334,21 @@ def test_fused_scoring_attention_is_refused_where_the_kernel_does_not_apply(samp
     assert got is not None and reason in got, got
 
 
+def unequal_halves(rotary_forward):
+    """A rotary embedding's forward whose cos/sin no longer repeat their first half."""
+
+    def forward(*args, **kwargs):
+        return tuple(c * torch.linspace(0.5, 1.5, c.shape[-1]) for c in rotary_forward(*args, **kwargs))
+
+    return forward
+
+
 @pytest.mark.parametrize("plain", [True, False])
-def test_rotary_is_left_to_the_kernel_only_in_its_plain_form(samples, monkeypatch, plain):
+def test_rotary_is_left_to_the_kernel_only_in_its_plain_form(samples, plain):
     """The scoring trace hands the rotary embedding to the kernel (GroupQueryAttention's
     do_rotary) where it is transformers' plain form, cos/sin halves equal; a rotary of another
-    form (here its cos/sin scaled along the head, halves unequal) stays the model's own. Either way the fused scorer
-    gives the eager model's log-probs at real tokens."""
+    form (here cos/sin scaled along the head, halves unequal) stays the model's own. Either way
+    the fused scorer gives the eager model's log-probs at real tokens."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from edpo_export import attention
@@ -348,29 +357,43 @@ def test_rotary_is_left_to_the_kernel_only_in_its_plain_form(samples, monkeypatc
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
     if not plain:
-        rotary = model.model.rotary_emb
-        plain_forward = rotary.forward
-        rotary.forward = lambda *a, **kw: tuple(c * torch.linspace(0.5, 1.5, c.shape[-1]) for c in plain_forward(*a, **kw))
-
-    class Counting(list):
-        held_back = 0
-
-        def append(self, item):
-            Counting.held_back += 1
-            super().append(item)
-
-    monkeypatch.setattr(attention, "_unrotated", Counting())
+        model.model.rotary_emb.forward = unequal_halves(model.model.rotary_emb.forward)
     ids, attn, _ = golden_batch(config.vocab_size)
     scorer = ReferenceScorer.build(model, 5)
     with torch.no_grad():
         eager = scorer(ids, attn)
         attention.register()
         model.config._attn_implementation = attention.FUSED
-        with attention.rotary_in_kernel(model) as replaced:
+        with attention.rotary_in_kernel(model) as count:
             fused = scorer(ids, attn)
-    assert replaced
-    assert Counting.held_back == (config.num_hidden_layers if plain else 0)
+    layers = config.num_hidden_layers
+    assert (count.held_back, count.left) == ((layers, 0) if plain else (0, layers))
     real = attn.bool()
     for a, b in zip(eager[:2], fused[:2]):
         assert (a[real] - b[real]).abs().max() < 1e-5
     assert torch.equal(eager[2][real][:, :3], fused[2][real][:, :3])
+
+
+def test_a_rotary_not_in_the_plain_form_exports_without_the_kernels_rotary(samples, tmp_path, monkeypatch):
+    """Exporting a model whose rotary is not the plain form (the eager pass decides; the trace,
+    which has no values to compare, repeats that decision): the attention kernel without
+    do_rotary, the model's own rotary in the graph, and verify passes."""
+    import onnx
+    from transformers.models.llama import modeling_llama
+
+    import edpo_export
+
+    plain_forward = modeling_llama.LlamaRotaryEmbedding.forward
+    monkeypatch.setattr(
+        modeling_llama.LlamaRotaryEmbedding, "forward",
+        lambda self, *a, **kw: unequal_halves(plain_forward.__get__(self))(*a, **kw),
+    )  # fmt: skip
+    out = tmp_path / "bundle"
+    edpo_export.main([
+        "--model", str(samples / "configs" / "llama-tiny"), "--random-init", "0", "--out", str(out), "--topk-default", "8",
+    ])  # fmt: skip
+    graph = onnx.load(out / "reference.onnx", load_external_data=False).graph
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert gqa and all(next(a.i for a in n.attribute if a.name == "do_rotary") == 0 for n in gqa)
+    assert [n for n in graph.node if n.op_type == "Neg"], "rotate_half stays in the graph"
+    assert verify(out) == 0

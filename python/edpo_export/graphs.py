@@ -607,18 +607,18 @@ def scoring_attention(untied, scorer, example, attention: str):
     untied.config._attn_implementation = fused.FUSED
     try:
         with contextlib.ExitStack() as stack:
-            got = kernel_rotary(untied, scorer, example, eager)
-            if got is None:
+            got, unsupported = kernel_rotary(untied, scorer, example, eager), None
+            if got is not None:  # the trace repeats the eager pass's decision (tracing has no values)
+                stack.enter_context(fused.rotary_in_kernel(untied, trace=True))
+            else:
                 try:
                     with torch.no_grad():
                         got = scorer(*example)
                 except ValueError as e:  # a model passes what the kernel does not take (attention.py)
-                    got = e
-            else:  # the trace repeats the eager pass's decision (tracing has no values)
-                stack.enter_context(fused.rotary_in_kernel(untied, trace=True))
-            if isinstance(got, ValueError):
+                    unsupported = e
+            if unsupported is not None:
                 untied.config._attn_implementation = previous
-                log(f"scoring attention: eager ({got})")
+                log(f"scoring attention: eager ({unsupported})")
                 yield "eager", None
                 return
             gap = real_position_gap(eager, got, example[1])

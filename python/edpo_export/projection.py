@@ -89,16 +89,19 @@ def loop_sliced_scores(proto) -> int:
     """Replaces every placeholder node of `proto` by its Loop (module doc); returns how many.
     The body's TopK takes the traced k as a constant (make_k_an_input turns it into the input)."""
     import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     graph = proto.graph
-    elem = {t.name: t.data_type for t in graph.initializer}
-    elem.update({v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info]})
+    # The weight is a graph input or an initializer here, as parameters are at this stage.
+    weight_types = {t.name: t.data_type for t in graph.initializer}
+    weight_types.update({v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info]})
     replaced = 0
     for node in [n for n in graph.node if n.domain == PLACEHOLDER_DOMAIN and n.op_type == PLACEHOLDER]:
         index = list(graph.node).index(node)
         attrs = {a.name: a.i for a in node.attribute}
         h, y, w = node.input
+        if w not in weight_types:
+            raise RuntimeError(f"the output projection's weight `{w}` has no known type in the scoring graph")
         pre = f"edpo_sliced_scores_{replaced}"
         consts = {
             f"{pre}_chunks": np.array([attrs["chunks"]], np.int64),
@@ -116,7 +119,7 @@ def loop_sliced_scores(proto) -> int:
         stacked = [f"{pre}_tok", f"{pre}_vals", f"{pre}_ids"]
         loop = helper.make_node(
             "Loop", [f"{pre}_trip", ""], stacked, name=f"{pre}_loop",
-            body=_body(pre, h, y, w, size, elem.get(w, TensorProto.FLOAT)),
+            body=_body(pre, h, y, w, size, weight_types[w]),
         )  # fmt: skip
         # Scan outputs stack the slices: [C, size(, K)] → [P(, K)].
         flat = [

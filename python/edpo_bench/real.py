@@ -15,13 +15,15 @@ pair of measurements in one command:
   stage's share of it, FLOPs counted from the model's shapes (edpo_bench.flops), with edpo's
   per-stage time breakdown (its summaries' `stages`).
 
-Results: bench-results/real-bench.json and markdown tables on stdout.
+Results: bench-results/real-bench.json (`--results NAME`: bench-results/NAME.json) and markdown
+tables on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -138,9 +140,21 @@ def print_stages(rows: list[dict]) -> None:
         print(f"| {r['length']} | {cells} | {r['edpo']['wall_s']:.1f} |")
 
 
+def cpu_description() -> str:
+    """The CPU model and its widest fp32 vector instructions (the GEMM peak depends on both)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+
+    def field(name: str) -> str:
+        return next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.split(":")[0].strip() == name), "?")
+
+    flags = set(field("flags").split())
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{field('model name')}, {simd}, {os.cpu_count()} cores"
+
+
 def print_tables(res: dict, path: Path) -> None:
     peak = add_peak_shares(res)
-    write_results("real-bench", res)
+    write_results(path.stem, res)
     print(f"fp32 GEMM peak at {res['threads']} threads, measured before and after the runs: "
           + ", ".join(f"{p['gflops']:.1f}" for p in res["gemm_peak"]) + f" GFLOP/s; shares below use the best, {peak:.1f}")  # fmt: skip
     if "export" in res:
@@ -194,18 +208,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-checkpointed", action="store_true", help="skip the training runs of the --recompute layers bundle")
     ap.add_argument("--skip-train", action="store_true", help="prep only (train results of earlier runs are kept with --keep)")
     ap.add_argument("--keep", action="store_true",
-                    help="keep what bench-results/real-bench.json already holds for the export and for lengths not run now")
+                    help="keep what the results file already holds for the export and for lengths not run now")
+    ap.add_argument("--results", default="real-bench", help="results file name in bench-results/ (default real-bench)")
     ap.add_argument("--reprint", action="store_true",
-                    help="measure the GEMM peak again, recompute the shares in bench-results/real-bench.json, print its tables")
+                    help="measure the GEMM peak again, recompute the shares in the results file, print its tables")
     args = ap.parse_args(argv)
-    path = ROOT / "bench-results/real-bench.json"
+    path = ROOT / "bench-results" / f"{args.results}.json"
     if args.reprint:
         res = json.loads(path.read_text())
         res["gemm_peak"].append(measure_peak(args.threads))
         print_tables(res, path)
         return 0
     bundle = smollm2_bundle()
-    res = {"threads": args.threads, "topk": TOPK_DEFAULT, "model": "SmolLM2-135M-Instruct (Q4_1 de-quantised)", "prep": [], "train": []}
+    res = {"threads": args.threads, "cpu": cpu_description(), "topk": TOPK_DEFAULT, "model": "SmolLM2-135M-Instruct (Q4_1 de-quantised)", "prep": [], "train": []}
     if args.keep and path.is_file():
         kept = json.loads(path.read_text())
         res["gemm_peak"] = kept.get("gemm_peak", [])
@@ -226,7 +241,7 @@ def main(argv=None) -> int:
             res["train"].append(bench_train(bundle, length, args.threads, args.train_steps, args.train_batch, args.micro_batch, checkpointed))
         res["prep"].sort(key=lambda r: r["length"])
         res["train"].sort(key=lambda r: r["length"])
-        write_results("real-bench", res)
+        write_results(path.stem, res)
     res["gemm_peak"].append(measure_peak(args.threads))
     print_tables(res, path)
     return 0

@@ -28,6 +28,11 @@ _registered = False
 _unrotated: list = []
 
 
+class KernelUnsupported(ValueError):
+    """An attention call passes what the causal kernel does not take (the export falls back to
+    the eager attention)."""
+
+
 def unsupported_reason(model) -> str | None:
     """Why `model`'s attention cannot be the causal kernel (None if it can): the kernel has no
     sliding or chunked window, soft-capping or sinks, one head size for queries, keys and
@@ -112,7 +117,7 @@ def register() -> None:
             raise RuntimeError("a held-back rotary does not fit this attention call's head size")
         used = [k for k in ("sliding_window", "softcap", "s_aux", "position_bias") if kwargs.get(k) is not None]
         if used or dropout:
-            raise ValueError(f"{type(module).__name__} passes {used or ['dropout']}, which the causal kernel does not take")
+            raise KernelUnsupported(f"{type(module).__name__} passes {used or ['dropout']}, which the causal kernel does not take")
         b, n, s, d = query.shape
         g = key.shape[1]
         scale = float(scaling if scaling is not None else d**-0.5)

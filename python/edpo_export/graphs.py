@@ -607,18 +607,16 @@ def scoring_attention(untied, scorer, example, attention: str):
     untied.config._attn_implementation = fused.FUSED
     try:
         with contextlib.ExitStack() as stack:
-            got, unsupported = kernel_rotary(untied, scorer, example, eager), None
-            if got is not None:  # the trace repeats the eager pass's decision (tracing has no values)
-                stack.enter_context(fused.rotary_in_kernel(untied, trace=True))
-            else:
-                try:
+            try:
+                got = kernel_rotary(untied, scorer, example, eager)
+                if got is not None:  # the trace repeats the eager pass's decision (tracing has no values)
+                    stack.enter_context(fused.rotary_in_kernel(untied, trace=True))
+                else:
                     with torch.no_grad():
                         got = scorer(*example)
-                except ValueError as e:  # a model passes what the kernel does not take (attention.py)
-                    unsupported = e
-            if unsupported is not None:
+            except fused.KernelUnsupported as e:
                 untied.config._attn_implementation = previous
-                log(f"scoring attention: eager ({unsupported})")
+                log(f"scoring attention: eager ({e})")
                 yield "eager", None
                 return
             gap = real_position_gap(eager, got, example[1])
@@ -645,6 +643,8 @@ def kernel_rotary(untied, scorer, example, eager):
     try:
         with fused.rotary_in_kernel(untied) as count, torch.no_grad():
             got = scorer(*example)
+    except fused.KernelUnsupported:  # the kernel does not fit this model at all (scoring_attention)
+        raise
     except Exception as e:  # the kernel's rotary does not fit this model's: keep the model's
         log(f"scoring attention: the rotary embedding stays in the graph ({type(e).__name__}: {e})")
         return None

@@ -190,7 +190,8 @@ pub struct PrepArgs {
     #[arg(long, env = "EDPO_DEVICE")]
     pub device: Option<String>,
 
-    /// Token budget of one scoring batch (rows × padded length).
+    /// Token budget of one scoring batch (rows × padded length; default 1024 on CPU, 8192 on
+    /// CUDA).
     #[arg(long)]
     pub batch_tokens: Option<usize>,
 
@@ -408,7 +409,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub beta: Option<f64>,
 
-    /// Token budget of one scoring batch.
+    /// Token budget of one scoring batch (default 1024 on CPU, 8192 on CUDA).
     #[arg(long)]
     pub batch_tokens: Option<usize>,
 

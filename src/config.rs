@@ -54,7 +54,7 @@ pub struct PrepSettings {
     pub prompt_mismatch: PromptMismatch,
     pub topk: Option<usize>,
     pub device: String,
-    pub batch_tokens: usize,
+    pub batch_tokens: Option<usize>,
     pub shard_size: usize,
     pub limit: Option<u64>,
     pub overwrite: bool,
@@ -81,7 +81,7 @@ impl Default for PrepSettings {
             prompt_mismatch: PromptMismatch::Skip,
             topk: None,
             device: "cpu".into(),
-            batch_tokens: 8192,
+            batch_tokens: None,
             shard_size: 2048,
             limit: None,
             overwrite: false,
@@ -170,7 +170,7 @@ pub struct EvalSettings {
     pub params: Option<PathBuf>,
     pub shards: Option<PathBuf>,
     pub beta: f64,
-    pub batch_tokens: usize,
+    pub batch_tokens: Option<usize>,
     pub device: String,
     pub per_pair: Option<PathBuf>,
 }
@@ -182,7 +182,7 @@ impl Default for EvalSettings {
             params: None,
             shards: None,
             beta: 0.01,
-            batch_tokens: 8192,
+            batch_tokens: None,
             device: "cpu".into(),
             per_pair: None,
         }
@@ -327,6 +327,34 @@ fn session(device: &str, global: &GlobalArgs) -> Result<SessionConfig, ConfigErr
     })
 }
 
+/// The top-level settings that differ between a recorded run (`then`) and this one (`now`),
+/// as `key: value then, value now`, leaving out the keys in `ignore` (what a user reads when a
+/// resume is refused).
+pub fn setting_differences(then: &Value, now: &Value, ignore: &[&str]) -> Vec<String> {
+    let (Some(then), Some(now)) = (then.as_object(), now.as_object()) else {
+        return vec!["settings".into()];
+    };
+    let mut keys: Vec<&String> = now.keys().chain(then.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let show = |v: Option<&Value>| v.map_or("unset".into(), |v| v.to_string());
+    keys.into_iter()
+        .filter(|key| !ignore.contains(&key.as_str()) && then.get(*key) != now.get(*key))
+        .map(|key| {
+            format!(
+                "{key}: {} then, {} now",
+                show(then.get(key)),
+                show(now.get(key))
+            )
+        })
+        .collect()
+}
+
+/// `--batch-tokens` as given, or the default for the device the graph runs on.
+fn batch_tokens(given: Option<usize>, session: &SessionConfig) -> usize {
+    given.unwrap_or_else(|| crate::batch::default_batch_tokens(session.device))
+}
+
 /// `edpo prep`'s flags over its `--config` file over the defaults.
 pub fn prep_settings(args: &PrepArgs) -> Result<PrepSettings, ConfigError> {
     let file: PrepArgs = read_config_file(args.config.as_deref())?;
@@ -344,6 +372,7 @@ pub fn prep_config(args: &PrepArgs, global: &GlobalArgs) -> Result<PrepConfig, C
     } else {
         worker::resolve(s.worker.as_deref(), s.workers, |k| std::env::var(k).ok())?
     };
+    let session = session(&s.device, global)?;
     Ok(PrepConfig {
         model: required(s.model, "model")?,
         data: s.data,
@@ -362,8 +391,8 @@ pub fn prep_config(args: &PrepArgs, global: &GlobalArgs) -> Result<PrepConfig, C
         response_eos: s.response_eos,
         prompt_mismatch: s.prompt_mismatch,
         topk: s.topk,
-        session: session(&s.device, global)?,
-        batch_tokens: s.batch_tokens,
+        batch_tokens: batch_tokens(s.batch_tokens, &session),
+        session,
         shard_size: s.shard_size,
         limit: s.limit,
         overwrite: s.overwrite,
@@ -421,13 +450,14 @@ pub fn train_config(args: &TrainArgs, global: &GlobalArgs) -> Result<TrainConfig
 /// The checked configuration of an `edpo eval` run.
 pub fn eval_config(args: &EvalArgs, global: &GlobalArgs) -> Result<EvalConfig, ConfigError> {
     let s: EvalSettings = layered(&[as_layer(args)])?;
+    let session = session(&s.device, global)?;
     Ok(EvalConfig {
         model: required(s.model, "model")?,
         params: s.params,
         shards: required(s.shards, "shards")?,
         beta: s.beta,
-        batch_tokens: s.batch_tokens,
-        session: session(&s.device, global)?,
+        batch_tokens: batch_tokens(s.batch_tokens, &session),
+        session,
         per_pair: s.per_pair,
     })
 }
@@ -509,6 +539,35 @@ mod tests {
             s.lr,
             TrainSettings::default().lr,
             "default where nobody says"
+        );
+    }
+
+    fn prep_args(flags: &[&str]) -> PrepArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            args: PrepArgs,
+        }
+        let mut argv = vec!["prep", "--model", "m", "--data", "d", "--out", "o"];
+        argv.extend_from_slice(flags);
+        Wrap::parse_from(argv).args
+    }
+
+    #[test]
+    fn the_token_budget_defaults_by_device_unless_given() {
+        let global = GlobalArgs::default();
+        let budget = |flags: &[&str]| {
+            prep_config(&prep_args(flags), &global)
+                .unwrap()
+                .batch_tokens
+        };
+        assert_eq!(budget(&[]), 1024, "CPU");
+        assert_eq!(budget(&["--device", "cuda"]), 8192, "CUDA");
+        assert_eq!(
+            budget(&["--device", "cuda", "--batch-tokens", "300"]),
+            300,
+            "given"
         );
     }
 

@@ -391,6 +391,10 @@ fn other_settings_are_refused_without_overwrite() {
         stderr.contains("--overwrite") && stderr.contains("fingerprint"),
         "{stderr}"
     );
+    assert!(
+        stderr.contains("limit: 20 then, 30 now"),
+        "names the setting that differs: {stderr}"
+    );
     assert_eq!(snapshot(&tmp.path().join("shards")), before);
 }
 

@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048])
     ap.add_argument("--pairs", type=int, default=32)
-    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--batch-tokens", type=int, default=1024, help="token budget of a prep batch, both tools (default 1024, edpo's on CPU)")
     ap.add_argument("--train-steps", type=int, default=2)
     ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--micro-batch", type=int, default=1)
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     for length in args.lengths:
         data = real_pairs(args.pairs, length, ensure())
         if not args.skip_prep:
-            res["prep"].append(bench_prep(bundle, data, length, args.threads, max(args.batch_tokens, 2 * length)))
+            res["prep"].append(bench_prep(bundle, data, length, args.threads, args.batch_tokens))
         if not args.skip_train:
             res["train"].append(bench_train(bundle, length, args.threads, args.train_steps, args.train_batch, args.micro_batch, checkpointed))
         res["prep"].sort(key=lambda r: r["length"])

@@ -55,11 +55,12 @@ fn existing_shards(dir: &Path, plan: &Plan) -> Result<Existing, Error> {
     let files = list_shards(dir)?;
     let foreign = match &manifest {
         Some(m) if m.fingerprint != plan.fingerprint => Some(format!(
-            "reference {} vs {}, settings fingerprint {} vs {}",
+            "reference {} vs {}, settings fingerprint {} vs {}{}",
             short(&m.reference_sha256),
             short(&plan.bundle.reference_sha256),
             short(&m.fingerprint),
-            short(&plan.fingerprint)
+            short(&plan.fingerprint),
+            differing_settings(&m.settings, &plan.settings)
         )),
         None if !files.is_empty() => Some("shards without a manifest.json".to_string()),
         _ => None,
@@ -68,6 +69,17 @@ fn existing_shards(dir: &Path, plan: &Plan) -> Result<Existing, Error> {
         return Ok(Existing::Foreign { what, files });
     }
     Ok(Existing::Resumable(complete_shards(dir, plan)?))
+}
+
+/// `: key: value then, value now; …` for the recorded settings that differ from this run's
+/// (empty when none does, e.g. only the reference changed).
+fn differing_settings(then: &serde_json::Value, now: &serde_json::Value) -> String {
+    let diffs = crate::config::setting_differences(then, now, &[]);
+    if diffs.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", diffs.join("; "))
+    }
 }
 
 fn short(hash: &str) -> &str {

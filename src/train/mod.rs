@@ -234,29 +234,14 @@ fn config_json(cfg: &TrainConfig, ranks: usize) -> serde_json::Value {
 
 /// The settings that differ between a saved run and now (a missing `ranks` is 1).
 fn resume_differences(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
-    let (Some(saved), Some(now)) = (saved.as_object(), now.as_object()) else {
-        return vec!["config".into()];
-    };
-    let value_of = |map: &serde_json::Map<String, serde_json::Value>, key: &str| {
-        map.get(key)
-            .cloned()
-            .or_else(|| (key == "ranks").then(|| 1.into()))
-    };
-    let mut keys: Vec<&String> = now.keys().chain(saved.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    let mut diffs = Vec::new();
-    for key in keys {
-        if RESUMABLE_DIFFERENCES.contains(&key.as_str()) {
-            continue;
+    let with_ranks = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        if let Some(map) = v.as_object_mut() {
+            map.entry("ranks").or_insert_with(|| 1.into());
         }
-        let (then, current) = (value_of(saved, key), value_of(now, key));
-        if then != current {
-            let show = |v: Option<serde_json::Value>| v.map_or("unset".into(), |v| v.to_string());
-            diffs.push(format!("{key}: {} then, {} now", show(then), show(current)));
-        }
-    }
-    diffs
+        v
+    };
+    crate::config::setting_differences(&with_ranks(saved), &with_ranks(now), &RESUMABLE_DIFFERENCES)
 }
 
 /// Writes `final/`: the trained parameters as a Hugging Face model folder, or a LoRA bundle's

@@ -184,6 +184,39 @@ def rotary_in_kernel(model, trace: bool = False):
             namespaces[key]["apply_rotary_pos_emb"] = original
 
 
+def rotate_half_by_split(x):
+    """transformers' `rotate_half` (cat(−x₂, x₁) of the last axis' halves) through one `split`:
+    the same values, and in the joint graph its backward is one Concat, where the two slices'
+    is a ScatterND into zeros between transposes of the whole [rows, heads, T, D] gradient."""
+    import torch
+
+    x1, x2 = torch.split(x, x.shape[-1] // 2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@contextlib.contextmanager
+def rotary_by_split(model):
+    """Within: the attention modules' `rotate_half` is `rotate_half_by_split`, where it computes
+    the same values on a probe (an even head size); elsewhere the model's own. Yields the number
+    of module namespaces patched."""
+    import torch
+
+    probe = torch.arange(2 * 3 * 4 * 8, dtype=torch.float32).reshape(2, 3, 4, 8)
+    namespaces = {id(g): g for g in (type(m).forward.__globals__ for m in attention_layers(model))}
+    patched = {}
+    try:
+        for key, namespace in namespaces.items():
+            original = namespace.get("rotate_half")
+            if original is None or not torch.equal(original(probe), rotate_half_by_split(probe)):
+                continue
+            patched[key] = original
+            namespace["rotate_half"] = rotate_half_by_split
+        yield len(patched)
+    finally:
+        for key, original in patched.items():
+            namespaces[key]["rotate_half"] = original
+
+
 def halves_equal(cos, sin) -> bool:
     """Whether cos and sin repeat their first half (transformers' rotate_half layout)."""
     import torch

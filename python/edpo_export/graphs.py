@@ -264,6 +264,7 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
     from torch.export import Dim
     from torch.export.graph_signature import OutputKind, OutputSpec
 
+    from .attention import rotary_by_split
     from .objective import EpsDpoLoss, loss_positions
 
     module = EpsDpoLoss(untied, lm_head_chunks)
@@ -291,11 +292,13 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
     t0 = time.time()
     # Size-oblivious, as torch.onnx.export traces: the padding of the last output-projection
     # slice (0 to C − 1 rows for M label positions) must not be specialised to "not 0 or 1".
-    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True), rotary_by_split(untied) as split:
         ep = torch.export.export(
             module, example, dynamic_shapes=dynamic, strict=False, prefer_deferred_runtime_asserts_over_guards=True
         )
-    jep = torch.export.experimental._export_forward_backward(ep, joint_loss_index=0)
+        jep = torch.export.experimental._export_forward_backward(ep, joint_loss_index=0)
+    if split:
+        log("joint graph: rotate_half through split (its backward one Concat)")
     log(f"joint program traced in {time.time() - t0:.1f}s")
 
     graph = jep.graph_module.graph

@@ -52,6 +52,13 @@ def test_export_then_verify_passes(exported, arch, capsys):
     joint = onnx.load(bundle / manifest["graphs"]["train"]["file"], load_external_data=False).graph
     scaled = sum(n.op_type == "FusedMatMul" and any(a.name == "alpha" for a in n.attribute) for n in joint.node)
     assert scaled == 4 * layers, scaled
+    # rotate_half's backward is a Concat (attention.rotary_by_split), not the slices' ScatterND
+    # into zeros between transposes of the whole [rows, heads, T, D] gradient.
+    made_by = {o: n for n in joint.node for o in n.output}
+    scattered = [n.name for n in joint.node if n.op_type == "ScatterND" and made_by.get(n.input[0]) is not None
+                 and made_by[n.input[0]].op_type == "Transpose"
+                 and len(next(a.ints for a in made_by[n.input[0]].attribute if a.name == "perm")) == 4]  # fmt: skip
+    assert not scattered, scattered
     tied = manifest["tied"]
     if arch in ("qwen2", "gpt2"):
         # Tied embeddings: one stored tensor, two graph inputs, one summed gradient.
@@ -341,6 +348,34 @@ def unequal_halves(rotary_forward):
         return tuple(c * torch.linspace(0.5, 1.5, c.shape[-1]) for c in rotary_forward(*args, **kwargs))
 
     return forward
+
+
+def test_rotate_half_by_split_is_the_models_own_and_is_restored(samples):
+    """Within `rotary_by_split` the model's rotate_half is the split form and its outputs and
+    gradients are the model's own, bit for bit; afterwards the original is back."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edpo_export import attention
+
+    config = AutoConfig.from_pretrained(samples / "configs" / "llama-tiny")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    ids, attn, _ = golden_batch(config.vocab_size)
+    namespace = type(attention.attention_layers(model)[0]).forward.__globals__
+    original = namespace["rotate_half"]
+
+    def logits_and_grad():
+        model.zero_grad()
+        logits = model(input_ids=ids, attention_mask=attn).logits
+        logits.square().mean().backward()
+        return logits.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    before = logits_and_grad()
+    with attention.rotary_by_split(model) as patched:
+        assert patched == 1 and namespace["rotate_half"] is attention.rotate_half_by_split
+        within = logits_and_grad()
+    assert namespace["rotate_half"] is original
+    assert torch.equal(before[0], within[0]) and torch.equal(before[1], within[1])
 
 
 @pytest.mark.parametrize("plain", [True, False])

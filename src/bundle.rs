@@ -196,12 +196,21 @@ pub struct ExportSpec {
     /// Runtime's GroupQueryAttention), right-padded rows only; `eager` (or absent) is masked.
     #[serde(default)]
     pub scoring_attention: Option<String>,
+    /// The joint graph's attention: causal in this many query blocks without the padding mask
+    /// (more than 1), right-padded rows only; 1 (or absent) is transformers' masked attention.
+    #[serde(default)]
+    pub train_attention_blocks: Option<u32>,
 }
 
 impl ExportSpec {
     /// Whether the scoring graph takes right-padded rows only (its attention ignores the mask).
     pub fn scoring_needs_right_padding(&self) -> bool {
         self.scoring_attention.as_deref() == Some("fused")
+    }
+
+    /// Whether the joint graph takes right-padded rows only (its attention ignores the mask).
+    pub fn training_needs_right_padding(&self) -> bool {
+        self.train_attention_blocks.is_some_and(|blocks| blocks > 1)
     }
 }
 

@@ -377,6 +377,9 @@ pub struct TrainGraph {
     /// The in-graph gradient sum (bundles exported with it): per entry of `grad_outputs`, its
     /// accumulator input.
     accumulators: Option<Vec<String>>,
+    /// Whether the graph's attention ignores the padding mask (block-causal), so that rows
+    /// must be padded on the right.
+    right_padded_only: bool,
     /// Wall seconds spent inside `Session::run` so far.
     run_seconds: f64,
 }
@@ -437,6 +440,7 @@ impl TrainGraph {
             grad_outputs,
             takes_positions: spec.inputs.iter().any(|i| i.name == LABEL_POSITIONS),
             takes_scale: spec.inputs.iter().any(|i| i.name == GRAD_SCALE),
+            right_padded_only: bundle.manifest.export.training_needs_right_padding(),
             accumulators,
             run_seconds: 0.0,
         })
@@ -473,6 +477,15 @@ impl TrainGraph {
                     "`{name}` has shape {got:?}, expected {want:?}"
                 )));
             }
+        }
+        if let Some(row) =
+            first_not_right_padded(batch.attention_mask.view()).filter(|_| self.right_padded_only)
+        {
+            return Err(batch_err(format!(
+                "row {row} of attention_mask has a 0 before a 1: this joint graph's attention is \
+                 causal without the padding mask, so rows must be padded on the right (or export \
+                 the bundle with `--train-attention-blocks 1`)"
+            )));
         }
         Ok(())
     }

@@ -328,6 +328,31 @@ fn train_batch() -> edpo::graphs::TrainBatch {
 }
 
 #[test]
+fn training_on_a_row_padded_on_the_left_is_a_clear_error() {
+    let bundle = Bundle::open(&sample_bundle()).unwrap();
+    assert!(bundle.manifest.export.training_needs_right_padding());
+    let params = bundle.load_params().unwrap();
+    let mut graph = edpo::graphs::TrainGraph::new(&bundle, &config()).unwrap();
+    let settings = edpo::graphs::LossSettings {
+        beta: 0.1,
+        epsilon: 0.01,
+        label_smoothing: 0.0,
+        step_tolerance: 1e-6,
+    };
+    let mut batch = train_batch();
+    batch.attention_mask[[1, 0]] = 0;
+    let mut grads = params.zeros_like();
+    let msg = graph
+        .run(&params, &batch, &settings, &mut grads, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("row 1 of attention_mask") && msg.contains("--train-attention-blocks 1"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn the_joint_graph_adds_the_weighted_gradient_to_the_buffers_in_place() {
     let bundle = Bundle::open(&sample_bundle()).unwrap();
     assert!(

@@ -16,6 +16,13 @@ Slice/Neg/Concat/Mul/Add passes over them (`rotary_in_kernel`).
 In PyTorch the kernel is the custom op `edpo::causal_gqa` (`edpo::causal_gqa_rotary`), registered
 as a transformers attention implementation (FUSED) for the trace; its ONNX translation is the
 contrib op.
+
+The joint graph's attention (`block_causal`, registered as BLOCKED) is plain PyTorch, so its
+backward is traced with it: the queries in B blocks along the sequence, block i's scores over the
+keys up to its last query only — the causal square's blocks above the diagonal are never
+computed, (B + 1)/(2B) of it is (5/8 at B = 4) — each with the causal mask of its own rows,
+softmax, ·V, the blocks' outputs concatenated. It drops the padding mask as the kernel does (the
+same values at real tokens of right-padded rows).
 """
 
 # No `from __future__ import annotations`: torch.library reads the custom op's annotations.
@@ -23,7 +30,10 @@ contrib op.
 import contextlib
 
 FUSED = "edpo_causal_gqa"
+BLOCKED = "edpo_block_causal"
 _registered = False
+# The number of query blocks `block_causal` splits the sequence into (set by `blocked_training`).
+_blocks = [1]
 # (cos, sin) of the rotary that `rotary_in_kernel` held back, for the attention call after it.
 _unrotated: list = []
 
@@ -133,7 +143,64 @@ def register() -> None:
         return out.reshape(b, s, n, d), None
 
     AttentionInterface.register(FUSED, attention)
+    AttentionInterface.register(BLOCKED, block_causal)
     _registered = True
+
+
+def block_causal(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention interface: query [B, N, T, D], key and value [B, G, T, D] →
+    ([B, T, N, D], None), causal attention computed in `_blocks[0]` query blocks (module
+    docstring). Block i holds the queries lo…hi − 1 (lo = i·T // blocks) and reads the keys
+    0…hi − 1; its scores get the additive causal mask of its rows (the mask's minimum above the
+    diagonal, as transformers' eager attention adds), so the values at every real token are the
+    eager ones. The blocks are `split`s and key prefixes `cat`s of key blocks, whose backwards
+    are a Concat and a Split (a slice's is a ScatterND into zeros of the whole tensor)."""
+    import torch
+
+    used = [k for k in ("sliding_window", "softcap", "s_aux", "position_bias") if kwargs.get(k) is not None]
+    if used or dropout:
+        raise KernelUnsupported(f"{type(module).__name__} passes {used or ['dropout']}, which block-causal attention does not take")
+    key, value = (repeat_heads(x, query.shape[1] // x.shape[1]) for x in (key, value))
+    length = query.shape[2]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    blocks = _blocks[0]
+    bounds = [(i * length) // blocks for i in range(blocks + 1)]
+    sizes = [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
+    queries, keys, values = (x.split(sizes, dim=2) for x in (query, key, value))
+    lowest = torch.finfo(query.dtype).min
+    outputs = []
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        k, v = (torch.cat(x[: i + 1], dim=2) if i + 1 < blocks else y for x, y in ((keys, key), (values, value)))
+        future = torch.arange(hi, device=query.device)[None, :] > torch.arange(lo, hi, device=query.device)[:, None]
+        mask = torch.zeros(future.shape, dtype=query.dtype, device=query.device).masked_fill(future, lowest)
+        scores = torch.matmul(queries[i], k.transpose(2, 3)) * scale + mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        outputs.append(torch.matmul(probs, v))
+    out = torch.cat(outputs, dim=2) if blocks > 1 else outputs[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def repeat_heads(x, groups: int):
+    """[B, G, T, D] → [B, G·groups, T, D], each key/value head repeated for its query heads
+    (transformers' `repeat_kv`)."""
+    if groups == 1:
+        return x
+    b, g, t, d = x.shape
+    return x[:, :, None].expand(b, g, groups, t, d).reshape(b, g * groups, t, d)
+
+
+@contextlib.contextmanager
+def blocked_training(model, blocks: int):
+    """Within: `model` attends with `block_causal` in `blocks` query blocks."""
+    register()
+    previous, _blocks[0] = _blocks[0], blocks
+    implementation = model.config._attn_implementation
+    model.config._attn_implementation = BLOCKED
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = implementation
+        _blocks[0] = previous
 
 
 class HeldBack:

@@ -94,9 +94,9 @@ def train_graph_lora(model, args, out: Path, example, tied: dict) -> dict:
     log(f"LoRA: {len(adapters)} modules, rank {adapters[0]['rank']}, scaling {adapters[0]['scaling']:g}, "
         f"{sum(p.numel() for p in inner.parameters() if p.requires_grad) / 1e6:.3f}M trainable; "
         f"reference = base{' + the --lora-init adapter' if reference_includes_adapter else ''}")  # fmt: skip
-    grad_of, recomputed = export_train_graph(
+    grad_of, recomputed, blocks = export_train_graph(
         inner, out / TRAIN_FILE, args.optimize, example, args.lm_head_chunks,
-        lora=(names, out / PARAMS_FILE, tied), recompute=args.recompute,
+        lora=(names, out / PARAMS_FILE, tied), recompute=args.recompute, attention_blocks=args.train_attention_blocks,
     )  # fmt: skip
     adapter_files = lora.save_adapter(peft_model, out, Path(args.model))
     trainable = [names[n] for n, p in inner.named_parameters() if p.requires_grad]
@@ -110,6 +110,7 @@ def train_graph_lora(model, args, out: Path, example, tied: dict) -> dict:
         "lora": lora.manifest_section(peft_model, args, reference_includes_adapter),
         "adapter_files": adapter_files,
         "recomputed_layers": recomputed,
+        "attention_blocks": blocks,
     }
 
 
@@ -158,11 +159,12 @@ def export(args) -> None:
         del untied  # the LoRA graph is traced on the tied model (its base weights get no gradient)
         train = train_graph_lora(model, args, out, example, tied)
     else:
-        grad_of, recomputed = export_train_graph(
-            untied, out / TRAIN_FILE, args.optimize, example, args.lm_head_chunks, recompute=args.recompute
-        )
+        grad_of, recomputed, blocks = export_train_graph(
+            untied, out / TRAIN_FILE, args.optimize, example, args.lm_head_chunks, recompute=args.recompute,
+            attention_blocks=args.train_attention_blocks,
+        )  # fmt: skip
         del untied  # the goldens need the tied model only (and room for its float64 copy)
-        train = train_graph_full(model, args, grad_of, weights) | {"recomputed_layers": recomputed}
+        train = train_graph_full(model, args, grad_of, weights) | {"recomputed_layers": recomputed, "attention_blocks": blocks}
     t_train = time.time() - t0
     save_file({name: value.clone() for name, value in train["goldens"].items()}, out / GOLDENS_FILE)  # no shared storage
 
@@ -206,6 +208,7 @@ def export(args) -> None:
             "recompute": args.recompute,
             "recomputed_layers": train["recomputed_layers"],
             "scoring_attention": scoring_attention,
+            "train_attention_blocks": train["attention_blocks"],
             "seconds_reference": round(t_ref, 2),
             "seconds_train": round(t_train, 2),
             "seconds_total": None,

@@ -1,6 +1,7 @@
 """Export a Hugging Face causal LM into an edpo model bundle, or verify one.
 
     python -m edpo_export --model HF_DIR --out BUNDLE [--topk-default K] [--recompute attention|layers|none]
+                          [--train-attention-blocks B]
     python -m edpo_export --model HF_DIR --out BUNDLE --lora [--lora-rank R] [--lora-alpha A]
                           [--lora-targets q_proj,v_proj | all-linear] [--lora-init ADAPTER_DIR]
     python -m edpo_export --verify BUNDLE
@@ -32,7 +33,7 @@ import os
 from pathlib import Path
 
 from .bundle import export
-from .common import TOPK_DEFAULT, fail
+from .common import TOPK_DEFAULT, TRAIN_ATTENTION_BLOCKS, fail
 from .verify import verify
 
 
@@ -64,6 +65,12 @@ def main(argv=None, prog: str | None = None) -> int:
         "(default, where the architecture allows it: no sliding window, soft-capping or sinks; attention.py), "
         "eager = scores, additive mask, softmax as transformers' eager attention",
     )  # fmt: skip
+    parser.add_argument(
+        "--train-attention-blocks", type=int, default=TRAIN_ATTENTION_BLOCKS, metavar="B",
+        help="the training graph's causal attention in B query blocks, each over the keys up to its last query "
+        f"only: (B + 1)/(2B) of the T×T scores computed (default {TRAIN_ATTENTION_BLOCKS}, where the architecture "
+        "allows it as for --scoring-attention fused; 1 = transformers' eager attention over the whole square)",
+    )  # fmt: skip
     lora = parser.add_argument_group("LoRA (a bundle that trains adapters over the frozen base; lora.py)")
     lora.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every parameter")
     lora.add_argument("--lora-rank", type=int, metavar="R", help="adapter rank r (default 8, PEFT's)")
@@ -91,6 +98,11 @@ def main(argv=None, prog: str | None = None) -> int:
         fail("`--topk-default` must be ≥ 1")
     if args.lm_head_chunks < 0:
         fail("`--lm-head-chunks` must be ≥ 0 (0 = dense logits)")
+    if not 1 <= args.train_attention_blocks <= 4:
+        fail(
+            "`--train-attention-blocks` must be 1 to 4 (1 = the eager attention over the whole square; the joint "
+            "graph is traced on 8 tokens, and blocks of one token would fix its length)"
+        )
     if args.lora_init:
         args.lora = True
     if not args.lora and (args.lora_rank or args.lora_alpha is not None or args.lora_targets):

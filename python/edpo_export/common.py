@@ -23,6 +23,9 @@ TRACE_TOPK = 7
 # ε-step with the exact one at both points of every noisy-preference run of `make study-k`
 # (README, "How good is the cached ε-step?").
 TOPK_DEFAULT = 128
+# Query blocks of the training graph's causal attention (attention.block_causal; README,
+# "Where the time goes"): measured on SmolLM2's joint graph against 1, 2 and 8.
+TRAIN_ATTENTION_BLOCKS = 4
 
 TRAIN_BATCH_INPUTS = [
     ("input_ids", "int64", ["N", "T"]),

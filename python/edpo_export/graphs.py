@@ -248,10 +248,13 @@ def drop_unit_powers(model) -> int:
     return replaced
 
 
-def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunks: int, lora=None, recompute: str = "attention") -> tuple[list[str], int]:
+def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunks: int, lora=None, recompute: str = "attention",
+                       attention_blocks: int = 1) -> tuple[list[str], int, int]:  # fmt: skip
     """The joint graph of `untied` (a model without tied parameters), one gradient output per
-    parameter that requires a gradient; returns their graph names and the number of layers whose
-    values the backward recomputes (`recompute`: "attention", "layers" or "none"; remat.py).
+    parameter that requires a gradient; returns their graph names, the number of layers whose
+    values the backward recomputes (`recompute`: "attention", "layers" or "none"; remat.py) and
+    the attention's query blocks (`attention_blocks` where the model allows them, else 1:
+    `training_attention`).
 
     `lora` (a LoRA bundle): (graph names {parameter: name}, params.safetensors path, {alias:
     stored name} of tied weights). The model then holds PEFT adapters and frozen base weights
@@ -292,7 +295,11 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
     t0 = time.time()
     # Size-oblivious, as torch.onnx.export traces: the padding of the last output-projection
     # slice (0 to C − 1 rows for M label positions) must not be specialised to "not 0 or 1".
-    with torch.fx.experimental._config.patch(backed_size_oblivious=True), rotary_by_split(untied) as split:
+    with (
+        torch.fx.experimental._config.patch(backed_size_oblivious=True),
+        rotary_by_split(untied) as split,
+        training_attention(untied, module, example, attention_blocks) as blocks,
+    ):
         ep = torch.export.export(
             module, example, dynamic_shapes=dynamic, strict=False, prefer_deferred_runtime_asserts_over_guards=True
         )
@@ -350,6 +357,8 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
     rename, tied = (lora[0], lora[2]) if lora else (None, None)
     model = finish_onnx(program, params, output_names, optimize, rename, tied)
     recomputed = recompute_in_backward(model, recompute)
+    if recompute == "attention":
+        recomputed //= blocks  # one softmax per query block
     import onnx
     import onnx_ir as ir
 
@@ -364,7 +373,45 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
         point_params_at_safetensors(proto, frozen, params_path, alias)
         proto.graph.ClearField("value_info")
     onnx.save(proto, out)
-    return grad_of, recomputed
+    return grad_of, recomputed, blocks
+
+
+@contextlib.contextmanager
+def training_attention(untied, module, example, blocks: int):
+    """Within: `untied` attends in `blocks` query blocks (attention.block_causal) if `blocks` > 1
+    and its architecture allows it (attention.unsupported_reason, and the ε-DPO outputs of
+    `module` on `example` match the eager attention's); yields the blocks used (1: the eager
+    attention over the full square)."""
+    import torch
+
+    from . import attention
+
+    reason = attention.unsupported_reason(untied) if blocks > 1 else None
+    if blocks <= 1 or reason is not None:
+        if reason is not None:
+            log(f"training attention: eager ({reason})")
+        yield 1
+        return
+    with torch.no_grad():
+        eager = module(*example)
+    with attention.blocked_training(untied, blocks):
+        try:
+            with torch.no_grad():
+                got = module(*example)
+        except attention.KernelUnsupported as e:
+            got = None
+            log(f"training attention: eager ({e})")
+        if got is not None:
+            gap = max(float((a.float() - b.float()).abs().max()) for a, b in zip(eager[:4], got[:4]))
+            if gap > 1e-4:
+                fail(
+                    f"{type(untied).__name__}: block-causal attention without the padding mask differs from the "
+                    f"model's attention (max |Δ| of the loss outputs = {gap:.2e}); export with `--train-attention-blocks 1`"
+                )
+            log(f"training attention: causal in {blocks} query blocks (max |Δ| of the loss outputs = {gap:.2e})")
+            yield blocks
+            return
+    yield 1
 
 
 def accumulate_gradients(proto, grad_of: list[str], tied: dict[str, str]) -> list[str]:

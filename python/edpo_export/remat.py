@@ -85,12 +85,13 @@ def score_chain(softmax) -> list | None:
 
 def recompute_in_backward(model, what: str) -> int:
     """Applies the exporter's --recompute choice ("attention", "layers" or "none") to a joint
-    graph whose statistics outputs are TRAIN_STAT_OUTPUTS; returns the layers rewritten."""
+    graph whose statistics outputs are TRAIN_STAT_OUTPUTS; returns the softmaxes ("attention":
+    one per layer and query block) or layers ("layers") rewritten."""
     stats = [name for name, _, _ in TRAIN_STAT_OUTPUTS]
     t0 = time.time()
     if what == "attention":
         done, skipped = recompute_attention(model, stats)
-        log(f"attention probabilities recomputed in the backward pass: {done} layers ({skipped} softmaxes left alone)")
+        log(f"attention probabilities recomputed in the backward pass: {done} softmaxes ({skipped} left alone)")
         log(f"element-wise values recomputed in the backward pass: {recompute_elementwise(model, stats)}")
     elif what == "layers":
         done = checkpoint_layers(model, stats)

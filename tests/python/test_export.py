@@ -49,9 +49,14 @@ def test_export_then_verify_passes(exported, arch, capsys):
     assert len([n for g in graphs_within(graph) for n in g.node if head in n.input]) == 1
     # The attention scale is the alpha of the products next to it: per layer the scores of the
     # forward pass and of their recomputation, and the two products of the scores' gradient.
+    # The joint graph's attention runs in 4 query blocks (attention.block_causal): those four
+    # products per block. GPT-2's attention module keeps the eager attention over the square.
+    blocks = manifest["export"]["train_attention_blocks"]
+    assert blocks == (1 if arch == "gpt2" else 4), blocks
     joint = onnx.load(bundle / manifest["graphs"]["train"]["file"], load_external_data=False).graph
     scaled = sum(n.op_type == "FusedMatMul" and any(a.name == "alpha" for a in n.attribute) for n in joint.node)
-    assert scaled == 4 * layers, scaled
+    assert scaled == 4 * layers * blocks, scaled
+    assert sum(n.op_type == "Softmax" for n in joint.node) == 2 * layers * blocks  # forward + recomputation
     # rotate_half's backward is a Concat (attention.rotary_by_split), not the slices' ScatterND
     # into zeros between transposes of the whole [rows, heads, T, D] gradient.
     made_by = {o: n for n in joint.node for o in n.output}
@@ -280,21 +285,27 @@ def test_export_refuses_slicing_a_model_whose_logits_are_not_the_plain_projectio
     assert "--lm-head-chunks 0" in capsys.readouterr().err
 
 
-def test_fused_scoring_attention_gives_the_eager_values_at_real_tokens(exported, samples, tmp_path):
+@pytest.fixture(scope="module")
+def eager_llama(tmp_path_factory, samples):
+    """The tiny Llama exported with transformers' eager attention in both graphs."""
+    import edpo_export
+
+    out = tmp_path_factory.mktemp("eager") / "bundle"
+    edpo_export.main([
+        "--model", str(samples / "configs" / "llama-tiny"), "--random-init", "0", "--out", str(out),
+        "--topk-default", "8", "--scoring-attention", "eager", "--train-attention-blocks", "1",
+    ])  # fmt: skip
+    return out
+
+
+def test_fused_scoring_attention_gives_the_eager_values_at_real_tokens(exported, eager_llama):
     """The default scoring graph (attention as ONNX Runtime's causal GroupQueryAttention, no padding
     mask) against an export with transformers' eager attention, on right-padded rows of different
     lengths: the same log-probs and top-K at every real token."""
     import onnx
     import onnxruntime as ort
 
-    import edpo_export
-
-    fused = exported("llama")
-    eager = tmp_path / "eager"
-    edpo_export.main([
-        "--model", str(samples / "configs" / "llama-tiny"), "--random-init", "0", "--out", str(eager),
-        "--topk-default", "8", "--scoring-attention", "eager",
-    ])  # fmt: skip
+    fused, eager = exported("llama"), eager_llama
     ops = {path: {n.op_type for n in onnx.load(path / "reference.onnx").graph.node} for path in (fused, eager)}
     assert "GroupQueryAttention" in ops[fused] and "GroupQueryAttention" not in ops[eager]
     for path, want in ((fused, "fused"), (eager, "eager")):
@@ -315,6 +326,72 @@ def test_fused_scoring_attention_gives_the_eager_values_at_real_tokens(exported,
     assert np.abs(tok_f[real] - tok_e[real]).max() < 1e-5
     assert np.abs(vals_f[real] - vals_e[real]).max() < 1e-5
     assert np.array_equal(ids_f[real], ids_e[real])
+
+
+def training_feeds(bundle, length: int, seed: int) -> dict:
+    """A joint-graph batch of 3 pairs at `length`: right-padded rows (row 0 without padding,
+    prompts of 1 to length/3 tokens, responses of at least one), made-up reference values, the
+    bundle's parameters and zero gradient accumulators."""
+    from safetensors.numpy import load_file
+
+    manifest = json.loads((bundle / "edpo-model.json").read_text())
+    rng = np.random.default_rng(seed)
+    pairs, k, vocab = 3, 8, manifest["vocab_size"]
+    ids = np.zeros((2 * pairs, length), np.int64)
+    mask, loss_mask = np.zeros_like(ids), np.zeros_like(ids)
+    for i in range(pairs):
+        prompt = rng.integers(0, vocab, int(rng.integers(1, max(2, length // 3) + 1)))
+        p = len(prompt)
+        for row in (i, i + pairs):
+            r = length - p if row == 0 else int(rng.integers(1, length - p + 1))
+            ids[row, :p], ids[row, p : p + r] = prompt, rng.integers(0, vocab, r)
+            mask[row, : p + r], loss_mask[row, p : p + r] = 1, 1
+    feeds = {
+        "input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask,
+        "ref_logps": rng.normal(-20, 3, 2 * pairs).astype(np.float32),
+        "ref_token_logps": (-5 * rng.random((2 * pairs, length))).astype(np.float32),
+        "ref_topk_ids": rng.integers(0, vocab, (2 * pairs, length, k)),
+        "ref_topk_logps": -np.sort(8 * rng.random((2 * pairs, length, k)), axis=-1).astype(np.float32),
+        "beta": np.array(0.1, np.float32), "epsilon": np.array(0.1, np.float32),
+        "label_smoothing": np.array(0.0, np.float32), "step_tolerance": np.array(1e-6, np.float32),
+        "grad_scale": np.array(1.0, np.float32),
+        "label_positions": loss_positions(torch.from_numpy(loss_mask)).numpy(),
+    }  # fmt: skip
+    params = load_file(bundle / "params.safetensors")
+    for graph_name, stored in manifest["graphs"]["train"]["param_inputs"].items():
+        feeds[graph_name] = params[stored]
+    feeds.update(plain_gradient_feeds(manifest["graphs"]["train"], feeds))
+    return feeds
+
+
+def test_blocked_training_attention_gives_the_eager_outputs_and_gradients(exported, eager_llama):
+    """The default joint graph (causal attention in 4 query blocks, attention.block_causal; no
+    padding mask) against transformers' eager attention over the whole square: every output —
+    loss, log-probs, ε-steps, each gradient — agrees to float rounding (relative to its largest
+    value) on right-padded batches, including lengths below the number of blocks (an empty
+    first block)."""
+    import onnx
+    import onnxruntime as ort
+
+    blocked = exported("llama")
+    softmaxes = {path: sum(n.op_type == "Softmax" for n in onnx.load(path / "policy.train.onnx").graph.node)
+                 for path in (blocked, eager_llama)}  # fmt: skip
+    assert softmaxes == {blocked: 16, eager_llama: 4}, softmaxes  # 2 layers × blocks × (forward, recomputation)
+    assert json.loads((eager_llama / "edpo-model.json").read_text())["export"]["train_attention_blocks"] == 1
+    sessions = {path: ort.InferenceSession(str(path / "policy.train.onnx"), providers=["CPUExecutionProvider"])
+                for path in (blocked, eager_llama)}  # fmt: skip
+    for length in (3, 4, 5, 8, 13, 21):
+        outs = {}
+        for path, sess in sessions.items():
+            outs[path] = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, training_feeds(path, length, seed=length))))
+        assert outs[blocked].keys() == outs[eager_llama].keys()
+        for name, want in outs[eager_llama].items():
+            got = outs[blocked][name]
+            if want.dtype.kind != "f":
+                assert np.array_equal(got, want), (length, name)
+                continue
+            rel = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-30))
+            assert rel < 5e-6, f"length {length}: {name} differs by {rel:.2e} of its largest value"
 
 
 @pytest.mark.parametrize(

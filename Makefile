@@ -13,7 +13,7 @@ EDPO := $(CARGO_TARGET_DIR)/debug/edpo
 # The Python packages (edpo_export, edpo_bench, edpo_experiments) live in python/.
 export PYTHONPATH := $(CURDIR)/python
 
-.PHONY: setup build build-release real real-kl bench-real bench-budget test test-real test-rust test-mpi test-python lint demo samples bench bench-prep bench-train bench-prep-workers bench-lora bench-mpi profile-real study-k chat-templates slurm-check
+.PHONY: setup build build-release real real-kl bench-real bench-budget bench-attention-blocks test test-real test-rust test-mpi test-python lint demo samples bench bench-prep bench-train bench-prep-workers bench-lora bench-mpi profile-real study-k chat-templates slurm-check
 
 setup:
 	@command -v cargo >/dev/null || { echo "error: cargo not found; install Rust with rustup" >&2; exit 2; }
@@ -87,6 +87,10 @@ bench-real: build-release
 # Prep's token budget on the real model: edpo and PyTorch at budgets 512 … 8,192 (~25 min).
 bench-budget: build-release
 	$(PY) -m edpo_bench.budget
+
+# edpo train on SmolLM2 bundles exported with 1, 2 and 4 training-attention blocks, alternated.
+bench-attention-blocks: build-release
+	$(PY) -m edpo_bench.attention_blocks
 
 # The whole pipeline on the real model and real conversations (see README "A real model").
 real: build-release

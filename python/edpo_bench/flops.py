@@ -8,7 +8,10 @@ model of L layers, width d, MLP width f, h heads of size d/h, g key/value heads,
     P     = L · (2·d² + 2·d·g·(d/h) + 3·d·f)           weights of the linear layers
     fwd   = 2·P·T + 4·L·d·T² + 2·d·V·R                 linear layers, attention scores and
                                                        mixing (the full T×T square, as dense
-                                                       kernels compute it), output projection
+                                                       kernels compute it; edpo's training
+                                                       graph in B query blocks computes
+                                                       (B+1)/(2B) of it, counted in full all
+                                                       the same), output projection
                                                        over the response positions (the only
                                                        ones prep and the loss need)
     prep  = fwd over both sequences of every pair

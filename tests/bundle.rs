@@ -327,18 +327,23 @@ fn train_batch() -> edpo::graphs::TrainBatch {
     }
 }
 
+/// The paper's loss settings for the joint-graph tests (β 0.1, ε 0.01).
+fn loss_settings() -> edpo::graphs::LossSettings {
+    edpo::graphs::LossSettings {
+        beta: 0.1,
+        epsilon: 0.01,
+        label_smoothing: 0.0,
+        step_tolerance: 1e-6,
+    }
+}
+
 #[test]
 fn training_on_a_row_padded_on_the_left_is_a_clear_error() {
     let bundle = Bundle::open(&sample_bundle()).unwrap();
     assert!(bundle.manifest.export.training_needs_right_padding());
     let params = bundle.load_params().unwrap();
     let mut graph = edpo::graphs::TrainGraph::new(&bundle, &config()).unwrap();
-    let settings = edpo::graphs::LossSettings {
-        beta: 0.1,
-        epsilon: 0.01,
-        label_smoothing: 0.0,
-        step_tolerance: 1e-6,
-    };
+    let settings = loss_settings();
     let mut batch = train_batch();
     batch.attention_mask[[1, 0]] = 0;
     let mut grads = params.zeros_like();
@@ -361,12 +366,7 @@ fn the_joint_graph_adds_the_weighted_gradient_to_the_buffers_in_place() {
     );
     let params = bundle.load_params().unwrap();
     let mut graph = edpo::graphs::TrainGraph::new(&bundle, &config()).unwrap();
-    let settings = edpo::graphs::LossSettings {
-        beta: 0.1,
-        epsilon: 0.01,
-        label_smoothing: 0.0,
-        step_tolerance: 1e-6,
-    };
+    let settings = loss_settings();
     let batch = train_batch();
     let mut plain = params.zeros_like();
     graph

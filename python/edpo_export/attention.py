@@ -125,9 +125,7 @@ def register() -> None:
         rotary = _unrotated.pop() if _unrotated else None
         if rotary is not None and rotary[0].shape[-1] != query.shape[-1]:
             raise RuntimeError("a held-back rotary does not fit this attention call's head size")
-        used = [k for k in ("sliding_window", "softcap", "s_aux", "position_bias") if kwargs.get(k) is not None]
-        if used or dropout:
-            raise KernelUnsupported(f"{type(module).__name__} passes {used or ['dropout']}, which the causal kernel does not take")
+        refuse_unsupported(module, dropout, kwargs, "the causal kernel")
         b, n, s, d = query.shape
         g = key.shape[1]
         scale = float(scaling if scaling is not None else d**-0.5)
@@ -157,9 +155,7 @@ def block_causal(module, query, key, value, attention_mask, scaling=None, dropou
     are a Concat and a Split (a slice's is a ScatterND into zeros of the whole tensor)."""
     import torch
 
-    used = [k for k in ("sliding_window", "softcap", "s_aux", "position_bias") if kwargs.get(k) is not None]
-    if used or dropout:
-        raise KernelUnsupported(f"{type(module).__name__} passes {used or ['dropout']}, which block-causal attention does not take")
+    refuse_unsupported(module, dropout, kwargs, "block-causal attention")
     key, value = (repeat_heads(x, query.shape[1] // x.shape[1]) for x in (key, value))
     length = query.shape[2]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -178,6 +174,15 @@ def block_causal(module, query, key, value, attention_mask, scaling=None, dropou
         outputs.append(torch.matmul(probs, v))
     out = torch.cat(outputs, dim=2) if blocks > 1 else outputs[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def refuse_unsupported(module, dropout, kwargs: dict, by: str) -> None:
+    """Raises KernelUnsupported if an attention call passes what plain causal attention (`by`:
+    the kernel, or block_causal) does not take: a window, soft-capping, sinks, a position bias
+    or dropout."""
+    used = [k for k in ("sliding_window", "softcap", "s_aux", "position_bias") if kwargs.get(k) is not None]
+    if used or dropout:
+        raise KernelUnsupported(f"{type(module).__name__} passes {used or ['dropout']}, which {by} does not take")
 
 
 def repeat_heads(x, groups: int):

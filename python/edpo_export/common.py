@@ -24,7 +24,7 @@ TRACE_TOPK = 7
 # (README, "How good is the cached ε-step?").
 TOPK_DEFAULT = 128
 # Query blocks of the training graph's causal attention (attention.block_causal; README,
-# "Where the time goes"): measured on SmolLM2's joint graph against 1, 2 and 8.
+# "Training attention"): measured on SmolLM2's joint graph against 1 and 2 (the CLI takes 1–4).
 TRAIN_ATTENTION_BLOCKS = 4
 
 TRAIN_BATCH_INPUTS = [

@@ -13,7 +13,7 @@ EDPO := $(CARGO_TARGET_DIR)/debug/edpo
 # The Python packages (edpo_export, edpo_bench, edpo_experiments) live in python/.
 export PYTHONPATH := $(CURDIR)/python
 
-.PHONY: setup build build-release real real-kl bench-real bench-budget bench-attention-blocks test test-real test-rust test-mpi test-python lint demo samples bench bench-prep bench-train bench-prep-workers bench-lora bench-mpi profile-real study-k chat-templates slurm-check
+.PHONY: setup build build-release real real-kl bench-real bench-budget bench-attention-blocks bench-graph-cache test test-real test-rust test-mpi test-python lint demo samples bench bench-prep bench-train bench-prep-workers bench-lora bench-mpi profile-real study-k chat-templates slurm-check
 
 setup:
 	@command -v cargo >/dev/null || { echo "error: cargo not found; install Rust with rustup" >&2; exit 2; }
@@ -91,6 +91,9 @@ bench-budget: build-release
 # edpo train on SmolLM2 bundles exported with 1, 2 and 4 training-attention blocks, alternated.
 bench-attention-blocks: build-release
 	$(PY) -m edpo_bench.attention_blocks
+
+bench-graph-cache: build-release
+	$(PY) -m edpo_bench.graph_cache
 
 # The whole pipeline on the real model and real conversations (see README "A real model").
 real: build-release

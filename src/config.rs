@@ -324,6 +324,7 @@ fn session(device: &str, global: &GlobalArgs) -> Result<SessionConfig, ConfigErr
     Ok(SessionConfig {
         device,
         threads: global.threads,
+        graph_cache: global.graph_cache.clone(),
     })
 }
 

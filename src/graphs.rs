@@ -12,8 +12,9 @@ use ort::session::{OutputSelector, RunOptions, Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 
 use crate::bundle::{contract_problems, Bundle, BundleError, Port};
+use crate::graph_cache::{self, CacheUse};
 use crate::params::ParamStore;
-use crate::runtime::{session_builder, SessionConfig};
+use crate::runtime::{session_builder, Device, SessionConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GraphError {
@@ -380,26 +381,57 @@ pub struct TrainGraph {
     /// Whether the graph's attention ignores the padding mask (block-causal), so that rows
     /// must be padded on the right.
     right_padded_only: bool,
+    /// Whether the optimised graph came from the cache, was written to it, or neither.
+    cache_use: CacheUse,
     /// Wall seconds spent inside `Session::run` so far.
     run_seconds: f64,
 }
 
+/// The cache file of a bundle's joint graph, where it is cached: a full bundle's (a LoRA
+/// joint graph holds the frozen base weights), on CPU (`graph_cache`).
+fn cache_file(bundle: &Bundle, config: &SessionConfig) -> Option<std::path::PathBuf> {
+    let dir = config.graph_cache.as_deref()?;
+    let file = &bundle.manifest.graphs.train.file;
+    let sha256 = &bundle.manifest.files.get(file)?.sha256;
+    (bundle.manifest.lora.is_none() && config.device == Device::Cpu)
+        .then(|| graph_cache::cache_file(dir, file, sha256))
+}
+
 impl TrainGraph {
     pub fn new(bundle: &Bundle, config: &SessionConfig) -> Result<Self, crate::Error> {
+        crate::runtime::init()?; // the cache key names the loaded ONNX Runtime build
         let spec = &bundle.manifest.graphs.train;
-        let mut builder = session_builder(config)?;
-        if bundle.manifest.lora.is_some() {
-            builder = frozen_base_settings(builder).map_err(|message| GraphError::Load {
-                file: spec.file.clone(),
-                message,
-            })?;
+        let lora = bundle.manifest.lora.is_some();
+        let builder = || {
+            let builder = session_builder(config).map_err(|e| e.to_string())?;
+            if lora {
+                frozen_base_settings(builder)
+            } else {
+                Ok(builder)
+            }
+        };
+        let (session, cache_use) = graph_cache::commit(
+            builder,
+            config,
+            &bundle.path(&spec.file),
+            cache_file(bundle, config),
+        )
+        .map_err(|message| GraphError::Load {
+            file: spec.file.clone(),
+            message,
+        })?;
+        match &cache_use {
+            CacheUse::Loaded(file) => {
+                tracing::info!(file = %file.display(), "joint graph: optimised graph from the cache")
+            }
+            CacheUse::Written(file) => {
+                tracing::info!(file = %file.display(), "joint graph: optimised graph cached")
+            }
+            CacheUse::NotWritten(reason) => {
+                tracing::warn!(%reason, "joint graph: the optimised graph was not cached")
+            }
+            CacheUse::Off => {}
         }
-        let session = builder
-            .commit_from_file(bundle.path(&spec.file))
-            .map_err(|e| GraphError::Load {
-                file: spec.file.clone(),
-                message: e.to_string(),
-            })?;
         let mut inputs = spec_ports(&spec.inputs);
         inputs.extend(spec.param_inputs.keys().map(|n| Port {
             name: n.clone(),
@@ -442,8 +474,14 @@ impl TrainGraph {
             takes_scale: spec.inputs.iter().any(|i| i.name == GRAD_SCALE),
             right_padded_only: bundle.manifest.export.training_needs_right_padding(),
             accumulators,
+            cache_use,
             run_seconds: 0.0,
         })
+    }
+
+    /// What this session did with the optimised-graph cache.
+    pub fn cache_use(&self) -> &CacheUse {
+        &self.cache_use
     }
 
     /// Checks a micro-batch's shapes against each other (2·B rows, one T, one top-K size).

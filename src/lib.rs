@@ -17,6 +17,7 @@ pub mod error;
 pub mod eval;
 pub mod file_hashes;
 pub mod goldens;
+pub mod graph_cache;
 pub mod graphs;
 pub mod in_place;
 pub mod inspect;

@@ -72,11 +72,14 @@ impl std::fmt::Display for Device {
 }
 
 /// Session settings shared by every graph edpo runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SessionConfig {
     pub device: Device,
     /// Intra-op threads; 0 lets ONNX Runtime choose (one per core).
     pub threads: usize,
+    /// Where ONNX Runtime's optimised joint graphs are kept between runs (`graph_cache`);
+    /// None: optimised at every session.
+    pub graph_cache: Option<PathBuf>,
 }
 
 impl Default for SessionConfig {
@@ -84,6 +87,7 @@ impl Default for SessionConfig {
         SessionConfig {
             device: Device::Cpu,
             threads: 0,
+            graph_cache: None,
         }
     }
 }

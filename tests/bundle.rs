@@ -394,3 +394,111 @@ fn the_joint_graph_adds_the_weighted_gradient_to_the_buffers_in_place() {
         }
     }
 }
+
+/// One run of the bundle's joint graph on `train_batch`: what it did with the cache, its
+/// outputs and its gradients.
+fn joint_run(
+    bundle: &Bundle,
+    config: &SessionConfig,
+) -> (
+    edpo::graph_cache::CacheUse,
+    edpo::graphs::TrainOutputs,
+    Vec<Vec<f32>>,
+) {
+    let params = bundle.load_params().unwrap();
+    let mut graph = edpo::graphs::TrainGraph::new(bundle, config).unwrap();
+    let mut grads = params.zeros_like();
+    let out = graph
+        .run(&params, &train_batch(), &loss_settings(), &mut grads, 1.0)
+        .unwrap();
+    (graph.cache_use().clone(), out, grads)
+}
+
+/// Whether two runs' outputs and gradients are the same bit for bit.
+fn same_bits(
+    a: &(edpo::graphs::TrainOutputs, Vec<Vec<f32>>),
+    b: &(edpo::graphs::TrainOutputs, Vec<Vec<f32>>),
+) -> bool {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let outputs = |o: &edpo::graphs::TrainOutputs| {
+        [&o.logps, &o.logps_plus, &o.logps_minus]
+            .iter()
+            .flat_map(|a| bits(a.as_slice().unwrap()))
+            .chain([o.loss.to_bits()])
+            .collect::<Vec<_>>()
+    };
+    outputs(&a.0) == outputs(&b.0)
+        && a.0.pair_steps == b.0.pair_steps
+        && a.1.iter().zip(&b.1).all(|(x, y)| bits(x) == bits(y))
+}
+
+#[test]
+fn the_optimised_joint_graph_is_cached_and_gives_the_same_outputs_bit_for_bit() {
+    use edpo::graph_cache::CacheUse;
+    let bundle = Bundle::open(&sample_bundle()).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let cached = SessionConfig {
+        graph_cache: Some(scratch.path().join("graphs")),
+        ..config()
+    };
+    let (used, out, grads) = joint_run(&bundle, &config());
+    assert_eq!(used, CacheUse::Off);
+    let plain = (out, grads);
+
+    let (used, out, grads) = joint_run(&bundle, &cached);
+    let CacheUse::Written(file) = used else {
+        panic!("the first session writes the cache: {used:?}")
+    };
+    assert!(same_bits(&plain, &(out, grads)));
+    let (used, out, grads) = joint_run(&bundle, &cached);
+    assert_eq!(used, CacheUse::Loaded(file.clone()));
+    assert!(
+        same_bits(&plain, &(out, grads)),
+        "the cached graph's outputs"
+    );
+    let names: Vec<String> = std::fs::read_dir(file.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let stem = file.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        names
+            .iter()
+            .all(|n| *n == stem || (n.starts_with(&stem) && n.ends_with(".data"))),
+        "the graph and its data file only, no temporary file: {names:?}"
+    );
+
+    // A damaged file is replaced by a good one.
+    std::fs::write(&file, b"not a graph").unwrap();
+    let (used, out, grads) = joint_run(&bundle, &cached);
+    assert_eq!(used, CacheUse::Written(file.clone()));
+    assert!(same_bits(&plain, &(out, grads)));
+    assert_eq!(joint_run(&bundle, &cached).0, CacheUse::Loaded(file));
+
+    // A folder that cannot be made costs the optimisation, not the run.
+    let blocked = scratch.path().join("a-file");
+    std::fs::write(&blocked, b"").unwrap();
+    let unwritable = SessionConfig {
+        graph_cache: Some(blocked.join("graphs")),
+        ..config()
+    };
+    let (used, out, grads) = joint_run(&bundle, &unwritable);
+    assert!(
+        matches!(&used, CacheUse::NotWritten(reason) if reason.contains("cannot create")),
+        "{used:?}"
+    );
+    assert!(same_bits(&plain, &(out, grads)));
+}
+
+#[test]
+fn a_lora_joint_graph_is_not_cached() {
+    let bundle = Bundle::open(&repo_root().join("data-samples/bundle-lora")).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let cached = SessionConfig {
+        graph_cache: Some(scratch.path().join("graphs")),
+        ..config()
+    };
+    let graph = edpo::graphs::TrainGraph::new(&bundle, &cached).unwrap();
+    assert_eq!(graph.cache_use(), &edpo::graph_cache::CacheUse::Off);
+    assert!(!scratch.path().join("graphs").exists());
+}

@@ -331,3 +331,25 @@ fn the_pair_loader_hands_out_every_row_and_rereads_a_row_asked_for_again() {
         &read_shard(&set.files[set.pairs[0].shard as usize]).unwrap()[set.pairs[0].row as usize];
     assert_eq!(again.chosen.topk_ids, direct.chosen.topk_ids);
 }
+
+#[test]
+fn graph_cache_is_written_by_the_first_run_and_loaded_by_the_next_with_the_same_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    prep(&shards, 32);
+    let cache = tmp.path().join("graphs");
+    let cache_flag = cache.to_str().unwrap();
+    let mut uses = Vec::new();
+    for run in ["plain", "first", "second"] {
+        let flags: &[&str] = match run {
+            "plain" => &["--max-steps", "2", "--json"],
+            _ => &["--max-steps", "2", "--json", "--graph-cache", cache_flag],
+        };
+        let out = run_ok(&mut train_cmd(&shards, &tmp.path().join(run), flags));
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        uses.push(summary["graph_cache"]["use"].as_str().unwrap().to_string());
+    }
+    assert_eq!(uses, ["off", "written", "loaded"]);
+    let records = |run: &str| std::fs::read(tmp.path().join(run).join("pairs.parquet")).unwrap();
+    assert_eq!(records("plain"), records("second"));
+}

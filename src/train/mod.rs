@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bundle::Bundle;
 use crate::dist::Ranks;
+use crate::graph_cache::CacheUse;
 use crate::lora;
 use crate::objective;
 use crate::output::Printable;
@@ -161,6 +162,8 @@ pub struct TrainSummary {
     /// AdamW (`optimizer`), step tables and checkpoints (`records_and_checkpoints`), the last
     /// checkpoint and `final/` (`final`).
     pub stages: StageTimes,
+    /// Whether the joint graph's optimised form came from the cache (`graph_cache`).
+    pub graph_cache: CacheUse,
 }
 
 impl Printable for TrainSummary {
@@ -669,6 +672,7 @@ pub fn run(cfg: &TrainConfig, ranks: &dyn Ranks) -> Result<TrainSummary, Error> 
     // The loop's rate: measured before the last checkpoint and `final/` are written.
     let pairs_per_second = trainer.pairs_per_second();
     stages.merge(&runner.times);
+    let graph_cache = runner.train_graph().cache_use().clone();
     drop(runner); // the graphs' memory, before a merge reads the base weights
     stages.time("final", || -> Result<(), Error> {
         trainer.save()?;
@@ -695,5 +699,6 @@ pub fn run(cfg: &TrainConfig, ranks: &dyn Ranks) -> Result<TrainSummary, Error> 
             0
         },
         stages,
+        graph_cache,
     })
 }

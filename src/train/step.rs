@@ -90,6 +90,11 @@ impl StepRunner {
         })
     }
 
+    /// The joint graph's session.
+    pub fn train_graph(&self) -> &TrainGraph {
+        &self.train
+    }
+
     /// Takes back a step's gradient buffers (after the optimiser used them) for the next step.
     pub fn recycle(&mut self, grads: Vec<Vec<f32>>) {
         self.spare_grads = Some(grads);

@@ -5,12 +5,16 @@
 //! The first session of a joint graph asks ONNX Runtime to write the graph it optimised
 //! (`SessionOptions::optimized_model_filepath`); later sessions load that file with
 //! optimisation off. The file is keyed by what decides its contents: the graph file's sha256
-//! (from the bundle's manifest), the ONNX Runtime build (`ort::info()`: version and commit)
-//! and the CPU (its model and instruction-set flags: the optimised graph may hold kernels
-//! chosen for this CPU's vector width). Nothing is written in place: a new file appears
-//! under its name only once complete (a hard link from a temporary name). A file that does
-//! not load is removed and the graph optimised again. The cache is best effort: a folder
-//! that cannot be written only costs the optimisation (`CacheUse::NotWritten`).
+//! (from the bundle's manifest), the ONNX Runtime library (`ort::info()`: its build, branch
+//! and commit; and the library file's path, size and modification time) and the CPU (its
+//! model and instruction-set flags: the optimised graph may hold kernels chosen for this
+//! CPU's vector width, which ONNX Runtime warns of when it writes the file). Nothing is
+//! written in place: an entry appears under its name only once complete (a hard link from a
+//! temporary name unique to the process), and never over another. A file that does not load
+//! is removed and the graph optimised again. The cache is best effort: a folder that cannot
+//! be written is found before the optimisation and costs nothing more; a write ONNX Runtime
+//! refuses (a full disk) costs a second optimisation. Files of killed runs (`*.tmp*`) and
+//! the data files of removed entries stay until the folder is deleted.
 //!
 //! Opt-in, because memory can differ: ONNX Runtime numbers the nodes of a loaded graph in the
 //! file's order and derives the execution order from those numbers, so they run in another
@@ -25,7 +29,6 @@
 
 use std::path::{Path, PathBuf};
 
-use ort::logging::LogLevel;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
 use serde::Serialize;
@@ -54,6 +57,21 @@ pub enum CacheUse {
     Written(PathBuf),
     /// The graph was optimised but could not be kept (the reason).
     NotWritten(String),
+}
+
+/// The loaded ONNX Runtime library file: its path, size and modification time (a build string
+/// without a commit does not tell two versions apart).
+fn library_identity() -> String {
+    let Ok(path) = crate::runtime::init() else {
+        return String::new();
+    };
+    let meta = std::fs::metadata(&path).ok();
+    let modified = meta.as_ref().and_then(|m| m.modified().ok());
+    format!(
+        "{} {:?} {modified:?}",
+        path.display(),
+        meta.map(|m| m.len())
+    )
 }
 
 /// The lines of `/proc/cpuinfo`'s first processor that name the CPU and its instruction sets
@@ -87,8 +105,9 @@ fn cpu_identity() -> String {
 /// decides the optimised graph.
 pub fn cache_file(dir: &Path, graph_file: &str, graph_sha256: &str) -> PathBuf {
     let identity = format!(
-        "edpo graph cache {CACHE_FORMAT}\n{graph_sha256}\n{}\n{}\n",
+        "edpo graph cache {CACHE_FORMAT}\n{graph_sha256}\n{}\n{}\n{}\n",
         ort::info(),
+        library_identity(),
         cpu_identity()
     );
     let key = crate::bundle::sha256_hex(identity.as_bytes());
@@ -96,36 +115,43 @@ pub fn cache_file(dir: &Path, graph_file: &str, graph_sha256: &str) -> PathBuf {
     dir.join(format!("{stem}-{}.onnx", &key[..20]))
 }
 
-/// A session of `graph` through the cache file `cached` (None: no cache). `builder` makes
-/// edpo's builder for this graph (`runtime::session_builder` and the graph's own settings),
-/// used as it is when the graph is optimised here.
+/// A session of `graph` through the cache file `cached` (None: no cache). `first` is edpo's
+/// builder for this graph (`runtime::session_builder` and the graph's own settings); `again`
+/// makes another, for a second try when ONNX Runtime could not write the optimised graph.
 pub fn commit(
-    builder: impl Fn() -> Result<SessionBuilder, String>,
+    first: SessionBuilder,
+    again: impl Fn() -> Result<SessionBuilder, String>,
     config: &SessionConfig,
     graph: &Path,
     cached: Option<PathBuf>,
 ) -> Result<(Session, CacheUse), String> {
     let Some(file) = cached else {
-        return commit_plain(builder()?, graph).map(|s| (s, CacheUse::Off));
+        return commit_plain(first, graph).map(|s| (s, CacheUse::Off));
     };
     if file.exists() {
-        match load_optimised(config, &file) {
+        let loading = session_builder(config)
+            .map_err(|e| e.to_string())?
+            .with_optimization_level(GraphOptimizationLevel::Disable)
+            .map_err(|e| e.to_string())?;
+        match commit_plain(loading, &file) {
             Ok(session) => return Ok((session, CacheUse::Loaded(file))),
             Err(message) => {
-                tracing::warn!(file = %file.display(), %message, "the cached optimised graph did not load; optimising the graph again");
-                remove_entry(&file);
+                tracing::warn!(file = %file.display(), %message, "the cached optimised graph did not load; optimising the graph again (--graph-cache)");
+                let _ = std::fs::remove_file(&file);
             }
         }
     }
-    match optimise_and_write(builder()?, graph, &file) {
-        Ok(done) => Ok(done),
-        // Writing the optimised graph can itself fail (a protobuf over 2 GB): once more
-        // without it, so that the cache never stops a run.
-        Err(message) => commit_plain(builder()?, graph).map(|s| {
-            (
-                s,
-                CacheUse::NotWritten(format!("ONNX Runtime could not write it: {message}")),
-            )
+    let names = Scratch::beside(&file);
+    if let Err(reason) = names.claim() {
+        return commit_plain(first, graph).map(|s| (s, CacheUse::NotWritten(reason)));
+    }
+    match optimise_and_write(first, graph, &names) {
+        Ok(session) => Ok((session, names.link_to(&file))),
+        // Writing the optimised graph can itself fail (a full disk, a protobuf over 2 GB):
+        // once more without it, so that the cache never stops a run.
+        Err(message) => commit_plain(again()?, graph).map(|s| {
+            let reason = format!("ONNX Runtime could not write it: {message}");
+            (s, CacheUse::NotWritten(reason))
         }),
     }
 }
@@ -134,79 +160,85 @@ fn commit_plain(mut builder: SessionBuilder, graph: &Path) -> Result<Session, St
     builder.commit_from_file(graph).map_err(|e| e.to_string())
 }
 
-/// A session of an already optimised graph: edpo's settings with optimisation off.
-fn load_optimised(config: &SessionConfig, file: &Path) -> Result<Session, String> {
-    let builder = session_builder(config)
-        .map_err(|e| e.to_string())?
-        .with_optimization_level(GraphOptimizationLevel::Disable)
-        .map_err(|e| e.to_string())?;
-    commit_plain(builder, file)
+/// The files one process writes before a cache entry exists: the graph under a temporary
+/// name and its data file, both named by the process id and the time (unique among the
+/// processes that share the folder, containers whose processes share an id included).
+struct Scratch {
+    graph: PathBuf,
+    data: PathBuf,
 }
 
-/// Optimises `graph` in a session that writes the optimised graph into the cache folder:
-/// the graph under a temporary name, its initializers of 64 kB or more beside it in a data
-/// file of this process's own (`<file>.<pid>.data`, which the graph names), and the graph
-/// linked to `file` once the session exists. Where another process linked it first, its
-/// files are kept and this one's removed.
+impl Scratch {
+    fn beside(file: &Path) -> Scratch {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let unique = format!("{}-{nanos}", std::process::id());
+        Scratch {
+            graph: file.with_extension(format!("onnx.tmp{unique}")),
+            data: file.with_extension(format!("onnx.{unique}.data")),
+        }
+    }
+
+    /// Creates the folder and the temporary graph file, so that a folder that cannot be
+    /// written is found before the graph is optimised, not after.
+    fn claim(&self) -> Result<(), String> {
+        let dir = self.graph.parent().unwrap_or(Path::new("."));
+        let cannot = |e: std::io::Error| {
+            format!(
+                "cannot write in `{}`: {e}; give --graph-cache a writable folder",
+                dir.display()
+            )
+        };
+        std::fs::create_dir_all(dir).map_err(cannot)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&self.graph)
+            .map(drop)
+            .map_err(cannot)
+    }
+
+    fn remove(&self) {
+        let _ = std::fs::remove_file(&self.graph);
+        let _ = std::fs::remove_file(&self.data);
+    }
+
+    /// Links the written graph to `file` (never over an existing one) and drops the
+    /// temporary name; where another process linked its own first, this one's files go.
+    fn link_to(&self, file: &Path) -> CacheUse {
+        match std::fs::hard_link(&self.graph, file) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&self.graph);
+                CacheUse::Written(file.to_path_buf())
+            }
+            Err(e) => {
+                self.remove();
+                CacheUse::NotWritten(match e.kind() {
+                    std::io::ErrorKind::AlreadyExists => "another process wrote it first".into(),
+                    _ => format!("cannot write `{}`: {e}", file.display()),
+                })
+            }
+        }
+    }
+}
+
+/// Optimises `graph` in a session that writes the optimised graph to `names.graph`, its
+/// initializers of 64 kB or more to `names.data` (which the graph names). ONNX Runtime warns
+/// that such a file may hold optimisations for this CPU only: the key names the CPU.
 fn optimise_and_write(
     builder: SessionBuilder,
     graph: &Path,
-    file: &Path,
-) -> Result<(Session, CacheUse), String> {
-    let dir = file.parent().unwrap_or(Path::new("."));
-    if let Err(e) = std::fs::create_dir_all(dir) {
-        let reason = format!("cannot create `{}`: {e}", dir.display());
-        return commit_plain(builder, graph).map(|s| (s, CacheUse::NotWritten(reason)));
-    }
-    let pid = std::process::id();
-    let temporary = file.with_extension(format!("onnx.tmp{pid}"));
-    let data = file.with_extension(format!("onnx.{pid}.data"));
-    let data_name = data.file_name().unwrap_or_default().to_string_lossy();
-    let remove_both = || {
-        let _ = std::fs::remove_file(&temporary);
-        let _ = std::fs::remove_file(&data);
-    };
-    // ONNX Runtime warns that the file may hold optimisations for this CPU only: the key
-    // names the CPU, so the warning is expected here and kept off the user's terminal.
+    names: &Scratch,
+) -> Result<Session, String> {
+    let data_name = names.data.file_name().unwrap_or_default().to_string_lossy();
     let text = |e: ort::Error<SessionBuilder>| e.to_string();
     let builder = builder
-        .with_optimized_model_path(&temporary)
+        .with_optimized_model_path(&names.graph)
         .map_err(text)?
         .with_config_entry(EXTERNAL_FILE, data_name.as_ref())
         .map_err(text)?
         .with_config_entry(EXTERNAL_MIN_BYTES, "65536")
-        .map_err(text)?
-        .with_log_level(LogLevel::Error)
         .map_err(text)?;
-    let session = commit_plain(builder, graph).inspect_err(|_| remove_both())?;
-    let kept = match std::fs::hard_link(&temporary, file) {
-        Ok(()) => {
-            let _ = std::fs::remove_file(&temporary);
-            CacheUse::Written(file.to_path_buf())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            remove_both();
-            CacheUse::Written(file.to_path_buf())
-        }
-        Err(e) => {
-            remove_both();
-            CacheUse::NotWritten(format!("cannot write `{}`: {e}", file.display()))
-        }
-    };
-    Ok((session, kept))
-}
-
-/// Removes a cache file that did not load, and the data files of its key.
-fn remove_entry(file: &Path) {
-    let _ = std::fs::remove_file(file);
-    let (Some(dir), Some(name)) = (file.parent(), file.file_name()) else {
-        return;
-    };
-    let prefix = format!("{}.", name.to_string_lossy());
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let other = entry.file_name().to_string_lossy().into_owned();
-        if other.starts_with(&prefix) && other.ends_with(".data") {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
+    commit_plain(builder, graph).inspect_err(|_| names.remove())
 }

@@ -399,27 +399,26 @@ fn cache_file(bundle: &Bundle, config: &SessionConfig) -> Option<std::path::Path
 
 impl TrainGraph {
     pub fn new(bundle: &Bundle, config: &SessionConfig) -> Result<Self, crate::Error> {
-        crate::runtime::init()?; // the cache key names the loaded ONNX Runtime build
         let spec = &bundle.manifest.graphs.train;
         let lora = bundle.manifest.lora.is_some();
-        let builder = || {
-            let builder = session_builder(config).map_err(|e| e.to_string())?;
+        let settings = |builder| {
             if lora {
                 frozen_base_settings(builder)
             } else {
                 Ok(builder)
             }
         };
-        let (session, cache_use) = graph_cache::commit(
-            builder,
-            config,
-            &bundle.path(&spec.file),
-            cache_file(bundle, config),
-        )
-        .map_err(|message| GraphError::Load {
+        let load_err = |message: String| GraphError::Load {
             file: spec.file.clone(),
             message,
-        })?;
+        };
+        // The first builder's errors (device, options) keep their own type and exit code.
+        let first = settings(session_builder(config)?).map_err(load_err)?;
+        let again = || settings(session_builder(config).map_err(|e| e.to_string())?);
+        let path = bundle.path(&spec.file);
+        let (session, cache_use) =
+            graph_cache::commit(first, again, config, &path, cache_file(bundle, config))
+                .map_err(load_err)?;
         match &cache_use {
             CacheUse::Loaded(file) => {
                 tracing::info!(file = %file.display(), "joint graph: optimised graph from the cache")

@@ -429,6 +429,7 @@ fn same_bits(
     };
     outputs(&a.0) == outputs(&b.0)
         && a.0.pair_steps == b.0.pair_steps
+        && a.1.len() == b.1.len()
         && a.1.iter().zip(&b.1).all(|(x, y)| bits(x) == bits(y))
 }
 
@@ -484,7 +485,7 @@ fn the_optimised_joint_graph_is_cached_and_gives_the_same_outputs_bit_for_bit() 
     };
     let (used, out, grads) = joint_run(&bundle, &unwritable);
     assert!(
-        matches!(&used, CacheUse::NotWritten(reason) if reason.contains("cannot create")),
+        matches!(&used, CacheUse::NotWritten(reason) if reason.contains("cannot write in") && reason.contains("--graph-cache")),
         "{used:?}"
     );
     assert!(same_bits(&plain, &(out, grads)));

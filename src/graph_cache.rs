@@ -59,6 +59,27 @@ pub enum CacheUse {
     NotWritten(String),
 }
 
+impl CacheUse {
+    /// What the session did, in words (None without a cache): the train summary's line and
+    /// the log's.
+    pub fn describe(&self) -> Option<String> {
+        match self {
+            CacheUse::Off => None,
+            CacheUse::Loaded(file) => Some(format!(
+                "optimised joint graph loaded from {}",
+                file.display()
+            )),
+            CacheUse::Written(file) => Some(format!(
+                "optimised joint graph written to {}",
+                file.display()
+            )),
+            CacheUse::NotWritten(reason) => {
+                Some(format!("optimised joint graph not cached: {reason}"))
+            }
+        }
+    }
+}
+
 /// The loaded ONNX Runtime library file: its path, size and modification time (a build string
 /// without a commit does not tell two versions apart).
 fn library_identity() -> String {

@@ -419,17 +419,10 @@ impl TrainGraph {
         let (session, cache_use) =
             graph_cache::commit(first, again, config, &path, cache_file(bundle, config))
                 .map_err(load_err)?;
-        match &cache_use {
-            CacheUse::Loaded(file) => {
-                tracing::info!(file = %file.display(), "joint graph: optimised graph from the cache")
-            }
-            CacheUse::Written(file) => {
-                tracing::info!(file = %file.display(), "joint graph: optimised graph cached")
-            }
-            CacheUse::NotWritten(reason) => {
-                tracing::warn!(%reason, "joint graph: the optimised graph was not cached")
-            }
-            CacheUse::Off => {}
+        match (&cache_use, cache_use.describe()) {
+            (CacheUse::NotWritten(_), Some(what)) => tracing::warn!("{what}"),
+            (_, Some(what)) => tracing::info!("{what}"),
+            _ => {}
         }
         let mut inputs = spec_ports(&spec.inputs);
         inputs.extend(spec.param_inputs.keys().map(|n| Port {

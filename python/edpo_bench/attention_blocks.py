@@ -34,13 +34,18 @@ def prep_shards(bundle, length: int, pairs: int):
     return shards
 
 
-def train_once(bundle, shards, steps: int, batch: int) -> dict:
-    run = CACHE / "blocks-run"
+def train_run(bundle, shards, steps: int, batch: int, run, flags=()) -> tuple[dict, dict]:
+    """`edpo train` (release, 2 threads, micro-batch 1) into a fresh `run` folder, with the
+    global `flags`: its summary and what `measured` measured (also edpo_bench.graph_cache)."""
     shutil.rmtree(run, ignore_errors=True)
-    m = measured([str(edpo_release()), "--quiet", "--threads", "2", "train", "--model", str(bundle), "--shards", str(shards),
+    m = measured([str(edpo_release()), "--quiet", "--threads", "2", *flags, "train", "--model", str(bundle), "--shards", str(shards),
                   "--out", str(run), "--max-steps", str(steps), "--batch-size", str(batch), "--micro-batch", "1", "--json",
                   "--lr", "1e-6", "--beta", "0.1", "--epsilon", "0.01"])  # fmt: skip
-    summary = json.loads(m["stdout"])
+    return json.loads(m["stdout"]), m
+
+
+def train_once(bundle, shards, steps: int, batch: int) -> dict:
+    summary, m = train_run(bundle, shards, steps, batch, CACHE / "blocks-run")
     return {"pairs_per_s": summary["pairs_per_second"], "wall_s": m["wall_s"], "peak_rss_mb": m["peak_rss_mb"],
             "startup_s": summary["stages"]["startup"], "graph_run_s": summary["stages"]["graph_run"]}  # fmt: skip
 

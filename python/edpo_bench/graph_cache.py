@@ -13,23 +13,18 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import json
 import shutil
 
-from edpo_bench.attention_blocks import prep_shards
-from edpo_bench.common import CACHE, edpo_release, measured, write_results
+from edpo_bench.attention_blocks import prep_shards, train_run
+from edpo_bench.common import CACHE, write_results
 from edpo_experiments.smollm2 import bundle as smollm2_bundle
 
 MODES = ("optimised in the session", "written to the cache", "loaded from the cache")
 
 
 def train_once(bundle, shards, steps: int, batch: int, run, cache) -> dict:
-    shutil.rmtree(run, ignore_errors=True)
     flags = ["--graph-cache", str(cache)] if cache else []
-    m = measured([str(edpo_release()), "--quiet", "--threads", "2", *flags, "train", "--model", str(bundle),
-                  "--shards", str(shards), "--out", str(run), "--max-steps", str(steps), "--batch-size", str(batch),
-                  "--micro-batch", "1", "--json", "--lr", "1e-6", "--beta", "0.1", "--epsilon", "0.01"])  # fmt: skip
-    summary = json.loads(m["stdout"])
+    summary, m = train_run(bundle, shards, steps, batch, run, flags)
     return {"cache": summary["graph_cache"]["use"], "startup_s": summary["stages"]["startup"],
             "graph_run_s": summary["stages"]["graph_run"], "pairs_per_s": summary["pairs_per_second"],
             "wall_s": m["wall_s"], "peak_rss_mb": m["peak_rss_mb"]}  # fmt: skip

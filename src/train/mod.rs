@@ -194,19 +194,8 @@ impl Printable for TrainSummary {
             "  time: {}\n",
             self.stages.line(self.wall_seconds)
         ));
-        match &self.graph_cache {
-            CacheUse::Off => {}
-            CacheUse::Loaded(file) => s.push_str(&format!(
-                "  optimised joint graph loaded from {}\n",
-                file.display()
-            )),
-            CacheUse::Written(file) => s.push_str(&format!(
-                "  optimised joint graph written to {}\n",
-                file.display()
-            )),
-            CacheUse::NotWritten(reason) => {
-                s.push_str(&format!("  optimised joint graph not cached: {reason}\n"))
-            }
+        if let Some(what) = self.graph_cache.describe() {
+            s.push_str(&format!("  {what}\n"));
         }
         if self.ranks > 1 {
             s.push_str(&format!(

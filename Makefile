@@ -13,7 +13,7 @@ EDPO := $(CARGO_TARGET_DIR)/debug/edpo
 # The Python packages (edpo_export, edpo_bench, edpo_experiments) live in python/.
 export PYTHONPATH := $(CURDIR)/python
 
-.PHONY: setup build build-release real real-kl bench-real bench-budget bench-attention-blocks bench-graph-cache test test-real test-rust test-mpi test-python lint demo samples bench bench-prep bench-train bench-prep-workers bench-lora bench-mpi profile-real study-k chat-templates slurm-check
+.PHONY: setup build build-release real real-kl bench-real bench-budget bench-attention-blocks bench-graph-cache bench-shared-prefix test test-real test-rust test-mpi test-python lint demo samples bench bench-prep bench-train bench-prep-workers bench-lora bench-mpi profile-real study-k chat-templates slurm-check
 
 setup:
 	@command -v cargo >/dev/null || { echo "error: cargo not found; install Rust with rustup" >&2; exit 2; }
@@ -94,6 +94,9 @@ bench-attention-blocks: build-release
 
 bench-graph-cache: build-release
 	$(PY) -m edpo_bench.graph_cache
+
+bench-shared-prefix: build-release
+	$(PY) -m edpo_bench.shared_prefix
 
 # The whole pipeline on the real model and real conversations (see README "A real model").
 real: build-release

@@ -13,6 +13,7 @@ use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 
 use crate::bundle::{contract_problems, Bundle, BundleError, Port};
 use crate::graph_cache::{self, CacheUse};
+use crate::packing;
 use crate::params::ParamStore;
 use crate::runtime::{session_builder, Device, SessionConfig};
 
@@ -375,6 +376,9 @@ pub struct TrainGraph {
     /// Whether the graph takes `grad_scale`, the weight of its loss (and so of its gradients)
     /// in the step; older graphs return the unweighted loss and gradients.
     takes_scale: bool,
+    /// Whether the graph runs each pair's two rows as one packed row, their common prefix once
+    /// (`packing`: it takes `packed_ids` and the rest).
+    takes_packed: bool,
     /// The in-graph gradient sum (bundles exported with it): per entry of `grad_outputs`, its
     /// accumulator input.
     accumulators: Option<Vec<String>>,
@@ -464,6 +468,7 @@ impl TrainGraph {
             grad_outputs,
             takes_positions: spec.inputs.iter().any(|i| i.name == LABEL_POSITIONS),
             takes_scale: spec.inputs.iter().any(|i| i.name == GRAD_SCALE),
+            takes_packed: spec.inputs.iter().any(|i| i.name == packing::INPUTS[0]),
             right_padded_only: bundle.manifest.export.training_needs_right_padding(),
             accumulators,
             cache_use,
@@ -562,6 +567,13 @@ impl TrainGraph {
                               position t ≥ 1)"
                         .into(),
                 });
+            }
+            if self.takes_packed {
+                let rows = (batch.input_ids.view(), batch.attention_mask.view());
+                for (name, value) in packing::pack_pairs(rows.0, rows.1, &positions).into_named() {
+                    let value = Tensor::from_array(value).map_err(run_err)?;
+                    inputs.push((name.into(), value.into()));
+                }
             }
             let value = Tensor::from_array(Array1::from(positions)).map_err(run_err)?;
             inputs.push((LABEL_POSITIONS.into(), value.into()));

@@ -24,6 +24,7 @@ pub mod inspect;
 pub mod lora;
 pub mod objective;
 pub mod output;
+pub mod packing;
 pub mod params;
 pub mod prep;
 pub mod progress;

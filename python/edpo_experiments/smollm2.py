@@ -84,24 +84,27 @@ def ensure(out: Path = DEFAULT_OUT) -> Path:
     return out
 
 
-def bundle(recompute: str = "attention", attention_blocks: int | None = None) -> Path:
-    """The SmolLM2 bundle of the current exporter sources (with the exporter's `--recompute`
-    and `--train-attention-blocks` choices), exported once (~2–8 min, ~4.6 GB) into
-    ~/.cache/edpo/real/smollm2-<hash of the edpo_export sources> (smollm2-<choice>-<hash> for a
-    recompute choice other than the default, smollm2-blocks<B>-<hash> for a block count)."""
+def bundle(recompute: str = "attention", attention_blocks: int | None = None, shared_prefix: bool = True) -> Path:
+    """The SmolLM2 bundle of the current exporter sources (with the exporter's `--recompute`,
+    `--train-attention-blocks` and `--train-shared-prefix` choices), exported once (~2–8 min,
+    ~4.6 GB) into ~/.cache/edpo/real/smollm2-<hash of the edpo_export sources>
+    (smollm2-<choice>-<hash> for a recompute choice other than the default,
+    smollm2-blocks<B>-<hash> for a block count, smollm2-rows-<hash> without the shared prefix)."""
     from edpo_bench.common import child_env, export_sources_tag
 
     cache = Path(os.environ.get("EDPO_REAL_CACHE", Path.home() / ".cache" / "edpo" / "real"))
     choice = "" if recompute == "attention" else f"{recompute}-"
     blocks = [] if attention_blocks is None else ["--train-attention-blocks", str(attention_blocks)]
     choice += "" if attention_blocks is None else f"blocks{attention_blocks}-"
+    choice += "" if shared_prefix else "rows-"
+    rows = [] if shared_prefix else ["--train-shared-prefix", "off"]
     out = cache / f"smollm2-{choice}{export_sources_tag()}"
     if not (out / "edpo-model.json").is_file():
         partial = out.with_name(out.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         subprocess.run(
             [sys.executable, "-m", "edpo_export", "--model", str(ensure()), "--out", str(partial), "--threads", "2",
-             "--recompute", recompute, *blocks],
+             "--recompute", recompute, *blocks, *rows],
             check=True, env=child_env(),
         )  # fmt: skip
         partial.rename(out)

@@ -34,6 +34,8 @@ BLOCKED = "edpo_block_causal"
 _registered = False
 # The number of query blocks `block_causal` splits the sequence into (set by `blocked_training`).
 _blocks = [1]
+# {(id(packed_branch), dtype): (packed_branch, its blocks' masks)} (`packed_masks`).
+_packed_masks: dict = {}
 # (cos, sin) of the rotary that `rotary_in_kernel` held back, for the attention call after it.
 _unrotated: list = []
 
@@ -151,29 +153,75 @@ def block_causal(module, query, key, value, attention_mask, scaling=None, dropou
     docstring). Block i holds the queries lo…hi − 1 (lo = i·T // blocks) and reads the keys
     0…hi − 1; its scores get the additive causal mask of its rows (the mask's minimum above the
     diagonal, as transformers' eager attention adds), so the values at every real token are the
-    eager ones. The blocks are `split`s and key prefixes `cat`s of key blocks, whose backwards
-    are a Concat and a Split (a slice's is a ScatterND into zeros of the whole tensor)."""
+    eager ones. With `edpo_branch` [B, T] (packed rows, objective.pack_pairs) the mask also
+    hides the chosen branch's keys (1) from the rejected branch's queries (2): each packed
+    token attends to exactly the tokens before it in its own row. The blocks are `split`s and
+    key prefixes `cat`s of key blocks, whose backwards are a Concat and a Split (a slice's is a
+    ScatterND into zeros of the whole tensor). The N/G query heads that share a key-value head
+    are multiplied with it as one [N/G · q, D] block ([B, G, N/G · q, k] scores), so keys and
+    values are never repeated per query head (transformers' `repeat_kv` copies them)."""
     import torch
 
     refuse_unsupported(module, dropout, kwargs, "block-causal attention")
-    key, value = (repeat_heads(x, query.shape[1] // x.shape[1]) for x in (key, value))
-    length = query.shape[2]
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    b, n, length, d = query.shape
+    g = key.shape[1]
+    grouped = query.reshape(b, g, n // g, length, d)  # head h = g·(N/G) + j, as repeat_kv orders them
+    scale = scaling if scaling is not None else d**-0.5
     blocks = _blocks[0]
     bounds = [(i * length) // blocks for i in range(blocks + 1)]
     sizes = [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
-    queries, keys, values = (x.split(sizes, dim=2) for x in (query, key, value))
-    lowest = torch.finfo(query.dtype).min
+    queries = grouped.split(sizes, dim=3)
+    keys, values = (x.split(sizes, dim=2) for x in (key, value))
+    branch = kwargs.get("edpo_branch")
+    masks = packed_masks(branch, bounds, sizes, query.dtype) if branch is not None else None
     outputs = []
     for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         k, v = (torch.cat(x[: i + 1], dim=2) if i + 1 < blocks else y for x, y in ((keys, key), (values, value)))
-        future = torch.arange(hi, device=query.device)[None, :] > torch.arange(lo, hi, device=query.device)[:, None]
-        mask = torch.zeros(future.shape, dtype=query.dtype, device=query.device).masked_fill(future, lowest)
-        scores = torch.matmul(queries[i], k.transpose(2, 3)) * scale + mask
+        mask = masks[i] if masks is not None else additive(future_keys(lo, hi, query.device), query.dtype)
+        q = queries[i].reshape(b, g, -1, d)
+        scores = torch.matmul(q, k.transpose(2, 3)) * scale
+        scores = scores.reshape(b, g, n // g, hi - lo, hi) + mask
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        outputs.append(torch.matmul(probs, v))
+        outputs.append(torch.matmul(probs.reshape(b, g, -1, hi), v).reshape(b, n, hi - lo, d))
     out = torch.cat(outputs, dim=2) if blocks > 1 else outputs[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def future_keys(lo, hi, device):
+    """[q, k]: whether key 0…hi − 1 comes after query lo…hi − 1."""
+    import torch
+
+    return torch.arange(hi, device=device)[None, :] > torch.arange(lo, hi, device=device)[:, None]
+
+
+def additive(hidden, dtype):
+    """The additive mask of the boolean `hidden`: the dtype's minimum where set, else 0 (as
+    transformers' eager attention adds)."""
+    import torch
+
+    return torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill(hidden, torch.finfo(dtype).min)
+
+
+def packed_masks(branch, bounds: list, sizes: list, dtype) -> list:
+    """The additive masks [B, 1, 1, q, k] of `block_causal`'s query blocks over packed rows
+    (`branch`: objective.pack_pairs' packed_branch): block i's queries lo…hi − 1 against the keys
+    0…hi − 1, the mask's minimum where the key comes after the query or a rejected query (2)
+    meets a chosen key (1). Made at the first layer's call and the same tensors for every
+    later one (`_packed_masks`, emptied when `blocked_training` ends), so the graph computes
+    them once, not once per layer."""
+    import torch
+
+    key = (id(branch), dtype)
+    if key in _packed_masks:
+        return _packed_masks[key][1]
+    rejected, chosen = (branch == 2).split(sizes, dim=1), branch == 1
+    masks = []
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        seen = torch.cat(chosen.split(sizes, dim=1)[: i + 1], dim=1) if i + 1 < len(sizes) else chosen
+        hidden = future_keys(lo, hi, branch.device) | (rejected[i][:, :, None] & seen[:, None, :])
+        masks.append(additive(hidden[:, None, None], dtype))
+    _packed_masks[key] = (branch, masks)  # the branch kept alive, so that its id is not reused
+    return masks
 
 
 def refuse_unsupported(module, dropout, kwargs: dict, by: str) -> None:
@@ -183,15 +231,6 @@ def refuse_unsupported(module, dropout, kwargs: dict, by: str) -> None:
     used = [k for k in ("sliding_window", "softcap", "s_aux", "position_bias") if kwargs.get(k) is not None]
     if used or dropout:
         raise KernelUnsupported(f"{type(module).__name__} passes {used or ['dropout']}, which {by} does not take")
-
-
-def repeat_heads(x, groups: int):
-    """[B, G, T, D] → [B, G·groups, T, D], each key/value head repeated for its query heads
-    (transformers' `repeat_kv`)."""
-    if groups == 1:
-        return x
-    b, g, t, d = x.shape
-    return x[:, :, None].expand(b, g, groups, t, d).reshape(b, g * groups, t, d)
 
 
 @contextlib.contextmanager
@@ -206,6 +245,7 @@ def blocked_training(model, blocks: int):
     finally:
         model.config._attn_implementation = implementation
         _blocks[0] = previous
+        _packed_masks.clear()
 
 
 class HeldBack:

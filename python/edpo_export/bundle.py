@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .common import (
-    FORMAT_VERSION, GOLDENS_FILE, LABEL_POSITIONS_INPUT, MANIFEST, PARAMS_FILE, REFERENCE_FILE, REFERENCE_INPUTS,
+    FORMAT_VERSION, GOLDENS_FILE, LABEL_POSITIONS_INPUT, MANIFEST, PACKED_INPUTS, PARAMS_FILE, REFERENCE_FILE, REFERENCE_INPUTS,
     REFERENCE_OUTPUTS, TOKENIZER_FILES, TRAIN_BATCH_INPUTS, TRAIN_FILE, TRAIN_STAT_OUTPUTS, accumulator_name, fail, log,
     peak_rss_mb, reference_sha256, sha256_file,
 )  # fmt: skip
@@ -94,9 +94,10 @@ def train_graph_lora(model, args, out: Path, example, tied: dict) -> dict:
     log(f"LoRA: {len(adapters)} modules, rank {adapters[0]['rank']}, scaling {adapters[0]['scaling']:g}, "
         f"{sum(p.numel() for p in inner.parameters() if p.requires_grad) / 1e6:.3f}M trainable; "
         f"reference = base{' + the --lora-init adapter' if reference_includes_adapter else ''}")  # fmt: skip
-    grad_of, recomputed, blocks = export_train_graph(
+    grad_of, recomputed, blocks, shared = export_train_graph(
         inner, out / TRAIN_FILE, args.optimize, example, args.lm_head_chunks,
         lora=(names, out / PARAMS_FILE, tied), recompute=args.recompute, attention_blocks=args.train_attention_blocks,
+        shared_prefix=args.train_shared_prefix == "on",
     )  # fmt: skip
     adapter_files = lora.save_adapter(peft_model, out, Path(args.model))
     trainable = [names[n] for n, p in inner.named_parameters() if p.requires_grad]
@@ -111,6 +112,7 @@ def train_graph_lora(model, args, out: Path, example, tied: dict) -> dict:
         "adapter_files": adapter_files,
         "recomputed_layers": recomputed,
         "attention_blocks": blocks,
+        "shared_prefix": shared,
     }
 
 
@@ -159,12 +161,14 @@ def export(args) -> None:
         del untied  # the LoRA graph is traced on the tied model (its base weights get no gradient)
         train = train_graph_lora(model, args, out, example, tied)
     else:
-        grad_of, recomputed, blocks = export_train_graph(
+        grad_of, recomputed, blocks, shared = export_train_graph(
             untied, out / TRAIN_FILE, args.optimize, example, args.lm_head_chunks, recompute=args.recompute,
-            attention_blocks=args.train_attention_blocks,
+            attention_blocks=args.train_attention_blocks, shared_prefix=args.train_shared_prefix == "on",
         )  # fmt: skip
         del untied  # the goldens need the tied model only (and room for its float64 copy)
-        train = train_graph_full(model, args, grad_of, weights) | {"recomputed_layers": recomputed, "attention_blocks": blocks}
+        train = train_graph_full(model, args, grad_of, weights) | {
+            "recomputed_layers": recomputed, "attention_blocks": blocks, "shared_prefix": shared,
+        }  # fmt: skip
     t_train = time.time() - t0
     save_file({name: value.clone() for name, value in train["goldens"].items()}, out / GOLDENS_FILE)  # no shared storage
 
@@ -190,7 +194,7 @@ def export(args) -> None:
             },
             "train": {
                 "file": TRAIN_FILE,
-                "inputs": io_entries(TRAIN_BATCH_INPUTS + positions),
+                "inputs": io_entries(TRAIN_BATCH_INPUTS + positions + (PACKED_INPUTS if train["shared_prefix"] else [])),
                 "outputs": io_entries(TRAIN_STAT_OUTPUTS),
                 "param_inputs": train["param_inputs"],
                 "grad_outputs": train["grad_outputs"],
@@ -209,6 +213,7 @@ def export(args) -> None:
             "recomputed_layers": train["recomputed_layers"],
             "scoring_attention": scoring_attention,
             "train_attention_blocks": train["attention_blocks"],
+            "train_shared_prefix": train["shared_prefix"],
             "seconds_reference": round(t_ref, 2),
             "seconds_train": round(t_train, 2),
             "seconds_total": None,

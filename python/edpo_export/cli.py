@@ -1,7 +1,7 @@
 """Export a Hugging Face causal LM into an edpo model bundle, or verify one.
 
     python -m edpo_export --model HF_DIR --out BUNDLE [--topk-default K] [--recompute attention|layers|none]
-                          [--train-attention-blocks B]
+                          [--train-attention-blocks B] [--train-shared-prefix on|off]
     python -m edpo_export --model HF_DIR --out BUNDLE --lora [--lora-rank R] [--lora-alpha A]
                           [--lora-targets q_proj,v_proj | all-linear] [--lora-init ADAPTER_DIR]
     python -m edpo_export --verify BUNDLE
@@ -14,6 +14,9 @@ The bundle (see ../shared/spec/architecture.md, export-notes.md):
                        one weights file; edpo overrides them by name to score a checkpoint).
   policy.train.onnx    joint forward+backward graph, parameters as graph inputs, the ε-DPO
                        loss of objective.md §2–§7 and one `grad.<param>` output per parameter.
+                       With --train-shared-prefix on (the default where its attention is
+                       block-causal) it also takes each pair's rows packed, their common
+                       prefix once (common.PACKED_INPUTS, objective.pack_pairs).
   params.safetensors   θ₀ with Hugging Face names (tied weights stored once).
   tokenizer.json, tokenizer_config.json (chat template inlined), config.json
   adapter/             LoRA bundles (--lora): the initial adapter as a PEFT folder
@@ -70,6 +73,12 @@ def main(argv=None, prog: str | None = None) -> int:
         help="the training graph's causal attention in B query blocks, each over the keys up to its last query "
         f"only: (B + 1)/(2B) of the T×T scores computed (default {TRAIN_ATTENTION_BLOCKS}, where the architecture "
         "allows it as for --scoring-attention fused; 1 = transformers' eager attention over the whole square)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--train-shared-prefix", choices=["on", "off"], default="on",
+        help="on (default, with block-causal training attention and the sliced output projection): the training "
+        "graph runs each pair's chosen and rejected rows as one packed row, their common prefix (the prompt) once; "
+        "off = two rows per pair, the prompt run twice",
     )  # fmt: skip
     lora = parser.add_argument_group("LoRA (a bundle that trains adapters over the frozen base; lora.py)")
     lora.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every parameter")

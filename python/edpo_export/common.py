@@ -59,6 +59,20 @@ REFERENCE_INPUTS = [
 # read row r − 1's last state); edpo builds them so (src/graphs.rs). Dense graphs compute every
 # position and have no such input.
 LABEL_POSITIONS_INPUT = ("label_positions", "int64", ["M"])
+# The joint graph's inputs where it shares each pair's prefix (--train-shared-prefix on, the
+# default where the attention is block-causal; objective.pack_pairs, src/packing.rs): the pair's
+# chosen and rejected rows as one packed row — their common prefix (the prompt, at least) once,
+# then the rest of the chosen row, then the rest of the rejected row — so the transformer body
+# runs the prompt's tokens once, not twice. `packed_positions`: each token's position in its own
+# row (the rotary's); `packed_branch`: 0 for the prefix, 1 the chosen rest, 2 the rejected rest,
+# −1 padding (rejected tokens do not attend to chosen ones); `hidden_at`: for each label position
+# of `label_positions`, the flat index b·S + s of the packed token whose final state predicts it.
+PACKED_INPUTS = [
+    ("packed_ids", "int64", ["B", "S"]),
+    ("packed_positions", "int64", ["B", "S"]),
+    ("packed_branch", "int64", ["B", "S"]),
+    ("hidden_at", "int64", ["M"]),
+]
 # The joint graph weights its loss by the input grad_scale (the micro-batch's share of the
 # step; 1 in the goldens), so its gradients come weighted from the backward pass itself, and
 # sums them into accumulators (graphs.accumulate_gradients): every gradient output is
@@ -71,6 +85,20 @@ LABEL_POSITIONS_INPUT = ("label_positions", "int64", ["M"])
 def accumulator_name(grad_output: str) -> str:
     """The accumulator input of gradient output `grad.X`: `grad_acc.X`."""
     return "grad_acc." + grad_output.removeprefix("grad.")
+
+
+def packed_feeds(spec: dict, feeds: dict) -> dict:
+    """The packed inputs (PACKED_INPUTS, numpy) of the batch in `feeds` (numpy arrays by input
+    name) where the joint graph `spec` (the manifest's graphs.train) shares each pair's prefix;
+    {} for a graph that takes the plain rows only."""
+    if not any(i["name"] == PACKED_INPUTS[0][0] for i in spec["inputs"]):
+        return {}
+    import torch
+
+    from .objective import pack_pairs
+
+    rows = (torch.from_numpy(feeds[name]) for name in ("input_ids", "attention_mask", "label_positions"))
+    return {name: value.numpy() for name, value in pack_pairs(*rows).items()}
 
 
 def plain_gradient_feeds(spec: dict, feeds: dict) -> dict:

@@ -165,10 +165,11 @@ def train_inputs(model, ids, attn, loss_mask, k: int) -> dict:
     its weights perturbed (so policy ≠ reference and the steps are not all 0), scored in fp32."""
     import torch
 
-    from .objective import loss_positions
+    from .objective import loss_positions, pack_pairs
 
     with torch.no_grad():
         ref_tok, ref_topv, ref_topi = ReferenceScorer.build(perturbed(model, 0.05, seed=99), k)(ids, attn)
+    positions = loss_positions(loss_mask)
     return {
         "input_ids": ids,
         "attention_mask": attn,
@@ -182,7 +183,8 @@ def train_inputs(model, ids, attn, loss_mask, k: int) -> dict:
         "label_smoothing": torch.tensor(0.0),
         "step_tolerance": torch.tensor(1e-6),
         "grad_scale": torch.tensor(1.0),
-        "label_positions": loss_positions(loss_mask),  # the sliced joint graph's input
+        "label_positions": positions,  # the sliced joint graph's input
+        **pack_pairs(ids, attn, positions),  # a shared-prefix joint graph's (common.PACKED_INPUTS)
     }
 
 

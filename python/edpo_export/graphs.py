@@ -249,12 +249,14 @@ def drop_unit_powers(model) -> int:
 
 
 def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunks: int, lora=None, recompute: str = "attention",
-                       attention_blocks: int = 1) -> tuple[list[str], int, int]:  # fmt: skip
+                       attention_blocks: int = 1, shared_prefix: bool = True) -> tuple[list[str], int, int, bool]:  # fmt: skip
     """The joint graph of `untied` (a model without tied parameters), one gradient output per
     parameter that requires a gradient; returns their graph names, the number of layers whose
-    values the backward recomputes (`recompute`: "attention", "layers" or "none"; remat.py) and
+    values the backward recomputes (`recompute`: "attention", "layers" or "none"; remat.py),
     the attention's query blocks (`attention_blocks` where the model allows them, else 1:
-    `training_attention`).
+    `training_attention`) and whether the graph shares each pair's prefix (`shared_prefix`,
+    with the sliced output projection and block-causal attention: it then takes
+    common.PACKED_INPUTS, objective.pack_pairs).
 
     `lora` (a LoRA bundle): (graph names {parameter: name}, params.safetensors path, {alias:
     stored name} of tied weights). The model then holds PEFT adapters and frozen base weights
@@ -268,7 +270,7 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
     from torch.export.graph_signature import OutputKind, OutputSpec
 
     from .attention import rotary_by_split
-    from .objective import EpsDpoLoss, loss_positions
+    from .objective import EpsDpoLoss, loss_positions, pack_pairs
 
     module = EpsDpoLoss(untied, lm_head_chunks)
     if lm_head_chunks > 0:
@@ -289,23 +291,34 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
         {0: n, 1: t}, {0: n, 1: t}, {0: n, 1: t}, {0: n}, {0: n, 1: t},
         {0: n, 1: t, 2: k}, {0: n, 1: t, 2: k}, None, None, None, None, None,
     )  # fmt: skip
+    packed = None
     if lm_head_chunks > 0:
+        m = Dim("M", min=1)
         example = (*example, loss_positions(example[2]))
-        dynamic = (*dynamic, {0: Dim("M", min=1)})
+        dynamic = (*dynamic, {0: m})
+        if shared_prefix:
+            packed = tuple(pack_pairs(example[0], example[1], example[-1]).values())
+            s = Dim("S", min=3)
+            packed_dynamic = ({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: s}, {0: m})
     t0 = time.time()
     # Size-oblivious, as torch.onnx.export traces: the padding of the last output-projection
     # slice (0 to C − 1 rows for M label positions) must not be specialised to "not 0 or 1".
     with (
         torch.fx.experimental._config.patch(backed_size_oblivious=True),
         rotary_by_split(untied) as split,
-        training_attention(untied, module, example, attention_blocks) as blocks,
+        training_attention(untied, module, example, attention_blocks, packed) as blocks,
     ):
+        packed = packed if blocks > 1 else None  # the eager attention does not read packed rows
+        if packed is not None:
+            example, dynamic = (*example, *packed), (*dynamic, *packed_dynamic)
         ep = torch.export.export(
             module, example, dynamic_shapes=dynamic, strict=False, prefer_deferred_runtime_asserts_over_guards=True
         )
         jep = torch.export.experimental._export_forward_backward(ep, joint_loss_index=0)
     if split:
         log("joint graph: rotate_half through split (its backward one Concat)")
+    if packed is not None:
+        log("joint graph: each pair's prefix shared (packed rows)")
     log(f"joint program traced in {time.time() - t0:.1f}s")
 
     graph = jep.graph_module.graph
@@ -373,15 +386,16 @@ def export_train_graph(untied, out: Path, optimize: bool, example, lm_head_chunk
         point_params_at_safetensors(proto, frozen, params_path, alias)
         proto.graph.ClearField("value_info")
     onnx.save(proto, out)
-    return grad_of, recomputed, blocks
+    return grad_of, recomputed, blocks, packed is not None
 
 
 @contextlib.contextmanager
-def training_attention(untied, module, example, blocks: int):
+def training_attention(untied, module, example, blocks: int, packed=None):
     """Within: `untied` attends in `blocks` query blocks (attention.block_causal) if `blocks` > 1
     and its architecture allows it (attention.unsupported_reason, and the ε-DPO outputs of
-    `module` on `example` match the eager attention's); yields the blocks used (1: the eager
-    attention over the full square)."""
+    `module` on `example` — on its packed rows where `packed` is given — match the eager
+    attention's on the plain rows); yields the blocks used (1: the eager attention over the full
+    square)."""
     import torch
 
     from . import attention
@@ -397,7 +411,7 @@ def training_attention(untied, module, example, blocks: int):
     with attention.blocked_training(untied, blocks):
         try:
             with torch.no_grad():
-                got = module(*example)
+                got = module(*example, *(packed or ()))
         except attention.KernelUnsupported as e:
             got = None
             log(f"training attention: eager ({e})")
@@ -405,8 +419,10 @@ def training_attention(untied, module, example, blocks: int):
             gap = max(float((a.float() - b.float()).abs().max()) for a, b in zip(eager[:4], got[:4]))
             if gap > 1e-4:
                 fail(
-                    f"{type(untied).__name__}: block-causal attention without the padding mask differs from the "
-                    f"model's attention (max |Δ| of the loss outputs = {gap:.2e}); export with `--train-attention-blocks 1`"
+                    f"{type(untied).__name__}: block-causal attention without the padding mask"
+                    f"{' over packed rows' if packed else ''} differs from the model's attention (max |Δ| of the loss "
+                    f"outputs = {gap:.2e}); export with `--train-attention-blocks 1`"
+                    f"{' or `--train-shared-prefix off`' if packed else ''}"
                 )
             log(f"training attention: causal in {blocks} query blocks (max |Δ| of the loss outputs = {gap:.2e})")
             yield blocks

@@ -108,6 +108,50 @@ def loss_positions(loss_mask: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(flat.reshape(-1) > 0).reshape(-1)
 
 
+def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, label_positions: torch.Tensor) -> dict:
+    """The joint graph's packed inputs (common.PACKED_INPUTS) of a right-padded batch: pair i's
+    rows i (chosen) and B + i (rejected) as one packed row — their common prefix once (the
+    longest run of equal tokens from the start, within both rows' real tokens), the rest of the
+    chosen row, the rest of the rejected row, padding — and for each label position r·T + t the
+    flat index of the packed token holding row r's token t − 1. src/packing.rs builds the same."""
+    n, t = input_ids.shape
+    b = n // 2
+    lengths = attention_mask.sum(-1).tolist()
+    ids = input_ids.tolist()
+    layout = []  # per pair: (shared, chosen length, rejected length)
+    for i in range(b):
+        lc, lr = lengths[i], lengths[b + i]
+        shared = 0
+        while shared < min(lc, lr) and ids[i][shared] == ids[b + i][shared]:
+            shared += 1
+        layout.append((shared, lc, lr))
+    s = max(lc + lr - shared for shared, lc, lr in layout)
+    packed_ids = torch.zeros(b, s, dtype=torch.int64)
+    positions = torch.zeros(b, s, dtype=torch.int64)
+    branch = torch.full((b, s), -1, dtype=torch.int64)
+    for i, (shared, lc, lr) in enumerate(layout):
+        tail = lr - shared
+        packed_ids[i, :lc] = input_ids[i, :lc]
+        packed_ids[i, lc : lc + tail] = input_ids[b + i, shared:lr]
+        positions[i, :lc] = torch.arange(lc)
+        positions[i, lc : lc + tail] = torch.arange(shared, lr)
+        branch[i, :shared], branch[i, shared:lc], branch[i, lc : lc + tail] = 0, 1, 2
+    hidden_at = []
+    for pos in label_positions.tolist():
+        r, u = divmod(pos, t)
+        i, rejected = r % b, r >= b
+        shared, lc, _ = layout[i]
+        u -= 1  # the state predicting token u + 1
+        slot = u + (lc - shared) if rejected and u >= shared else u
+        hidden_at.append(i * s + slot)
+    return {
+        "packed_ids": packed_ids,
+        "packed_positions": positions,
+        "packed_branch": branch,
+        "hidden_at": torch.tensor(hidden_at, dtype=torch.int64),
+    }
+
+
 def at_label_positions(hidden: torch.Tensor, input_ids: torch.Tensor, pos: torch.Tensor):
     """The final hidden states predicting the label tokens at `pos` [M, H] and those labels [M]:
     label token r·T + t is predicted from the hidden state at r·T + t − 1."""
@@ -165,13 +209,21 @@ class EpsDpoLoss(torch.nn.Module):
         step_tolerance,
         grad_scale=None,
         label_positions=None,
+        packed_ids=None,
+        packed_positions=None,
+        packed_branch=None,
+        hidden_at=None,
     ):
         """`grad_scale` (None: 1) weights the loss output, hence every gradient: the
-        micro-batch's share of the optimiser step, applied by the backward pass itself."""
+        micro-batch's share of the optimiser step, applied by the backward pass itself. The
+        packed inputs (`pack_pairs`; sliced path only, under block-causal attention, which reads
+        `packed_branch`) run the transformer body over each pair's packed row instead of its two
+        rows: the same values."""
         batch = (input_ids, attention_mask, loss_mask, ref_logps, ref_token_logps, ref_topk_ids, ref_topk_logps)
         settings = (beta, epsilon, label_smoothing, step_tolerance)
+        packed = None if packed_ids is None else (packed_ids, packed_positions, packed_branch, hidden_at)
         if self.lm_head_chunks > 0:
-            loss, *rest = self._sliced_forward(*batch, *settings, label_positions)
+            loss, *rest = self._sliced_forward(*batch, *settings, label_positions, packed)
         else:
             loss, *rest = self._dense_forward(*batch, *settings)
         return (loss if grad_scale is None else loss * grad_scale, *rest)
@@ -210,7 +262,7 @@ class EpsDpoLoss(torch.nn.Module):
 
     def _sliced_forward(
         self, input_ids, attention_mask, loss_mask, ref_logps, ref_token_logps, ref_topk_ids, ref_topk_logps,
-        beta, epsilon, label_smoothing, step_tolerance, label_positions,
+        beta, epsilon, label_smoothing, step_tolerance, label_positions, packed=None,
     ):  # fmt: skip
         """`forward` with the output projection in slices, at the M label positions only
         (`label_positions`, flat indices r·T + t with loss_mask[r, t] = 1, t ≥ 1; None: those
@@ -220,7 +272,9 @@ class EpsDpoLoss(torch.nn.Module):
         k = ref_topk_ids.shape[-1]
         pos = label_positions if label_positions is not None else loss_positions(loss_mask)
         topk_ids = ref_topk_ids.reshape(n * t, k).index_select(0, pos)
-        hidden, labels, h_pad, weight, token_logps, p_topk, lse = self._chunked_logps(input_ids, attention_mask, pos, topk_ids)
+        hidden, labels, h_pad, weight, token_logps, p_topk, lse = self._chunked_logps(
+            input_ids, attention_mask, pos, topk_ids, packed
+        )
         # A listed position outside loss_mask contributes nothing (the mask stays the contract).
         keep = loss_mask.reshape(n * t).index_select(0, pos) > 0
         zeros = torch.zeros_like(token_logps)
@@ -248,7 +302,7 @@ class EpsDpoLoss(torch.nn.Module):
         loss = losses.mean().detach() + (surrogate - surrogate.detach())
         return loss, logps, logps_plus, logps_minus, steps
 
-    def _chunked_logps(self, input_ids, attention_mask, pos, topk_ids):
+    def _chunked_logps(self, input_ids, attention_mask, pos, topk_ids, packed=None):
         """Label and top-K log-probs at the label positions `pos` [M] (`topk_ids` [M, K]: the
         cached ids there) without materialising [M, V] (values only, no gradient).
 
@@ -260,8 +314,15 @@ class EpsDpoLoss(torch.nn.Module):
         """
         base = self.model.get_decoder()
         weight = self.model.get_output_embeddings().weight
-        last = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        hidden, labels = at_label_positions(last, input_ids, pos)
+        if packed is None:
+            last = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden, labels = at_label_positions(last, input_ids, pos)
+        else:
+            ids, positions, branch, hidden_at = packed
+            real = (branch >= 0).to(ids.dtype)
+            last = base(input_ids=ids, attention_mask=real, position_ids=positions, edpo_branch=branch).last_hidden_state
+            hidden = last.reshape(-1, last.shape[-1]).index_select(0, hidden_at)
+            labels = input_ids.reshape(-1).index_select(0, pos)
         m = pos.shape[0]
         size, padded = chunk_bounds(m, self.lm_head_chunks)
         pad = padded - m

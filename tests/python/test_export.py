@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from edpo_export.common import plain_gradient_feeds
+from edpo_export.common import packed_feeds, plain_gradient_feeds
 from edpo_export.goldens import golden_batch, perturbed
 from edpo_export.graphs import ReferenceScorer, export_train_graph
 from edpo_export.objective import exact_eps_dpo, full_logps_next, loss_positions
@@ -206,6 +206,7 @@ def test_full_vocabulary_cache_gives_the_exact_eps_step(exported):
         "grad_scale": np.array(1.0, np.float32),
         "label_positions": loss_positions(loss_mask).numpy(),
     }  # fmt: skip
+    feeds.update(packed_feeds(manifest["graphs"]["train"], feeds))
     for graph_name, stored in manifest["graphs"]["train"]["param_inputs"].items():
         feeds[graph_name] = params[stored]
     feeds.update(plain_gradient_feeds(manifest["graphs"]["train"], feeds))
@@ -298,6 +299,19 @@ def eager_llama(tmp_path_factory, samples):
     return out
 
 
+@pytest.fixture(scope="module")
+def rows_llama(tmp_path_factory, samples):
+    """The tiny Llama exported with block-causal training attention over two rows per pair."""
+    import edpo_export
+
+    out = tmp_path_factory.mktemp("rows") / "bundle"
+    edpo_export.main([
+        "--model", str(samples / "configs" / "llama-tiny"), "--random-init", "0", "--out", str(out),
+        "--topk-default", "8", "--train-shared-prefix", "off",
+    ])  # fmt: skip
+    return out
+
+
 def test_fused_scoring_attention_gives_the_eager_values_at_real_tokens(exported, eager_llama):
     """The default scoring graph (attention as ONNX Runtime's causal GroupQueryAttention, no padding
     mask) against an export with transformers' eager attention, on right-padded rows of different
@@ -330,8 +344,10 @@ def test_fused_scoring_attention_gives_the_eager_values_at_real_tokens(exported,
 
 def training_feeds(bundle, length: int, seed: int) -> dict:
     """A joint-graph batch of 3 pairs at `length`: right-padded rows (row 0 without padding,
-    prompts of 1 to length/3 tokens, responses of at least one), made-up reference values, the
-    bundle's parameters and zero gradient accumulators."""
+    prompts of 1 to length/3 tokens, responses of at least one; pair 1's rejected row starts
+    with another token, so its rows share no prefix; pair 2's rows are equal), made-up reference
+    values, the packed inputs where the graph shares each pair's prefix, the bundle's parameters
+    and zero gradient accumulators."""
     from safetensors.numpy import load_file
 
     manifest = json.loads((bundle / "edpo-model.json").read_text())
@@ -346,6 +362,9 @@ def training_feeds(bundle, length: int, seed: int) -> dict:
             r = length - p if row == 0 else int(rng.integers(1, length - p + 1))
             ids[row, :p], ids[row, p : p + r] = prompt, rng.integers(0, vocab, r)
             mask[row, : p + r], loss_mask[row, p : p + r] = 1, 1
+    ids[pairs + 1, 0] = (ids[1, 0] + 1) % vocab
+    for x in (ids, mask, loss_mask):
+        x[2 * pairs - 1] = x[pairs - 1]
     feeds = {
         "input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask,
         "ref_logps": rng.normal(-20, 3, 2 * pairs).astype(np.float32),
@@ -357,6 +376,7 @@ def training_feeds(bundle, length: int, seed: int) -> dict:
         "grad_scale": np.array(1.0, np.float32),
         "label_positions": loss_positions(torch.from_numpy(loss_mask)).numpy(),
     }  # fmt: skip
+    feeds.update(packed_feeds(manifest["graphs"]["train"], feeds))
     params = load_file(bundle / "params.safetensors")
     for graph_name, stored in manifest["graphs"]["train"]["param_inputs"].items():
         feeds[graph_name] = params[stored]
@@ -364,34 +384,42 @@ def training_feeds(bundle, length: int, seed: int) -> dict:
     return feeds
 
 
-def test_blocked_training_attention_gives_the_eager_outputs_and_gradients(exported, eager_llama):
+def test_blocked_training_attention_gives_the_eager_outputs_and_gradients(exported, eager_llama, rows_llama):
     """The default joint graph (causal attention in 4 query blocks, attention.block_causal; no
-    padding mask) against transformers' eager attention over the whole square: every output —
-    loss, log-probs, ε-steps, each gradient — agrees to float rounding (relative to its largest
-    value) on right-padded batches, including lengths below the number of blocks (an empty
-    first block)."""
+    padding mask; the query heads of a key-value head multiplied with it as one block; each
+    pair's rows packed, their common prefix once) and its `--train-shared-prefix off` export
+    (two rows per pair) against transformers' eager attention over the whole square on plain
+    rows: every output — loss, log-probs, ε-steps, each gradient — agrees to float rounding
+    (relative to its largest value) on right-padded batches, including lengths below the number
+    of blocks (an empty first block), rows that share no prefix and equal rows."""
     import onnx
     import onnxruntime as ort
 
-    blocked = exported("llama")
+    packed = exported("llama")
+    blocked = (packed, rows_llama)
     softmaxes = {path: sum(n.op_type == "Softmax" for n in onnx.load(path / "policy.train.onnx").graph.node)
-                 for path in (blocked, eager_llama)}  # fmt: skip
-    assert softmaxes == {blocked: 16, eager_llama: 4}, softmaxes  # 2 layers × blocks × (forward, recomputation)
-    assert json.loads((eager_llama / "edpo-model.json").read_text())["export"]["train_attention_blocks"] == 1
+                 for path in (*blocked, eager_llama)}  # fmt: skip
+    # 2 layers × blocks × (forward, recomputation)
+    assert softmaxes == {packed: 16, rows_llama: 16, eager_llama: 4}, softmaxes
+    exports = {path: json.loads((path / "edpo-model.json").read_text())["export"] for path in (*blocked, eager_llama)}
+    assert exports[eager_llama]["train_attention_blocks"] == 1 and not exports[eager_llama]["train_shared_prefix"]
+    assert exports[packed]["train_shared_prefix"] and not exports[rows_llama]["train_shared_prefix"]
+    assert exports[rows_llama]["train_attention_blocks"] == 4
     sessions = {path: ort.InferenceSession(str(path / "policy.train.onnx"), providers=["CPUExecutionProvider"])
-                for path in (blocked, eager_llama)}  # fmt: skip
+                for path in (*blocked, eager_llama)}  # fmt: skip
     for length in (3, 4, 5, 8, 13, 21):
         outs = {}
         for path, sess in sessions.items():
             outs[path] = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, training_feeds(path, length, seed=length))))
-        assert outs[blocked].keys() == outs[eager_llama].keys()
-        for name, want in outs[eager_llama].items():
-            got = outs[blocked][name]
-            if want.dtype.kind != "f":
-                assert np.array_equal(got, want), (length, name)
-                continue
-            rel = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-30))
-            assert rel < 5e-6, f"length {length}: {name} differs by {rel:.2e} of its largest value"
+        for path in blocked:
+            assert outs[path].keys() == outs[eager_llama].keys()
+            for name, want in outs[eager_llama].items():
+                got = outs[path][name]
+                if want.dtype.kind != "f":
+                    assert np.array_equal(got, want), (path.name, length, name)
+                    continue
+                rel = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-30))
+                assert rel < 5e-6, f"{path.parent.name}, length {length}: {name} differs by {rel:.2e} of its largest value"
 
 
 @pytest.mark.parametrize(

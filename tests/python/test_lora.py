@@ -108,9 +108,8 @@ def test_adapter_gradients_match_pytorch_peft_autograd(lora_exported):
     assert set(adapter) == set(m["graphs"]["train"]["param_inputs"])
     assert all(np.abs(v).max() > 0 for k, v in adapter.items() if ".lora_B." in k)
     sess = ort.InferenceSession(str(bundle / "policy.train.onnx"), providers=["CPUExecutionProvider"])
-    feeds = {name: goldens[f"train.in.{name}"] for name, _, _ in TRAIN_BATCH_INPUTS}
-    positions = {"label_positions": goldens["train.in.label_positions"]}
-    feeds = {**feeds, **positions, **adapter}
+    feeds = {i["name"]: goldens[f"train.in.{i['name']}"] for i in m["graphs"]["train"]["inputs"]}
+    feeds = {**feeds, **adapter}
     feeds.update(plain_gradient_feeds(m["graphs"]["train"], feeds))
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
 

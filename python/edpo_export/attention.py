@@ -178,11 +178,11 @@ def block_causal(module, query, key, value, attention_mask, scaling=None, dropou
     for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         k, v = (torch.cat(x[: i + 1], dim=2) if i + 1 < blocks else y for x, y in ((keys, key), (values, value)))
         mask = masks[i] if masks is not None else additive(future_keys(lo, hi, query.device), query.dtype)
-        q = queries[i].reshape(b, g, -1, d)
-        scores = torch.matmul(q, k.transpose(2, 3)) * scale
+        rows = (n // g) * (hi - lo)  # no −1 in the reshapes: a block may be empty (T < blocks)
+        scores = torch.matmul(queries[i].reshape(b, g, rows, d), k.transpose(2, 3)) * scale
         scores = scores.reshape(b, g, n // g, hi - lo, hi) + mask
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        outputs.append(torch.matmul(probs.reshape(b, g, -1, hi), v).reshape(b, n, hi - lo, d))
+        outputs.append(torch.matmul(probs.reshape(b, g, rows, hi), v).reshape(b, n, hi - lo, d))
     out = torch.cat(outputs, dim=2) if blocks > 1 else outputs[0]
     return out.transpose(1, 2).contiguous(), None
 

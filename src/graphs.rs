@@ -161,6 +161,8 @@ pub struct ReferenceGraph {
     takes_positions: bool,
     /// Whether its attention ignores the padding mask (rows must be right-padded).
     right_padded_only: bool,
+    /// Whether it takes rows i and ⌈N/2⌉ + i packed, their common prefix once (`packing`).
+    takes_packed: bool,
     /// Wall seconds spent inside `Session::run` so far.
     run_seconds: f64,
 }
@@ -223,14 +225,23 @@ impl ReferenceGraph {
             file: spec.file.clone(),
             takes_positions: spec.inputs.iter().any(|i| i.name == LABEL_POSITIONS),
             right_padded_only,
+            takes_packed: spec.inputs.iter().any(|i| i.name == packing::INPUTS[0]),
             run_seconds: 0.0,
         })
+    }
+
+    /// Whether the graph runs each pair's two rows as one packed row, their common prefix once
+    /// (`edpo_export --scoring-shared-prefix on`): batches of whole pairs cost less than rows.
+    pub fn shares_prefix(&self) -> bool {
+        self.takes_packed
     }
 
     /// Scores right-padded sequences; `k` is the top-K size (1 ≤ k ≤ vocabulary).
     /// `label_mask` [N, T] (1 = score label token t, e.g. a batch's `loss_mask`) lets a graph
     /// that takes `label_positions` skip the output projection elsewhere; None scores every
-    /// position t ≥ 1.
+    /// position t ≥ 1 (a graph that takes packed rows: every real one). A graph that shares
+    /// each pair's prefix packs rows i and ⌈N/2⌉ + i (the batch layout's chosen and rejected
+    /// rows of pair i): any rows are scored right, pairs' rows at the cost of one prefix.
     pub fn score(
         &mut self,
         input_ids: ArrayView2<i64>,
@@ -258,7 +269,8 @@ impl ReferenceGraph {
                 });
             }
         }
-        if let Some(row) = first_not_right_padded(attention_mask).filter(|_| self.right_padded_only)
+        if let Some(row) = first_not_right_padded(attention_mask)
+            .filter(|_| self.right_padded_only || self.takes_packed)
         {
             return Err(GraphError::Batch {
                 file: self.file.clone(),
@@ -270,7 +282,11 @@ impl ReferenceGraph {
             });
         }
         let (n, t) = input_ids.dim();
-        let positions = label_positions(n, t, label_mask);
+        let mut positions = label_positions(n, t, label_mask);
+        if self.takes_packed {
+            // A padding position has no packed token (its value is not defined anyway).
+            positions.retain(|&p| attention_mask[[p as usize / t, p as usize % t]] != 0);
+        }
         if self.takes_positions && positions.is_empty() {
             return Ok(ScoreOutputs {
                 token_logps: Array2::zeros((n, t)),
@@ -287,6 +303,13 @@ impl ReferenceGraph {
             "attention_mask" => mask,
             "k" => k_value,
         ];
+        if self.takes_packed {
+            let packed = packing::pack_pairs(input_ids, attention_mask, &positions);
+            for (name, value) in packed.into_named() {
+                let value = Tensor::from_array(value).map_err(run_err)?;
+                inputs.push((name.into(), value.into()));
+            }
+        }
         if self.takes_positions {
             let value = Tensor::from_array(ndarray::Array1::from(positions)).map_err(run_err)?;
             inputs.push((LABEL_POSITIONS.into(), value.into()));

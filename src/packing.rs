@@ -1,6 +1,7 @@
 //! Each pair's chosen and rejected rows as one packed row, their common prefix once: the extra
-//! inputs of a joint graph that shares the prefix (`edpo_export --train-shared-prefix on`; the
-//! same layout as `pack_pairs` in python/edpo_export/objective.py, checked by `edpo verify`).
+//! inputs of a joint or scoring graph that shares the prefix (`edpo_export
+//! --train-shared-prefix on`, `--scoring-shared-prefix on`; the same layout as `pack_pairs` in
+//! python/edpo_export/objective.py, checked by `edpo verify`).
 //!
 //! Pair i of a micro-batch is rows i (chosen) and B + i (rejected), padded on the right. Its
 //! packed row holds the two rows' common prefix (the longest run of equal tokens from the
@@ -65,7 +66,10 @@ struct PairLayout {
 
 impl PairLayout {
     fn of(ids: ArrayView2<i64>, mask: ArrayView2<i64>, pair: usize, pairs: usize) -> Self {
-        let real = |row: usize| mask.row(row).iter().filter(|&&m| m != 0).count();
+        let real = |row: usize| match row < mask.nrows() {
+            true => mask.row(row).iter().filter(|&&m| m != 0).count(),
+            false => 0, // the partner of an odd row count's last chosen row
+        };
         let (chosen, rejected) = (real(pair), real(pairs + pair));
         let shared = (0..chosen.min(rejected))
             .take_while(|&t| ids[[pair, t]] == ids[[pairs + pair, t]])
@@ -92,14 +96,16 @@ impl PairLayout {
 }
 
 /// Packs the right-padded rows `input_ids` / `attention_mask` ([2·B, T]) for the label
-/// positions `label_positions` (flat r·T + t, t ≥ 1, as `graphs::label_positions` lists them).
+/// positions `label_positions` (flat r·T + t, t ≥ 1, at real tokens, as `graphs::label_positions`
+/// lists them). An odd number of rows (the scoring graph scores any rows) packs the last chosen
+/// row alone, as if its rejected row were empty.
 pub fn pack_pairs(
     input_ids: ArrayView2<i64>,
     attention_mask: ArrayView2<i64>,
     label_positions: &[i64],
 ) -> PackedPairs {
     let (n, t) = input_ids.dim();
-    let pairs = n / 2;
+    let pairs = n.div_ceil(2);
     let layouts: Vec<PairLayout> = (0..pairs)
         .map(|i| PairLayout::of(input_ids, attention_mask, i, pairs))
         .collect();
@@ -202,5 +208,16 @@ mod tests {
         assert_eq!(packed.positions, array![[0, 1, 0, 1, 2]]);
         assert_eq!(packed.branch, array![[1, 1, 2, 2, 2]]);
         assert_eq!(packed.hidden_at, array![0, 2]);
+    }
+
+    #[test]
+    fn an_odd_row_is_packed_alone() {
+        let ids = array![[1, 2, 0], [1, 2, 3], [1, 4, 0]];
+        let mask = ids.mapv(|x| i64::from(x != 0));
+        // Rows 0 and 2 are a pair (shared token 1); row 1 has no partner.
+        let packed = pack_pairs(ids.view(), mask.view(), &[1, 3 + 2, 2 * 3 + 1]);
+        assert_eq!(packed.ids, array![[1, 2, 4], [1, 2, 3]]);
+        assert_eq!(packed.branch, array![[0, 1, 2], [1, 1, 1]]);
+        assert_eq!(packed.hidden_at, array![0, 3 + 1, 0]);
     }
 }

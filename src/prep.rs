@@ -124,6 +124,9 @@ pub struct PrepSummary {
     pub response_tokens: u64,
     pub sequence_tokens: u64,
     pub padded_tokens: u64,
+    /// Of `sequence_tokens`, those of prefixes a pair's two rows ran once.
+    pub shared_tokens: u64,
+    /// Padding's share of the tokens the scoring graph ran.
     pub padding_fraction: f64,
     pub wall_seconds: f64,
     pub pairs_per_second: f64,
@@ -152,6 +155,7 @@ impl PrepSummary {
         self.response_tokens += stats.response_tokens;
         self.sequence_tokens += stats.sequence_tokens;
         self.padded_tokens += stats.padded_tokens;
+        self.shared_tokens += stats.shared_tokens;
     }
 }
 
@@ -197,8 +201,16 @@ impl Printable for PrepSummary {
         if self.worker != "0/1" {
             s.push_str(&self.worker_line());
         }
+        let shared = if self.shared_tokens > 0 {
+            format!(
+                "; {} in prefixes run once for both rows of a pair",
+                self.shared_tokens
+            )
+        } else {
+            String::new()
+        };
         s.push_str(&format!(
-            "  tokens scored {} (response tokens {}), padding {:.1}%\n  wall {:.1}s, {:.1} pairs/s, {:.0} tokens/s\n",
+            "  tokens scored {} (response tokens {}{shared}), padding {:.1}%\n  wall {:.1}s, {:.1} pairs/s, {:.0} tokens/s\n",
             self.sequence_tokens,
             self.response_tokens,
             100.0 * self.padding_fraction,
@@ -718,6 +730,7 @@ fn write_scored_shard(
             .sum(),
         sequence_tokens: batch_stats.sequence_tokens,
         padded_tokens: batch_stats.padded_tokens,
+        shared_tokens: batch_stats.shared_tokens,
     };
     times.time("parquet", || {
         write_shard(
@@ -901,7 +914,8 @@ pub fn run(cfg: &PrepConfig) -> Result<PrepSummary, Error> {
     summary.worker_from = cfg.worker_from.clone();
     summary.input = times;
     summary.padding_fraction = if summary.padded_tokens > 0 {
-        1.0 - summary.sequence_tokens as f64 / summary.padded_tokens as f64
+        1.0 - (summary.sequence_tokens - summary.shared_tokens) as f64
+            / summary.padded_tokens as f64
     } else {
         0.0
     };

@@ -13,9 +13,14 @@ cos/sin halves equal: Llama, Qwen2 and their kind), the kernel rotates queries a
 (do_rotary, with the traced cos/sin rows as its caches), which removes the graph's
 Slice/Neg/Concat/Mul/Add passes over them (`rotary_in_kernel`).
 
-In PyTorch the kernel is the custom op `edpo::causal_gqa` (`edpo::causal_gqa_rotary`), registered
-as a transformers attention implementation (FUSED) for the trace; its ONNX translation is the
-contrib op.
+On packed rows (a scoring graph that shares each pair's prefix, objective.pack_pairs) the kernel
+takes the branch mask as its attention_bias (`packed_bias`: rejected queries skip chosen keys)
+and the rotary stays in the graph, at each token's position in its own row (the kernel's
+rotary of a first prompt reads positions 0…S − 1 whatever position_ids says).
+
+In PyTorch the kernel is the custom op `edpo::causal_gqa` (`edpo::causal_gqa_rotary`,
+`edpo::causal_gqa_bias`), registered as a transformers attention implementation (FUSED) for the
+trace; its ONNX translation is the contrib op.
 
 The joint graph's attention (`block_causal`, registered as BLOCKED) is plain PyTorch, so its
 backward is traced with it: the queries in B blocks along the sequence, block i's scores over the
@@ -81,7 +86,7 @@ def register() -> None:
     import torch
     from transformers import AttentionInterface
 
-    def attend(query, key, value, num_heads, kv_num_heads, scale, rotary=None):
+    def attend(query, key, value, num_heads, kv_num_heads, scale, rotary=None, bias=None):
         b, s, _ = query.shape
         d = query.shape[-1] // num_heads
 
@@ -96,6 +101,7 @@ def register() -> None:
         k = heads(key, kv_num_heads).repeat_interleave(num_heads // kv_num_heads, dim=1)
         v = value.reshape(b, s, kv_num_heads, d).transpose(1, 2).repeat_interleave(num_heads // kv_num_heads, dim=1)
         scores = torch.matmul(heads(query, num_heads), k.transpose(2, 3)) * scale
+        scores = scores if bias is None else scores + bias
         future = torch.ones(s, s, dtype=torch.bool, device=query.device).triu(1)
         probs = torch.softmax(scores.float().masked_fill(future, float("-inf")), dim=-1).to(query.dtype)
         return torch.matmul(probs, v).transpose(1, 2).reshape(b, s, num_heads * d)
@@ -115,8 +121,19 @@ def register() -> None:
         (transformers' rotate_half form; GroupQueryAttention's do_rotary)."""
         return attend(query, key, value, num_heads, kv_num_heads, scale, (cos, sin))
 
+    @torch.library.custom_op("edpo::causal_gqa_bias", mutates_args=())
+    def causal_gqa_bias(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
+                        num_heads: int, kv_num_heads: int, scale: float) -> torch.Tensor:  # fmt: skip
+        """causal_gqa with `bias` [B, 1, S, S] added to the scores before the softmax
+        (GroupQueryAttention's attention_bias): packed rows' branch mask (`packed_bias`)."""
+        return attend(query, key, value, num_heads, kv_num_heads, scale, bias=bias)
+
     @causal_gqa.register_fake
     def _(query, key, value, num_heads, kv_num_heads, scale):
+        return torch.empty_like(query)
+
+    @causal_gqa_bias.register_fake
+    def _(query, key, value, bias, num_heads, kv_num_heads, scale):
         return torch.empty_like(query)
 
     @causal_gqa_rotary.register_fake
@@ -135,7 +152,14 @@ def register() -> None:
         def packed(x):
             return x.transpose(1, 2).reshape(b, s, x.shape[1] * d)
 
-        if rotary is None:
+        branch = kwargs.get("edpo_branch")
+        if branch is not None:
+            if rotary is not None:
+                raise RuntimeError("packed rows keep the rotary embedding in the graph (the kernel's rotary "
+                                   "reads positions 0…S − 1 of a first prompt, not position_ids)")  # fmt: skip
+            bias = packed_bias(branch, query.dtype)
+            out = torch.ops.edpo.causal_gqa_bias(packed(query), packed(key), packed(value), bias, n, g, scale)
+        elif rotary is None:
             out = torch.ops.edpo.causal_gqa(packed(query), packed(key), packed(value), n, g, scale)
         else:
             cos, sin = (c[0, :, : d // 2] for c in rotary)
@@ -224,6 +248,23 @@ def packed_masks(branch, bounds: list, sizes: list, dtype) -> list:
     return masks
 
 
+def packed_bias(branch, dtype):
+    """The kernel's attention_bias [B, 1, S, S] over packed rows (`branch`: objective.pack_pairs'
+    packed_branch): the dtype's minimum where a rejected query (2) meets a chosen key (1), else 0
+    (the kernel masks the keys after each query itself). Made at the first layer's call, the
+    same tensor for every later one (`_packed_masks`, emptied by `forget_packed_masks`)."""
+    key = (id(branch), dtype, "bias")
+    if key not in _packed_masks:
+        hidden = (branch == 2)[:, :, None] & (branch == 1)[:, None, :]
+        _packed_masks[key] = (branch, additive(hidden[:, None], dtype))
+    return _packed_masks[key][1]
+
+
+def forget_packed_masks() -> None:
+    """Empties the masks made for one trace (`packed_masks`, `packed_bias`)."""
+    _packed_masks.clear()
+
+
 def refuse_unsupported(module, dropout, kwargs: dict, by: str) -> None:
     """Raises KernelUnsupported if an attention call passes what plain causal attention (`by`:
     the kernel, or block_causal) does not take: a window, soft-capping, sinks, a position bias
@@ -245,7 +286,7 @@ def blocked_training(model, blocks: int):
     finally:
         model.config._attn_implementation = implementation
         _blocks[0] = previous
-        _packed_masks.clear()
+        forget_packed_masks()
 
 
 class HeldBack:
@@ -370,7 +411,17 @@ def onnx_translation() -> dict:
                         kv_num_heads=kv_num_heads, scale=scale, do_rotary=1, rotary_interleaved=0)  # fmt: skip
         return out
 
-    return {torch.ops.edpo.causal_gqa.default: causal_gqa, torch.ops.edpo.causal_gqa_rotary.default: causal_gqa_rotary}
+    def causal_gqa_bias(query, key, value, bias, num_heads: int, kv_num_heads: int, scale: float):
+        seqlens_k, total = lengths(query)
+        out, _, _ = gqa(query, key, value, None, None, seqlens_k, total, None, None, None, bias, num_heads=num_heads,
+                        kv_num_heads=kv_num_heads, scale=scale, do_rotary=0, rotary_interleaved=0)  # fmt: skip
+        return out
+
+    return {
+        torch.ops.edpo.causal_gqa.default: causal_gqa,
+        torch.ops.edpo.causal_gqa_rotary.default: causal_gqa_rotary,
+        torch.ops.edpo.causal_gqa_bias.default: causal_gqa_bias,
+    }
 
 
 def gqa_schema():
@@ -386,7 +437,8 @@ def gqa_schema():
     inputs = [param("query", "T"), param("key", "T", optional), param("value", "T", optional),
               param("past_key", "T", optional), param("past_value", "T", optional),
               param("seqlens_k", "M"), param("total_sequence_length", "M"),
-              param("cos_cache", "T", optional), param("sin_cache", "T", optional)]  # fmt: skip
+              param("cos_cache", "T", optional), param("sin_cache", "T", optional),
+              param("position_ids", "P", optional), param("attention_bias", "T", optional)]  # fmt: skip
     outputs = [param("output", "T"), param("present_key", "T"), param("present_value", "T")]
     attributes = [OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
                   OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
@@ -395,5 +447,5 @@ def gqa_schema():
                   OpSchema.Attribute("rotary_interleaved", OpSchema.AttrType.INT, "")]  # fmt: skip
     return OpSchema(
         "GroupQueryAttention", "com.microsoft", 1, inputs=inputs, outputs=outputs,
-        type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], "")], attributes=attributes,
+        type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], ""), ("P", ["tensor(int64)"], "")], attributes=attributes,
     )  # fmt: skip

@@ -151,9 +151,9 @@ def export(args) -> None:
         torch.tensor(0.1), torch.tensor(0.1), torch.tensor(0.0), torch.tensor(1e-6), torch.tensor(1.0),
     )  # fmt: skip
     t0 = time.time()
-    scoring_attention = export_reference_graph(
-        untied, out / REFERENCE_FILE, out / PARAMS_FILE, args.optimize, (ids[:3], attn[:3]), args.lm_head_chunks,
-        args.scoring_attention,
+    scoring_attention, scoring_packed = export_reference_graph(
+        untied, out / REFERENCE_FILE, out / PARAMS_FILE, args.optimize, (ids, attn), args.lm_head_chunks,
+        args.scoring_attention, shared_prefix=args.scoring_shared_prefix == "on",
     )  # fmt: skip
     t_ref = time.time() - t0
     t0 = time.time()
@@ -188,7 +188,7 @@ def export(args) -> None:
         "graphs": {
             "reference": {
                 "file": REFERENCE_FILE,
-                "inputs": io_entries(REFERENCE_INPUTS + positions),
+                "inputs": io_entries(REFERENCE_INPUTS + positions + (PACKED_INPUTS if scoring_packed else [])),
                 "outputs": io_entries(REFERENCE_OUTPUTS),
                 "weights": weights,
             },
@@ -212,6 +212,7 @@ def export(args) -> None:
             "recompute": args.recompute,
             "recomputed_layers": train["recomputed_layers"],
             "scoring_attention": scoring_attention,
+            "scoring_shared_prefix": scoring_packed,
             "train_attention_blocks": train["attention_blocks"],
             "train_shared_prefix": train["shared_prefix"],
             "seconds_reference": round(t_ref, 2),

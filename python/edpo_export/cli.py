@@ -2,6 +2,7 @@
 
     python -m edpo_export --model HF_DIR --out BUNDLE [--topk-default K] [--recompute attention|layers|none]
                           [--train-attention-blocks B] [--train-shared-prefix on|off]
+                          [--scoring-attention fused|eager] [--scoring-shared-prefix on|off]
     python -m edpo_export --model HF_DIR --out BUNDLE --lora [--lora-rank R] [--lora-alpha A]
                           [--lora-targets q_proj,v_proj | all-linear] [--lora-init ADAPTER_DIR]
     python -m edpo_export --verify BUNDLE
@@ -12,6 +13,9 @@ The bundle (see ../shared/spec/architecture.md, export-notes.md):
                        topk_ids. Its weights are initializers stored *outside* the graph, as
                        references into params.safetensors (so ONNX Runtime reads them from the
                        one weights file; edpo overrides them by name to score a checkpoint).
+                       With --scoring-shared-prefix on (the default where its attention is the
+                       kernel) it also takes each pair's rows packed, their common prefix
+                       scored once (common.PACKED_INPUTS).
   policy.train.onnx    joint forward+backward graph, parameters as graph inputs, the ε-DPO
                        loss of objective.md §2–§7 and one `grad.<param>` output per parameter.
                        With --train-shared-prefix on (the default where its attention is
@@ -79,6 +83,12 @@ def main(argv=None, prog: str | None = None) -> int:
         help="on (default, with block-causal training attention and the sliced output projection): the training "
         "graph runs each pair's chosen and rejected rows as one packed row, their common prefix (the prompt) once; "
         "off = two rows per pair, the prompt run twice",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scoring-shared-prefix", choices=["on", "off"], default="on",
+        help="on (default, with the attention kernel and the sliced output projection): the scoring graph takes each "
+        "pair's chosen and rejected rows as one packed row, their common prefix (the prompt) scored once; "
+        "off = two rows per pair",
     )  # fmt: skip
     lora = parser.add_argument_group("LoRA (a bundle that trains adapters over the frozen base; lora.py)")
     lora.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every parameter")

@@ -60,7 +60,8 @@ REFERENCE_INPUTS = [
 # position and have no such input.
 LABEL_POSITIONS_INPUT = ("label_positions", "int64", ["M"])
 # The joint graph's inputs where it shares each pair's prefix (--train-shared-prefix on, the
-# default where the attention is block-causal; objective.pack_pairs, src/packing.rs): the pair's
+# default where the attention is block-causal; objective.pack_pairs, src/packing.rs), and the
+# scoring graph's (--scoring-shared-prefix on, the default with the attention kernel): the pair's
 # chosen and rejected rows as one packed row — their common prefix (the prompt, at least) once,
 # then the rest of the chosen row, then the rest of the rejected row — so the transformer body
 # runs the prompt's tokens once, not twice. `packed_positions`: each token's position in its own
@@ -87,11 +88,17 @@ def accumulator_name(grad_output: str) -> str:
     return "grad_acc." + grad_output.removeprefix("grad.")
 
 
+def takes_packed(spec: dict) -> bool:
+    """Whether the graph `spec` (the manifest's graphs.train or graphs.reference) takes each
+    pair's rows packed (PACKED_INPUTS)."""
+    return any(i["name"] == PACKED_INPUTS[0][0] for i in spec["inputs"])
+
+
 def packed_feeds(spec: dict, feeds: dict) -> dict:
     """The packed inputs (PACKED_INPUTS, numpy) of the batch in `feeds` (numpy arrays by input
-    name) where the joint graph `spec` (the manifest's graphs.train) shares each pair's prefix;
-    {} for a graph that takes the plain rows only."""
-    if not any(i["name"] == PACKED_INPUTS[0][0] for i in spec["inputs"]):
+    name: input_ids, attention_mask, label_positions) where the graph `spec` shares each pair's
+    prefix; {} for a graph that takes the plain rows only."""
+    if not takes_packed(spec):
         return {}
     import torch
 

@@ -82,6 +82,10 @@ def untied_copy(model):
 class ReferenceScorer:
     """Factory for the scoring module (kept here so the module is picklable-free).
 
+    `packed_ids`, `packed_positions`, `packed_branch`, `hidden_at` (sliced graphs that share each
+    pair's prefix; common.PACKED_INPUTS): the decoder runs on the packed rows and the label
+    positions read their predicting states at `hidden_at`; the outputs keep the rows' layout.
+
     `lm_head_chunks = 0`: the model's own logits, [N, T, V] at once, at every position (the
     goldens' PyTorch reference). `C > 0`: the module takes a third input, `label_positions`
     [M] (flat indices r·T + t, 1 ≤ t < T, of the label tokens to score), and the output
@@ -108,11 +112,13 @@ class ReferenceScorer:
                 super().__init__()
                 self.model = inner
 
-            def forward(self, input_ids, attention_mask, label_positions=None):
+            def forward(self, input_ids, attention_mask, label_positions=None, packed_ids=None, packed_positions=None,
+                        packed_branch=None, hidden_at=None):  # fmt: skip
                 if lm_head_chunks > 0:
                     if label_positions is None:
                         label_positions = loss_positions(torch.ones_like(input_ids))
-                    return self.sliced(input_ids, attention_mask, label_positions)
+                    packed = None if packed_ids is None else (packed_ids, packed_positions, packed_branch, hidden_at)
+                    return self.sliced(input_ids, attention_mask, label_positions, packed)
                 logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
                 logp = torch.log_softmax(at_least_fp32(logits[:, :-1, :]), dim=-1)
                 tok = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
@@ -122,11 +128,20 @@ class ReferenceScorer:
                 topk_ids = torch.cat([torch.zeros_like(top_ids[:, :1, :]), top_ids], dim=1)
                 return token_logps, topk_logps, topk_ids
 
-            def sliced(self, input_ids, attention_mask, label_positions):
-                hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-                n, t, _ = hidden.shape
+            def sliced(self, input_ids, attention_mask, label_positions, packed=None):
+                decoder = self.model.get_decoder()
+                n, t = input_ids.shape
                 m = label_positions.shape[0]
-                h_sel, y_sel = at_label_positions(hidden, input_ids, label_positions)
+                if packed is None:
+                    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                    h_sel, y_sel = at_label_positions(hidden, input_ids, label_positions)
+                else:  # each pair's rows packed, their common prefix once (objective.pack_pairs)
+                    ids, positions, branch, hidden_at = packed
+                    real = (branch >= 0).to(ids.dtype)
+                    hidden = decoder(input_ids=ids, attention_mask=real, position_ids=positions, edpo_branch=branch)
+                    hidden = hidden.last_hidden_state
+                    h_sel = hidden.reshape(-1, hidden.shape[-1]).index_select(0, hidden_at)
+                    y_sel = input_ids.reshape(-1).index_select(0, label_positions)
                 size, padded = chunk_bounds(m, lm_head_chunks)
                 h_pad, y_pad = pad_rows(h_sel, padded - m), pad_rows(y_sel, padded - m)
                 w = self.model.get_output_embeddings().weight
@@ -599,17 +614,23 @@ def scaled_products(proto) -> int:
 
 
 def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool, example, lm_head_chunks: int,
-                           attention: str = "fused") -> str:  # fmt: skip
+                           attention: str = "fused", shared_prefix: bool = True) -> tuple[str, bool]:  # fmt: skip
     """The scoring graph; `attention` "fused" traces each layer's attention as ONNX Runtime's
     causal GroupQueryAttention kernel (attention.py) where the model's attention allows it, else
-    as the eager chain. Returns the attention traced ("fused" or "eager")."""
+    as the eager chain. With `shared_prefix`, the kernel and the sliced output projection, the
+    graph also takes each pair's rows packed (common.PACKED_INPUTS: their common prefix scored
+    once). `example`: (input_ids, attention_mask) of pairs' rows. Returns the attention traced
+    ("fused" or "eager") and whether the graph takes packed rows."""
     import onnx
     import torch
     from torch.export import Dim
 
-    from .objective import loss_positions
+    from .objective import loss_positions, pack_pairs
 
     scorer = ReferenceScorer.build(untied, TRACE_TOPK, lm_head_chunks)
+    shared_prefix = shared_prefix and lm_head_chunks > 0
+    if not shared_prefix:
+        example = tuple(x[:3] for x in example)  # three rows, as every row graph was traced
     n, t = Dim("N", min=2), Dim("T", min=3)
     dynamic = ({0: n, 1: t}, {0: n, 1: t})
     if lm_head_chunks > 0:
@@ -625,16 +646,22 @@ def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool,
         from_t2 = torch.ones_like(example[0])
         from_t2[:, 1] = 0
         example = (*example, loss_positions(from_t2))
-        dynamic = (*dynamic, {0: Dim("M", min=1)})
+        m = Dim("M", min=1)
+        dynamic = (*dynamic, {0: m})
+    packed = tuple(pack_pairs(*example).values()) if shared_prefix else None
     t0 = time.time()
-    with scoring_attention(untied, scorer, example, attention) as (attention, translation):
+    with scoring_attention(untied, scorer, example, attention, packed) as (attention, translation, packed):
+        if packed is not None:
+            b, s = Dim("B", min=1), Dim("S", min=3)
+            example, dynamic = (*example, *packed), (*dynamic, {0: b, 1: s}, {0: b, 1: s}, {0: b, 1: s}, {0: m})
         if lm_head_chunks > 0:
             translation = {**(translation or {}), **projection.onnx_translation()}
         program = torch.onnx.export(
             scorer, example, dynamic_shapes=dynamic, dynamo=True, external_data=False, optimize=False,
             custom_translation_table=translation,
         )  # fmt: skip
-    log(f"reference graph exported in {time.time() - t0:.1f}s (attention: {attention})")
+    log(f"reference graph exported in {time.time() - t0:.1f}s (attention: {attention}"
+        f"{'; each pair prefix shared, packed rows' if packed is not None else ''})")
     params = {name for name, _ in untied.named_parameters()}
     model = finish_onnx(program, params, [name for name, _, _ in REFERENCE_OUTPUTS], optimize)
     import onnx_ir as ir
@@ -649,13 +676,15 @@ def export_reference_graph(untied, out: Path, params_path: Path, optimize: bool,
     point_params_at_safetensors(proto, params, params_path, tied_alias_map(untied))
     proto.graph.ClearField("value_info")
     onnx.save(proto, out)
-    return attention
+    return attention, packed is not None
 
 
 @contextlib.contextmanager
-def scoring_attention(untied, scorer, example, attention: str):
+def scoring_attention(untied, scorer, example, attention: str, packed=None):
     """Within: `untied` traced with the `attention` asked for if its architecture allows it;
-    yields (the attention used, torch.onnx's custom translation table for it)."""
+    yields (the attention used, torch.onnx's custom translation table for it, `packed` if the
+    graph takes the packed rows: the kernel with the branch mask as its attention_bias, the
+    outputs on them matching the eager model's on the plain rows; else None)."""
     import torch
 
     from . import attention as fused
@@ -664,7 +693,9 @@ def scoring_attention(untied, scorer, example, attention: str):
     if attention != "fused" or reason is not None:
         if reason is not None:
             log(f"scoring attention: eager ({reason})")
-        yield "eager", None
+        if packed is not None:
+            log("scoring graph: two rows per pair (the shared prefix needs the attention kernel)")
+        yield "eager", None, None
         return
     fused.register()
     previous = untied.config._attn_implementation
@@ -673,25 +704,29 @@ def scoring_attention(untied, scorer, example, attention: str):
     untied.config._attn_implementation = fused.FUSED
     try:
         with contextlib.ExitStack() as stack:
+            stack.callback(fused.forget_packed_masks)
             try:
-                got = kernel_rotary(untied, scorer, example, eager)
+                # Packed rows keep the rotary in the graph: the kernel's reads positions 0…S − 1.
+                got = kernel_rotary(untied, scorer, example, eager) if packed is None else None
                 if got is not None:  # the trace repeats the eager pass's decision (tracing has no values)
                     stack.enter_context(fused.rotary_in_kernel(untied, trace=True))
                 else:
                     with torch.no_grad():
-                        got = scorer(*example)
+                        got = scorer(*example, *(packed or ()))
             except fused.KernelUnsupported as e:
                 untied.config._attn_implementation = previous
                 log(f"scoring attention: eager ({e})")
-                yield "eager", None
+                yield "eager", None, None
                 return
             gap = real_position_gap(eager, got, example[1])
             if gap > 1e-4:
                 fail(
                     f"{type(untied).__name__}: causal attention without the padding mask differs from the model's "
-                    f"attention at real tokens (max |Δ| = {gap:.2e}); export with `--scoring-attention eager`"
+                    f"attention at real tokens{' over packed rows' if packed else ''} (max |Δ| = {gap:.2e}); export "
+                    f"with `--scoring-attention eager`{' or `--scoring-shared-prefix off`' if packed else ''}"
                 )
-            yield "fused", fused.onnx_translation()
+            fused.forget_packed_masks()  # the trace makes its own
+            yield "fused", fused.onnx_translation(), packed
     finally:
         untied.config._attn_implementation = previous
 

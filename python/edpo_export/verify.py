@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import GOLDENS_FORMAT, MANIFEST, fail, plain_gradient_feeds, sha256_file
+from .common import GOLDENS_FORMAT, MANIFEST, PACKED_INPUTS, fail, packed_feeds, plain_gradient_feeds, sha256_file, takes_packed
 from .goldens import project
 
+PACKED_NAMES = {name for name, _, _ in PACKED_INPUTS}
 REEXPORT = "re-export the bundle with `python -m edpo_export --model HF_DIR --out BUNDLE`"
 
 
@@ -105,7 +106,14 @@ def check_reference(bundle: Path, manifest: dict, goldens: dict, bands: Bands, c
         values = [ort.OrtValue.ortvalue_from_numpy(overrides[spec["weights"][g]]) for g in names]
         opts.add_external_initializers(names, values)
     sess = ort.InferenceSession(str(bundle / spec["file"]), opts, providers=["CPUExecutionProvider"])
-    feeds = {i["name"]: goldens[f"reference.in.{i['name']}"] for i in spec["inputs"]}
+    feeds = {i["name"]: goldens[f"reference.in.{i['name']}"] for i in spec["inputs"] if i["name"] not in PACKED_NAMES}
+    if takes_packed(spec):  # packed rows: the real tokens' labels only (padding has no packed slot)
+        import torch
+
+        from .objective import loss_positions
+
+        feeds["label_positions"] = loss_positions(torch.from_numpy(feeds["attention_mask"])).numpy()
+        feeds.update(packed_feeds(spec, feeds))
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     k = outs["topk_ids"].shape[-1]
     # At real tokens only: the values at padding are not defined (the scoring attention may be

@@ -23,9 +23,14 @@ pub struct ShardStats {
     pub skipped: BTreeMap<String, u64>,
     /// Response tokens scored (chosen + rejected).
     pub response_tokens: u64,
-    /// Tokens run through the scoring graph, padding excluded / included.
+    /// The pairs' rows' tokens (both rows in full), padding excluded; the tokens run through
+    /// the scoring graph, padding included.
     pub sequence_tokens: u64,
     pub padded_tokens: u64,
+    /// Tokens of the common prefixes that a pair's two rows ran once (a scoring graph that
+    /// shares each pair's prefix; 0 otherwise and in shards written before it was recorded).
+    #[serde(default)]
+    pub shared_tokens: u64,
 }
 
 /// `manifest.json` of a shards folder.

@@ -34,11 +34,16 @@ def test_export_then_verify_passes(exported, arch, capsys):
     config = json.loads((bundle / "config.json").read_text())
     layers = config.get("num_hidden_layers", config.get("n_layer"))
     assert fused == (0 if arch == "gpt2" else 7 * layers), fused
-    # Llama and Qwen2's rotary embedding is the kernel's (do_rotary): no rotate_half left.
+    # Llama and Qwen2's scoring graph takes each pair's rows packed: the kernel's attention_bias
+    # (input 10) hides chosen keys from rejected queries; the rotary stays in the graph, at each
+    # token's position in its own row (rows_llama: the kernel's rotary).
     gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == (0 if arch == "gpt2" else layers)
-    assert all(next(a.i for a in n.attribute if a.name == "do_rotary") == 1 for n in gqa)
-    assert arch == "gpt2" or not [n for n in graph.node if n.op_type == "Neg"]
+    assert manifest["export"]["scoring_shared_prefix"] == (arch != "gpt2")
+    assert all(len(n.input) == 11 and n.input[10] for n in gqa)
+    assert all(next(a.i for a in n.attribute if a.name == "do_rotary") == 0 for n in gqa)
+    packed_inputs = {"packed_ids", "packed_positions", "packed_branch", "hidden_at"}
+    assert (packed_inputs <= {i["name"] for i in manifest["graphs"]["reference"]["inputs"]}) == (arch != "gpt2")
     # The output projection's slices are one Loop, so one Gemm reads (and pre-packs) its weight.
     from edpo_export.graphs import graphs_within
 
@@ -171,7 +176,8 @@ def test_scoring_graph_k_is_a_runtime_input(exported):
     every = np.array([r * 5 + t for r in range(2) for t in range(1, 5)], dtype=np.int64)
     for k in (1, 3, 512):
         feeds = {"input_ids": ids, "attention_mask": mask, "label_positions": every, "k": np.array(k, dtype=np.int64)}
-        tok, vals, top = sess.run(None, feeds)
+        spec = json.loads((bundle / "edpo-model.json").read_text())["graphs"]["reference"]
+        tok, vals, top = sess.run(None, {**feeds, **packed_feeds(spec, feeds)})
         assert vals.shape == (2, 5, k) and top.shape == (2, 5, k)
     # At K = V the top-K log-probs are the whole distribution: they sum to 1 in probability.
     assert np.allclose(np.exp(vals[:, 1:, :]).sum(-1), 1.0, atol=1e-5)
@@ -301,45 +307,59 @@ def eager_llama(tmp_path_factory, samples):
 
 @pytest.fixture(scope="module")
 def rows_llama(tmp_path_factory, samples):
-    """The tiny Llama exported with block-causal training attention over two rows per pair."""
+    """The tiny Llama exported with two rows per pair in both graphs (block-causal training
+    attention; the scoring graph's kernel rotates queries and keys itself)."""
     import edpo_export
 
     out = tmp_path_factory.mktemp("rows") / "bundle"
     edpo_export.main([
         "--model", str(samples / "configs" / "llama-tiny"), "--random-init", "0", "--out", str(out),
-        "--topk-default", "8", "--train-shared-prefix", "off",
+        "--topk-default", "8", "--train-shared-prefix", "off", "--scoring-shared-prefix", "off",
     ])  # fmt: skip
     return out
 
 
-def test_fused_scoring_attention_gives_the_eager_values_at_real_tokens(exported, eager_llama):
+def test_fused_scoring_attention_gives_the_eager_values_at_real_tokens(exported, eager_llama, rows_llama):
     """The default scoring graph (attention as ONNX Runtime's causal GroupQueryAttention, no padding
-    mask) against an export with transformers' eager attention, on right-padded rows of different
-    lengths: the same log-probs and top-K at every real token."""
+    mask; each pair's rows packed, their common prefix once) and its `--scoring-shared-prefix off`
+    export (two rows per pair, the kernel's rotary) against an export with transformers' eager
+    attention, on right-padded pairs' rows of different lengths — a shared prompt, a common
+    start of the responses, rows that share no token, equal rows: the same log-probs and top-K at
+    every real token."""
     import onnx
     import onnxruntime as ort
 
-    fused, eager = exported("llama"), eager_llama
-    ops = {path: {n.op_type for n in onnx.load(path / "reference.onnx").graph.node} for path in (fused, eager)}
-    assert "GroupQueryAttention" in ops[fused] and "GroupQueryAttention" not in ops[eager]
-    for path, want in ((fused, "fused"), (eager, "eager")):
-        assert json.loads((path / "edpo-model.json").read_text())["export"]["scoring_attention"] == want
+    packed, rows, eager = exported("llama"), rows_llama, eager_llama
+    nodes = {path: onnx.load(path / "reference.onnx").graph.node for path in (packed, rows, eager)}
+    gqa = {path: [n for n in nodes[path] if n.op_type == "GroupQueryAttention"] for path in nodes}
+    assert gqa[packed] and gqa[rows] and not gqa[eager]
+    # Two rows per pair: the kernel's rotary (do_rotary), no rotate_half (Neg) left in the graph.
+    assert all(next(a.i for a in n.attribute if a.name == "do_rotary") == 1 for n in gqa[rows])
+    assert not [n for n in nodes[rows] if n.op_type == "Neg"]
+    for path, attention, shared in ((packed, "fused", True), (rows, "fused", False), (eager, "eager", False)):
+        export = json.loads((path / "edpo-model.json").read_text())["export"]
+        assert (export["scoring_attention"], export["scoring_shared_prefix"]) == (attention, shared)
     rng = np.random.default_rng(3)
-    ids = rng.integers(0, 500, size=(3, 11)).astype(np.int64)
-    mask = np.ones_like(ids)
-    mask[1, 7:] = 0
-    mask[2, 4:] = 0
+    t, pairs = 13, 4
+    ids = rng.integers(0, 500, size=(2 * pairs, t)).astype(np.int64)
+    ids[pairs : pairs + 2, :5] = ids[:2, :5]  # pairs 0 and 1: a 5-token prompt
+    ids[pairs + 1, 5:7] = ids[1, 5:7]  # pair 1: the responses' first 2 tokens equal too
+    ids[2 * pairs - 1] = ids[pairs - 1]  # pair 3: equal rows (pair 2 shares nothing)
+    lengths = [13, 9, 4, 11, 7, 12, 6, 11]
+    mask = (np.arange(t)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
     feeds = {"input_ids": ids, "attention_mask": mask, "k": np.array(5, dtype=np.int64),
-             "label_positions": np.array([r * 11 + t for r in range(3) for t in range(1, 11)], dtype=np.int64)}  # fmt: skip
+             "label_positions": loss_positions(torch.from_numpy(mask)).numpy()}  # fmt: skip
+    spec = json.loads((packed / "edpo-model.json").read_text())["graphs"]["reference"]
     outs = {}
-    for path in (fused, eager):
+    for path in (packed, rows, eager):
         sess = ort.InferenceSession(str(path / "reference.onnx"), providers=["CPUExecutionProvider"])
-        outs[path] = sess.run(None, feeds)
+        outs[path] = sess.run(None, {**feeds, **(packed_feeds(spec, feeds) if path == packed else {})})
     real = mask == 1
-    (tok_f, vals_f, ids_f), (tok_e, vals_e, ids_e) = outs[fused], outs[eager]
-    assert np.abs(tok_f[real] - tok_e[real]).max() < 1e-5
-    assert np.abs(vals_f[real] - vals_e[real]).max() < 1e-5
-    assert np.array_equal(ids_f[real], ids_e[real])
+    for path in (packed, rows):
+        (tok, vals, top), (tok_e, vals_e, top_e) = outs[path], outs[eager]
+        assert np.abs(tok[real] - tok_e[real]).max() < 1e-5, path.name
+        assert np.abs(vals[real] - vals_e[real]).max() < 1e-5, path.name
+        assert np.array_equal(top[real], top_e[real]), path.name
 
 
 def training_feeds(bundle, length: int, seed: int) -> dict:
@@ -531,6 +551,7 @@ def test_a_rotary_not_in_the_plain_form_exports_without_the_kernels_rotary(sampl
     out = tmp_path / "bundle"
     edpo_export.main([
         "--model", str(samples / "configs" / "llama-tiny"), "--random-init", "0", "--out", str(out), "--topk-default", "8",
+        "--scoring-shared-prefix", "off",  # packed rows keep the rotary in the graph anyway
     ])  # fmt: skip
     graph = onnx.load(out / "reference.onnx", load_external_data=False).graph
     gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]

@@ -451,8 +451,13 @@ def accumulate_gradients(proto, grad_of: list[str], tied: dict[str, str]) -> lis
     grad.S = grad_acc.S + Σ (their values), S the stored tensor's graph input, with a new input
     grad_acc.S (its shape). The Add is the last node of that output, so a trainer that binds
     grad_acc.S and grad.S to one buffer accumulates in place (the Add reads each element
-    before it writes it). Returns the graph inputs that keep a gradient output, in `grad_of`'s
-    order."""
+    before it writes it). An embedding's gradient, a scatter-add of its rows' gradients into a
+    zero [V, H] tensor, is scattered into the sum of the accumulator and the other terms
+    instead (`zero_scatter`): grad.S = ScatterND(Σ others + grad_acc.S, ids, rows, add), each
+    Add's temporary term first, so ONNX Runtime may write the sum over it. The zero tensor,
+    the scatter's own [V, H] result and its sum with the others are gone (SmolLM2's tied
+    embedding: three 113 MB temporaries per run). Returns the graph inputs that keep a
+    gradient output, in `grad_of`'s order."""
     from onnx import ValueInfoProto, helper
 
     groups: dict[str, list[str]] = {}
@@ -470,18 +475,78 @@ def accumulate_gradients(proto, grad_of: list[str], tied: dict[str, str]) -> lis
     kept = [o for o in proto.graph.output if o.name not in raw or o.name[len("grad."):] in groups]
     del proto.graph.output[:]
     proto.graph.output.extend(kept)
+    producers = {o: n for n in proto.graph.node for o in n.output}
     for stored, members in groups.items():
         out = f"grad.{stored}"
         acc = ValueInfoProto(name=accumulator_name(out), type=outputs[out].type)
         proto.graph.input.append(acc)
-        total = raw[out]
-        for other in members:
-            if other != stored:
-                summed = f"{total}+{other}"
-                proto.graph.node.append(helper.make_node("Add", [total, raw[f"grad.{other}"]], [summed]))
+        terms = [raw[f"grad.{member}"] for member in [stored, *(m for m in members if m != stored)]]
+        scatter = next((found for term in terms if (found := zero_scatter(producers, term)) is not None), None)
+        if scatter is None:
+            total = terms[0]
+            for term in terms[1:]:
+                summed = f"{total}+{term.removeprefix('grad.').removesuffix('.raw')}"
+                proto.graph.node.append(helper.make_node("Add", [total, term], [summed]))
                 total = summed
-        proto.graph.node.append(helper.make_node("Add", [acc.name, total], [out], name=f"{out}.accumulate"))
+            proto.graph.node.append(helper.make_node("Add", [acc.name, total], [out], name=f"{out}.accumulate"))
+            continue
+        node, term = scatter
+        for reader in proto.graph.node:  # the zero tensor's shape (the rows' Expand reads it) is the accumulator's
+            if reader.op_type == "Shape" and reader.input[0] == node.input[0]:
+                reader.input[0] = acc.name
+        total = acc.name
+        for other in (t for t in terms if t != term):
+            summed = f"{other}+acc"
+            proto.graph.node.append(helper.make_node("Add", [other, total], [summed]))
+            total = summed
+        proto.graph.node.append(
+            helper.make_node("ScatterND", [total, *node.input[1:]], [out], name=f"{out}.accumulate", reduction="add")
+        )
+    prune_unused(proto)
     return [name for name in grad_of if name in groups]
+
+
+def zero_scatter(producers: dict, name: str):
+    """(the ScatterND node, `name`) if `name` is a scatter-add into zeros (an embedding's
+    gradient: ScatterND(zeros, ids, rows, reduction add), read through identity Transposes), else
+    None."""
+    from onnx import helper, numpy_helper
+
+    node = producers.get(name)
+    while node is not None and node.op_type == "Transpose":
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        if perm != list(range(len(perm or []))):
+            return None
+        node = producers.get(node.input[0])
+    if node is None or node.op_type != "ScatterND":
+        return None
+    if next((helper.get_attribute_value(a) for a in node.attribute if a.name == "reduction"), b"none") != b"add":
+        return None
+    zeros = producers.get(node.input[0])
+    while zeros is not None and zeros.op_type in ("Expand", "Cast"):
+        zeros = producers.get(zeros.input[0])
+    if zeros is None or zeros.op_type not in ("Constant", "ConstantOfShape"):
+        return None
+    value = next((a.t for a in zeros.attribute if a.name == "value"), None)
+    if value is not None and numpy_helper.to_array(value).any():
+        return None
+    return node, name
+
+
+def prune_unused(proto) -> int:
+    """Removes the top-level nodes none of whose outputs is read (by a node, a subgraph or the
+    graph's outputs), until none is left; returns how many."""
+    removed = 0
+    while True:
+        read = {o.name for o in proto.graph.output}
+        for graph in graphs_within(proto.graph):
+            read.update(i for n in graph.node for i in n.input)
+            read.update(o.name for o in graph.output)
+        dead = [n for n in proto.graph.node if not any(o in read for o in n.output if o)]
+        if not dead:
+            return removed
+        remove_nodes(proto, dead)
+        removed += len(dead)
 
 
 def transposed_weight_products(proto, params: set[str]) -> int:

@@ -380,9 +380,11 @@ class EpsDpoLoss(torch.nn.Module):
         surrogate = (coef * (hidden * grad_h).sum(-1)).sum()
         if grad_w is None:
             return surrogate
-        # ⟨W, Gw⟩ as a [1, V·H] × [V·H, 1] product: its backward is one [V, H] MatMul output,
-        # where an element-wise product and sum would add a [V, H] Mul and Expand on both passes.
-        return surrogate + (weight.reshape(1, -1) @ grad_w.reshape(-1, 1)).reshape(())
+        # ⟨W, Gw⟩ as a dot product of the flattened tensors: its backward is Gw times the
+        # incoming scalar, one [V, H] Mul, where an element-wise product and sum would add a
+        # [V, H] Mul and Expand on both passes, and a [1, V·H] × [V·H, 1] product a Transpose
+        # copy and a [1, 1] × [1, V·H] MatMul (SmolLM2: 0.44 s of a 256-token pair's run).
+        return surrogate + torch.dot(weight.reshape(-1), grad_w.reshape(-1))
 
 
 def full_logps_next(model, input_ids, attention_mask) -> torch.Tensor:

@@ -69,6 +69,16 @@ def test_export_then_verify_passes(exported, arch, capsys):
                  and made_by[n.input[0]].op_type == "Transpose"
                  and len(next(a.ints for a in made_by[n.input[0]].attribute if a.name == "perm")) == 4]  # fmt: skip
     assert not scattered, scattered
+    # The embeddings' gradients are scattered into their accumulators (with a tied output
+    # projection's gradient added to the accumulator first): no zero [V, H] tensor, no [V, H]
+    # sum of two raw gradients (graphs.accumulate_gradients).
+    producers = {o: n for n in joint.node for o in n.output}
+    accumulators = manifest["graphs"]["train"]["grad_accumulation"]["accumulators"]
+    scattered = {out: producers[out] for out in accumulators if producers[out].op_type == "ScatterND"}
+    assert len(scattered) == (2 if arch == "gpt2" else 1), sorted(scattered)  # GPT-2: tokens and positions
+    for out, node in scattered.items():
+        data = node.input[0]
+        assert data == accumulators[out] or accumulators[out] in producers[data].input, (out, data)
     tied = manifest["tied"]
     if arch in ("qwen2", "gpt2"):
         # Tied embeddings: one stored tensor, two graph inputs, one summed gradient.

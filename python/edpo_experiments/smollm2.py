@@ -89,7 +89,7 @@ def bundle(recompute: str = "attention", attention_blocks: int | None = None, sh
     `--train-attention-blocks` and `--train-shared-prefix` choices), exported once (~2–8 min,
     ~4.6 GB) into ~/.cache/edpo/real/smollm2-<hash of the edpo_export sources>
     (smollm2-<choice>-<hash> for a recompute choice other than the default,
-    smollm2-blocks<B>-<hash> for a block count, smollm2-rows-<hash> without the shared prefix, in both graphs)."""
+    smollm2-blocks<B>-<hash> for a block count, smollm2-rows-<hash> without the training graph's shared prefix)."""
     from edpo_bench.common import child_env, export_sources_tag
 
     cache = Path(os.environ.get("EDPO_REAL_CACHE", Path.home() / ".cache" / "edpo" / "real"))
@@ -97,7 +97,8 @@ def bundle(recompute: str = "attention", attention_blocks: int | None = None, sh
     blocks = [] if attention_blocks is None else ["--train-attention-blocks", str(attention_blocks)]
     choice += "" if attention_blocks is None else f"blocks{attention_blocks}-"
     choice += "" if shared_prefix else "rows-"
-    rows = [] if shared_prefix else ["--train-shared-prefix", "off", "--scoring-shared-prefix", "off"]
+    # The training graph only: both bundles keep the same scoring graph, so they share shards.
+    rows = [] if shared_prefix else ["--train-shared-prefix", "off"]
     out = cache / f"smollm2-{choice}{export_sources_tag()}"
     if not (out / "edpo-model.json").is_file():
         partial = out.with_name(out.name + ".partial")

@@ -5,7 +5,7 @@
 
 use crate::batch::{bucket_batches, pad_rows, pair_of_row, pair_rows, row_of, RowTokens};
 use crate::data::tokenize::TokenizedPair;
-use crate::graphs::{ReferenceGraph, ScoreOutputs};
+use crate::graphs::{GraphError, ReferenceGraph, ScoreOutputs};
 
 /// Token statistics of a set of batches.
 #[derive(Debug, Default, Clone, Copy)]
@@ -38,20 +38,31 @@ pub fn score_pair_rows(
     let mut stats = BatchStats::default();
     for batch in bucket_batches(&lengths, batch_tokens) {
         let batch_rows: Vec<RowTokens> = batch.iter().map(|&i| rows[i]).collect();
-        let padded = pad_rows(&batch_rows, pad_id, 0);
         stats.sequence_tokens += batch.iter().map(|&i| lengths[i] as u64).sum::<u64>();
-        stats.padded_tokens += padded.input_ids.len() as u64;
-        let out = graph.score(
-            padded.input_ids.view(),
-            padded.attention_mask.view(),
-            Some(padded.loss_mask.view()),
-            topk as i64,
-        )?;
+        let longest = batch.iter().map(|&i| lengths[i]).max().unwrap_or(0);
+        stats.padded_tokens += (batch.len() * longest) as u64;
+        let out = score_rows(graph, &batch_rows, topk, pad_id)?;
         for (r, &row) in batch.iter().enumerate() {
             each(row, &out, r);
         }
     }
     Ok(stats)
+}
+
+/// One batch: `rows` right-padded to the longest and scored, the outputs in the rows' order.
+fn score_rows(
+    graph: &mut ReferenceGraph,
+    rows: &[RowTokens],
+    topk: usize,
+    pad_id: u32,
+) -> Result<ScoreOutputs, GraphError> {
+    let padded = pad_rows(rows, pad_id, 0);
+    graph.score(
+        padded.input_ids.view(),
+        padded.attention_mask.view(),
+        Some(padded.loss_mask.view()),
+        topk as i64,
+    )
 }
 
 /// The tokens of a pair's two rows and of its packed row (their common prefix once).
@@ -81,19 +92,13 @@ fn score_packed_pairs(
     let mut stats = BatchStats::default();
     for batch in bucket_batches(&packed, batch_tokens) {
         let batch_pairs: Vec<&TokenizedPair> = batch.iter().map(|&i| pairs[i]).collect();
-        let padded = pad_rows(&pair_rows(&batch_pairs), pad_id, 0);
         for &i in &batch {
             stats.sequence_tokens += tokens[i].0 as u64;
             stats.shared_tokens += (tokens[i].0 - tokens[i].1) as u64;
         }
         let longest = batch.iter().map(|&i| packed[i]).max().unwrap_or(0);
         stats.padded_tokens += (batch.len() * longest) as u64;
-        let out = graph.score(
-            padded.input_ids.view(),
-            padded.attention_mask.view(),
-            Some(padded.loss_mask.view()),
-            topk as i64,
-        )?;
+        let out = score_rows(graph, &pair_rows(&batch_pairs), topk, pad_id)?;
         for r in 0..2 * batch.len() {
             let (local, side) = pair_of_row(r, batch.len());
             each(row_of(batch[local], side, pairs.len()), &out, r);
